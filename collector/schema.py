@@ -1,0 +1,207 @@
+"""Every table's Arrow schema: the single source of truth for the store.
+
+The embedded writer, the collector server and the DuckDB views all read these
+definitions, so a column added here appears everywhere at once. Columns may be
+added over time (readers use ``union_by_name``); they are never renamed.
+
+Conventions: times are UTC microsecond timestamps; free-form structures
+(loop context, params, attributes, summaries) are JSON strings so that any
+Parquet reader can use them and DuckDB's JSON functions apply.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+TS = pa.timestamp("us", tz="UTC")
+
+RUNS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("project", pa.string()),
+        ("name", pa.string()),
+        ("parent_run_id", pa.string()),  # resumed-from or replayed-from run
+        ("kind", pa.string()),  # train | resume | replay
+        ("status", pa.string()),  # running | finished | failed | killed (readers add crashed)
+        ("started_at", TS),
+        ("ended_at", TS),
+        ("updated_at", TS),  # heartbeat: newest row per run wins
+        ("argv", pa.string()),  # JSON list
+        ("script", pa.string()),
+        ("cwd", pa.string()),
+        ("code_snapshot", pa.string()),  # content hash of the snapshot manifest blob
+        ("git_commit", pa.string()),
+        ("git_dirty", pa.bool_()),
+        ("host", pa.string()),
+        ("pid", pa.int64()),
+        ("python_version", pa.string()),
+        ("numpy_version", pa.string()),
+        ("torch_version", pa.string()),
+        ("params", pa.string()),  # JSON object of fl.arg values
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("dropped_rows", pa.int64()),
+        ("counters", pa.string()),  # JSON object: warnings / drops by kind
+    ]
+)
+
+METRICS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("name", pa.string()),
+        ("value", pa.float64()),
+        ("step", pa.int64()),
+        ("epoch", pa.int64()),  # index of the outermost fl.loop, null outside loops
+        ("batch", pa.int64()),  # index of the innermost nested fl.loop, null at depth < 2
+        ("ctx", pa.string()),  # JSON object: every enclosing loop name -> index
+        ("wall_time", TS),
+        ("source", pa.string()),  # record | replay
+        ("writer", pa.string()),  # host:pid[:rank] of the process that logged it
+    ]
+)
+
+SPANS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("trace_id", pa.string()),
+        ("span_id", pa.string()),
+        ("parent_span_id", pa.string()),
+        ("name", pa.string()),
+        ("kind", pa.string()),
+        ("start_time", TS),
+        ("end_time", TS),
+        ("duration_ms", pa.float64()),
+        ("status", pa.string()),  # ok | error | unset
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("epoch", pa.int64()),
+        ("batch", pa.int64()),
+        ("ctx", pa.string()),
+        ("attributes", pa.string()),  # JSON
+        ("service_name", pa.string()),
+        ("writer", pa.string()),
+    ]
+)
+
+IO = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("span_id", pa.string()),
+        ("step_name", pa.string()),
+        ("direction", pa.string()),  # input | output
+        ("arg", pa.string()),  # argument name, "return", or a file role
+        ("fingerprint", pa.string()),
+        ("type", pa.string()),
+        ("shape", pa.string()),
+        ("dtype", pa.string()),
+        ("bytes", pa.int64()),
+        ("summary", pa.string()),  # JSON summary statistics
+        ("path", pa.string()),  # file artifacts
+        ("payload", pa.string()),  # blob reference of a captured value
+        ("time", TS),
+    ]
+)
+
+CHECKPOINTS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("loop", pa.string()),
+        ("iteration", pa.int64()),  # index of the outer-loop iteration that just ended
+        ("path", pa.string()),  # relative to the store
+        ("bytes", pa.int64()),
+        ("content_hash", pa.string()),
+        ("copy_ms", pa.float64()),  # time the training thread was stalled
+        ("write_ms", pa.float64()),  # background serialise + hash + write
+        ("loop_ms", pa.float64()),  # duration of the iteration that produced it
+        ("time", TS),
+        ("status", pa.string()),  # ok | failed
+        ("error", pa.string()),
+    ]
+)
+
+ASSERTIONS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("span_id", pa.string()),
+        ("assertion", pa.string()),
+        ("item_id", pa.string()),
+        ("severity", pa.float64()),
+        ("message", pa.string()),
+        ("correction", pa.string()),
+        ("epoch", pa.int64()),
+        ("batch", pa.int64()),
+        ("ctx", pa.string()),
+        ("time", TS),
+    ]
+)
+
+PREDICTIONS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("item_id", pa.string()),
+        ("y_true", pa.string()),
+        ("y_pred", pa.string()),
+        ("loss", pa.float64()),
+        ("features", pa.string()),  # JSON object column -> value
+        ("epoch", pa.int64()),
+        ("batch", pa.int64()),
+        ("time", TS),
+    ]
+)
+
+REPLAYS = pa.schema(
+    [
+        ("run_id", pa.string()),  # the run that was replayed
+        ("replay_id", pa.string()),
+        ("segment", pa.string()),  # e.g. "3:7"
+        ("status", pa.string()),  # ok | failed
+        ("fidelity", pa.string()),  # exact | within tolerance | diverged | unchecked
+        ("compared", pa.int64()),
+        ("max_abs_diff", pa.float64()),
+        ("first_divergence", pa.string()),  # JSON
+        ("new_names", pa.string()),  # JSON list
+        ("started_at", TS),
+        ("ended_at", TS),
+        ("error", pa.string()),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "runs": RUNS,
+    "metrics": METRICS,
+    "spans": SPANS,
+    "io": IO,
+    "checkpoints": CHECKPOINTS,
+    "assertions": ASSERTIONS,
+    "predictions": PREDICTIONS,
+    "replays": REPLAYS,
+}
+
+
+def schema(table: str) -> pa.Schema:
+    """The schema of ``table``; KeyError names the known tables."""
+    try:
+        return TABLES[table]
+    except KeyError:
+        raise KeyError(f"unknown table {table!r}; known: {', '.join(TABLES)}") from None
+
+
+def conform(table: str, data: pa.Table) -> pa.Table:
+    """Cast ``data`` to the table's schema: missing columns become nulls, extras are an error.
+
+    Used by every writer so that parts written by different processes always
+    union cleanly.
+    """
+    target = schema(table)
+    extra = [n for n in data.column_names if target.get_field_index(n) < 0]
+    if extra:
+        raise ValueError(f"table {table!r} has no column(s) {', '.join(extra)}")
+    cols = []
+    for field in target:
+        if field.name in data.column_names:
+            col = data.column(field.name)
+            if not col.type.equals(field.type):
+                col = col.cast(field.type)
+            cols.append(col)
+        else:
+            cols.append(pa.nulls(data.num_rows, field.type))
+    return pa.Table.from_arrays(cols, schema=target)

@@ -1,0 +1,47 @@
+"""Configuration: explicit argument > ``FLIGHTLOG_*`` environment variable > default.
+
+Every environment variable the package reads is a constant here.
+"""
+from __future__ import annotations
+
+import os
+
+ENV_HOME = "FLIGHTLOG_HOME"  # store directory (default ./.flightlog)
+ENV_PROJECT = "FLIGHTLOG_PROJECT"  # project name (default: the script's folder name)
+ENV_FLUSH_INTERVAL = "FLIGHTLOG_FLUSH_INTERVAL"  # seconds between Parquet parts (default 1.0)
+ENV_COLLECTOR = "FLIGHTLOG_COLLECTOR"  # http://host:port of a collector (remote mode)
+ENV_TOKEN = "FLIGHTLOG_TOKEN"  # bearer token for the collector
+ENV_DISABLED = "FLIGHTLOG_DISABLED"  # "1": every call is a no-op
+ENV_PROGRESS = "FLIGHTLOG_PROGRESS"  # "0"/"1": force the loop progress bar off/on
+ENV_REPLAY = "FLIGHTLOG_REPLAY"  # set by `flightlog replay` in its workers: path of the plan
+
+DEFAULT_HOME = ".flightlog"
+DEFAULT_FLUSH_INTERVAL = 1.0
+HEARTBEAT_SECONDS = 2.0
+# A running run whose heartbeat is older than this reads as crashed.
+STALE_SECONDS = 30.0
+# Metric rows buffered before the flush thread writes early (bounds memory).
+FLUSH_ROWS = 200_000
+# Rows waiting for the sink (e.g. while the disk is full) before the oldest are dropped.
+MAX_PENDING_ROWS = 2_000_000
+
+
+def resolve(value, env: str, default, cast=str):
+    """Argument, else environment variable, else default."""
+    if value is not None:
+        return value
+    raw = os.environ.get(env)
+    if raw is None or raw == "":
+        return default
+    try:
+        return cast(raw)
+    except (TypeError, ValueError):
+        return default
+
+
+def store_home(store=None) -> str:
+    return os.path.abspath(os.fspath(resolve(store, ENV_HOME, DEFAULT_HOME)))
+
+
+def disabled() -> bool:
+    return os.environ.get(ENV_DISABLED, "") not in ("", "0", "false", "False")

@@ -1,0 +1,28 @@
+"""The exception tree. Recording never raises; reading, the CLI and replay may.
+
+FlightlogError
+ ├── StoreError          the store is missing, empty or unreadable
+ │    └── RunNotFound    no run matches the id given
+ ├── QueryError          bad or forbidden SQL (wraps duckdb errors)
+ └── ReplayError         replay cannot proceed (code changed, checkpoints missing…)
+"""
+
+
+class FlightlogError(Exception):
+    """Root of every error flightlog raises on purpose."""
+
+
+class StoreError(FlightlogError):
+    pass
+
+
+class RunNotFound(StoreError):
+    pass
+
+
+class QueryError(FlightlogError):
+    pass
+
+
+class ReplayError(FlightlogError):
+    pass

@@ -1,0 +1,472 @@
+"""Run lifecycle: start, the hot ``log`` path, params, heartbeat, signals, exit.
+
+One run is active per process at a time. It lives in a module global rather
+than a context variable on purpose: user threads (data loaders, callbacks)
+start with an empty context and must log into the same run as the main thread.
+"""
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from flightlog import _config, _warn
+from flightlog._record import NO_CTX, Recorder, coerce, pid_writer
+
+log_ = logging.getLogger("flightlog")
+
+ACTIVE: "Run | None" = None
+_ENDED_ONCE = False  # a run was finished: later logs warn instead of starting a new run
+_HOOKS_INSTALLED = False
+_START_LOCK = threading.RLock()
+_EXC: tuple[str, str, str] | None = None  # (status, type, message) of an uncaught exception
+_time = time.time
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def _script_path() -> str | None:
+    main = sys.modules.get("__main__")
+    f = getattr(main, "__file__", None)
+    if f:
+        return os.path.abspath(f)
+    if sys.argv and sys.argv[0] and os.path.isfile(sys.argv[0]):
+        return os.path.abspath(sys.argv[0])
+    return None
+
+
+def default_project(script: str | None) -> str:
+    base = os.path.dirname(script) if script else os.getcwd()
+    return os.path.basename(base.rstrip(os.sep)) or "default"
+
+
+def git_info(path: str | None) -> tuple[str | None, bool | None]:
+    """Commit and dirty flag of the repository holding ``path``; read-only, never fails."""
+    start = Path(path).parent if path else Path.cwd()
+    d = start
+    while True:
+        if (d / ".git").exists():
+            break
+        if d.parent == d:
+            return None, None
+        d = d.parent
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
+    try:
+        commit = subprocess.run(["git", "-C", str(start), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=3, env=env)
+        if commit.returncode != 0:
+            return None, None
+        status = subprocess.run(["git", "--no-optional-locks", "-C", str(start), "status", "--porcelain",
+                                 "--untracked-files=no"], capture_output=True, text=True, timeout=5, env=env)
+        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+        return commit.stdout.strip(), dirty
+    except Exception:
+        return None, None
+
+
+def _versions() -> tuple[str, str | None, str | None]:
+    np_v = sys.modules["numpy"].__version__ if "numpy" in sys.modules else None
+    torch = sys.modules.get("torch")  # recorded only when the user imported it: never import torch ourselves
+    return platform.python_version(), np_v, getattr(torch, "__version__", None)
+
+
+def _jsonable(v: Any) -> Any:
+    try:
+        json.dumps(v)
+        return v
+    except (TypeError, ValueError):
+        if isinstance(v, (tuple, set, frozenset)):
+            return [_jsonable(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): _jsonable(x) for k, x in v.items()}
+        c = coerce(v)
+        return c if c is not None else repr(v)
+
+
+class Run:
+    """Everything one run knows; the flush thread and the hot path share it."""
+
+    def __init__(self, project: str | None, name: str | None, store: str | None, params: dict | None,
+                 run_id: str | None = None, parent_run_id: str | None = None, kind: str = "train",
+                 sink=None, flush_interval: float | None = None, source: str = "record") -> None:
+        from flightlog.collector.store import LocalSink, new_writer_id
+
+        self.script = _script_path()
+        self.project = _config.resolve(project, _config.ENV_PROJECT, None) or default_project(self.script)
+        self.name = name
+        self.store = _config.store_home(store)
+        self.run_id = run_id or new_run_id()
+        self.parent_run_id = parent_run_id
+        self.kind = kind
+        self.source = source
+        self.owner_pid = os.getpid()
+        self.writer = pid_writer()
+        self.started_at = _now()
+        self.status = "running"
+        self.params: dict[str, Any] = {}
+        self._params_dirty = False
+        self.steps: dict[str, int] = {}
+        self.ctx = NO_CTX
+        self.loops: list = []  # stack of active fl.loop frames (see _loops)
+        self.dropped_rows = 0
+        self.code_snapshot: str | None = None
+        self.git_commit: str | None = None
+        self.git_dirty: bool | None = None
+        self.fast = True  # False in replay mode: fl.log takes the slow path
+        self.replay = None  # the replay controller in replay mode
+        self.extra: dict[str, Any] = {}
+        self.finished = False
+        if sink is None:
+            collector = _config.resolve(None, _config.ENV_COLLECTOR, None)
+            if collector:
+                sink = _remote_sink(collector, self.store)
+            if sink is None:
+                sink = LocalSink(self.store, writer=new_writer_id())
+        self.sink = sink
+        self.rec = Recorder(self, sink, flush_interval)
+        self.rec.on_flush.append(self._maybe_write_params)
+        for k, v in (params or {}).items():
+            self.params[str(k)] = _jsonable(v)
+
+    # -- rows -----------------------------------------------------------------
+
+    def row(self) -> dict:
+        py, np_v, torch_v = _versions()
+        err = self.extra.get("error")
+        return {
+            "run_id": self.run_id,
+            "project": self.project,
+            "name": self.name,
+            "parent_run_id": self.parent_run_id,
+            "kind": self.kind,
+            "status": self.status,
+            "started_at": self.started_at,
+            "ended_at": self.extra.get("ended_at"),
+            "updated_at": _now(),
+            "argv": json.dumps(list(sys.argv)),
+            "script": self.script,
+            "cwd": os.getcwd(),
+            "code_snapshot": self.code_snapshot,
+            "git_commit": self.git_commit,
+            "git_dirty": self.git_dirty,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "python_version": py,
+            "numpy_version": np_v,
+            "torch_version": torch_v,
+            "params": json.dumps(self.params, default=repr),
+            "error_type": err[0] if err else None,
+            "error_message": err[1] if err else None,
+            "dropped_rows": self.dropped_rows,
+            "counters": json.dumps(dict(_warn.counters)),
+        }
+
+    def write_row_now(self) -> None:
+        self.rec.emit("runs", self.row())
+
+    def _maybe_write_params(self) -> None:
+        if self._params_dirty:
+            self._params_dirty = False
+            self.rec.emit("runs", self.row())
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def start(self) -> None:
+        self.git_commit, self.git_dirty = git_info(self.script)
+        try:
+            from flightlog import _snapshot
+
+            self.code_snapshot = _snapshot.take(self)
+        except Exception as e:
+            _warn.problem("snapshot_failed", f"code snapshot failed: {e!r}")
+        self.write_row_now()
+        self.rec.flush()
+        self.rec.start()
+
+    def finish(self, status: str = "finished", error: tuple[str, str] | None = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        for hook in list(self.extra.get("finish_hooks", ())):
+            try:
+                hook(self)
+            except Exception as e:
+                _warn.problem("finish_hook_error", f"finish hook failed: {e!r}")
+        self.rec.stop()
+        if os.getpid() == self.owner_pid and self.kind != "replay":
+            self.status = status
+            if error:
+                self.extra["error"] = error
+            self.extra["ended_at"] = _now()
+            self.rec.flush()  # everything logged so far, then the final row with the counters
+            self.rec.emit("runs", self.row())
+        self.rec.flush()
+        self.rec.abandon_pending()
+        compact = getattr(self.sink, "compact", None)
+        if compact is not None:
+            try:
+                compact(self.run_id)
+            except Exception as e:
+                _warn.problem("compact_failed", f"compaction failed: {e!r}")
+        try:
+            self.sink.close()
+        except Exception:
+            pass
+
+
+def _remote_sink(url: str, store: str):
+    try:
+        from flightlog.collector.client import CollectorSink
+    except Exception as e:  # the collector client is optional
+        _warn.problem("collector_unavailable", f"collector mode needs the 'server' extra ({e}); writing locally")
+        return None
+    try:
+        return CollectorSink(url, spool=os.path.join(store, "spool"), token=os.environ.get(_config.ENV_TOKEN))
+    except Exception as e:
+        _warn.problem("collector_unavailable", f"cannot use collector {url}: {e}; writing locally")
+        return None
+
+
+# -- process hooks ---------------------------------------------------------------
+
+_PREV_EXCEPTHOOK = None
+_PREV_TERM = None
+
+
+def _excepthook(tp, value, tb):
+    global _EXC
+    status = "killed" if issubclass(tp, KeyboardInterrupt) else "failed"
+    _EXC = (status, tp.__name__, str(value)[:2000])
+    prev = _PREV_EXCEPTHOOK or sys.__excepthook__
+    prev(tp, value, tb)
+
+
+def _on_sigterm(signum, frame):
+    global _EXC
+    _EXC = ("killed", "SIGTERM", "terminated by signal")
+    prev = _PREV_TERM
+    if callable(prev):
+        prev(signum, frame)
+        return
+    r = ACTIVE
+    if r is not None:
+        try:
+            _end(r, "killed", ("SIGTERM", "terminated by signal"))
+        except Exception:
+            pass
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _at_exit():
+    r = ACTIVE
+    if r is None:
+        return
+    if _EXC is not None:
+        _end(r, _EXC[0], (_EXC[1], _EXC[2]))
+    else:
+        _end(r, "finished", None)
+
+
+def _after_fork_child():
+    r = ACTIVE
+    if r is not None:
+        from flightlog.collector.store import new_writer_id
+
+        r.writer = pid_writer()
+        if hasattr(r.sink, "writer"):
+            r.sink.writer = new_writer_id()
+        r.rec.reset_after_fork()
+        try:
+            r.rec.start()
+        except Exception:
+            pass
+
+
+def _install_hooks() -> None:
+    global _HOOKS_INSTALLED, _PREV_EXCEPTHOOK, _PREV_TERM
+    if _HOOKS_INSTALLED:
+        return
+    _HOOKS_INSTALLED = True
+    atexit.register(_at_exit)
+    _PREV_EXCEPTHOOK = sys.excepthook
+    sys.excepthook = _excepthook
+    if threading.current_thread() is threading.main_thread():
+        try:
+            prev = signal.getsignal(signal.SIGTERM)
+            if prev is not signal.SIG_IGN:
+                _PREV_TERM = prev if callable(prev) else None
+                signal.signal(signal.SIGTERM, _on_sigterm)
+        except (ValueError, OSError):
+            pass
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_child)
+
+
+def _end(r: Run, status: str, error) -> None:
+    global ACTIVE, _ENDED_ONCE
+    with _START_LOCK:
+        if ACTIVE is r:
+            ACTIVE = None
+            _ENDED_ONCE = True
+    r.finish(status, error)
+
+
+# -- public functions (re-exported by flightlog/__init__) ----------------------------
+
+def init(project: str | None = None, name: str | None = None, store: str | os.PathLike | None = None,
+         params: dict | None = None, *, resume: str | None = None, flush_interval: float | None = None,
+         collector: str | None = None) -> "Run | None":
+    """Start a run explicitly (optional: the first ``log``/``arg`` starts one).
+
+    A run already active is finished first. ``resume=RUN`` continues a crashed
+    or killed run from its last checkpoint as a new run linked to it.
+    """
+    global ACTIVE, _ENDED_ONCE
+    if _config.disabled():
+        return None
+    if store is not None:
+        store = os.fspath(store)
+    with _START_LOCK:
+        if ACTIVE is not None:
+            _end(ACTIVE, "finished", None)
+        try:
+            sink = None
+            if collector:
+                sink = _remote_sink(collector, _config.store_home(store))
+            replay_plan = os.environ.get(_config.ENV_REPLAY)
+            if replay_plan:
+                from flightlog.replay import _mode
+
+                r = _mode.start_replay_run(replay_plan, project=project, store=store)
+            elif resume:
+                from flightlog import _resume
+
+                r = _resume.start_resumed_run(resume, project=project, name=name, store=store, params=params,
+                                              flush_interval=flush_interval, sink=sink)
+            else:
+                r = Run(project, name, store, params, sink=sink, flush_interval=flush_interval)
+                r.start()
+        except Exception as e:
+            if isinstance(e, (TypeError, ValueError)) and resume is None and not os.environ.get(_config.ENV_REPLAY):
+                _warn.problem("init_failed", f"could not start a run: {e!r}")
+                return None
+            raise
+        _install_hooks()
+        ACTIVE = r
+        _ENDED_ONCE = False
+        return r
+
+
+def _auto_start() -> "Run | None":
+    with _START_LOCK:
+        if ACTIVE is not None:
+            return ACTIVE
+        if _ENDED_ONCE or _config.disabled():
+            return None
+        try:
+            return init()
+        except Exception as e:
+            _warn.problem("init_failed", f"could not start a run: {e!r}")
+            return None
+
+
+def finish() -> None:
+    """End the active run now (status ``finished``); exit does it otherwise."""
+    r = ACTIVE
+    if r is not None:
+        _end(r, "finished", None)
+
+
+def current() -> "Run | None":
+    """The active run, or None."""
+    return ACTIVE
+
+
+def log(name: str, value: Any, step: int | None = None) -> Any:
+    """Record a scalar: the hot path, ~1 µs, never raises. Returns ``value``."""
+    r = ACTIVE
+    if r is not None and r.fast and type(name) is str and name and (step is None or type(step) is int):
+        t = type(value)
+        v = value if (t is float or t is int) else coerce(value)
+        if v is not None:
+            if step is None:
+                c = r.steps
+                step = c.get(name, 0)
+                c[name] = step + 1
+            r.rec.buf.append((name, v, step, _time(), r.ctx))
+            return value
+    _log_slow(name, value, step)
+    return value
+
+
+def _log_slow(name: Any, value: Any, step: Any) -> None:
+    try:
+        r = ACTIVE
+        if r is None:
+            if _ENDED_ONCE:
+                _warn.problem("log_after_finish", "fl.log called after the run finished; value not recorded")
+                return
+            r = _auto_start()
+            if r is None:
+                return
+        if type(name) is not str or not name:
+            _warn.problem("bad_name", f"metric name must be a non-empty string, got {name!r}")
+            return
+        if step is not None and type(step) is not int:
+            s = coerce(step)
+            if s is None or float(s) != int(s):
+                _warn.problem("bad_step", f"step must be an integer, got {step!r}; using the counter")
+                step = None
+            else:
+                step = int(s)
+        v = coerce(value)
+        if v is None:
+            _warn.problem("bad_value", f"fl.log({name!r}): value {type(value).__name__} is not a number")
+            return
+        if r.replay is not None:
+            r.replay.on_log(r, name, v, step)
+            return
+        if step is None:
+            step = r.steps.get(name, 0)
+            r.steps[name] = step + 1
+        r.rec.buf.append((name, v, step, _time(), r.ctx))
+    except Exception as e:  # never into the training loop
+        _warn.problem("log_error", f"fl.log failed: {e!r}")
+
+
+def arg(name: str, default: Any = None) -> Any:
+    """Record a hyperparameter and return it (the recorded value in replay)."""
+    try:
+        r = ACTIVE or _auto_start()
+        if r is None:
+            return default
+        if type(name) is not str or not name:
+            _warn.problem("bad_name", f"arg name must be a non-empty string, got {name!r}")
+            return default
+        if r.replay is not None:
+            return r.replay.on_arg(r, name, default)
+        r.params[name] = _jsonable(default)
+        r._params_dirty = True
+        return default
+    except Exception as e:
+        _warn.problem("arg_error", f"fl.arg failed: {e!r}")
+        return default

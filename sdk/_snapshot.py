@@ -1,0 +1,90 @@
+"""Code snapshot: the main script and the local modules it imported, by content hash.
+
+Replay diffs today's code against this snapshot to find new log statements.
+"Local" means under the script's folder and outside any site-packages or
+virtual environment. Files are stored as blobs; a JSON manifest
+``{relative path: digest}`` is stored as a blob too and its digest is the
+snapshot id recorded in the run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import sysconfig
+
+import xxhash
+
+from flightlog.collector import store as _store
+
+MAX_FILE_BYTES = 2 * 1024 * 1024
+MAX_FILES = 500
+
+
+def digest(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def _excluded_roots() -> list[str]:
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    for key in ("purelib", "platlib", "stdlib", "platstdlib"):
+        p = sysconfig.get_paths().get(key)
+        if p:
+            roots.add(p)
+    return [os.path.abspath(r) + os.sep for r in roots if r]
+
+
+def local_files(script: str | None) -> list[str]:
+    """The script plus imported modules under its folder (absolute paths)."""
+    if not script:
+        return []
+    root = os.path.dirname(os.path.abspath(script)) + os.sep
+    excluded = [e for e in _excluded_roots() if not root.startswith(e)]
+    files = {os.path.abspath(script)}
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if not f or not f.endswith(".py"):
+            continue
+        f = os.path.abspath(f)
+        if f.startswith(root) and not any(f.startswith(e) for e in excluded) and "site-packages" not in f:
+            files.add(f)
+        if len(files) >= MAX_FILES:
+            break
+    return sorted(files)
+
+
+def take(run) -> str | None:
+    """Store the snapshot of ``run``'s code; returns the manifest digest."""
+    files = local_files(run.script)
+    if not files:
+        return None
+    root = os.path.dirname(os.path.abspath(run.script))
+    manifest = {}
+    for f in files:
+        try:
+            if os.path.getsize(f) > MAX_FILE_BYTES:
+                continue
+            with open(f, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        d = digest(data)
+        _store.put_blob(run.store, d, data)
+        manifest[os.path.relpath(f, root)] = d
+    body = json.dumps({"root": root, "script": os.path.relpath(run.script, root), "files": manifest},
+                      sort_keys=True).encode()
+    d = digest(body)
+    _store.put_blob(run.store, d, body)
+    return d
+
+
+def load(store: str, snapshot_id: str) -> dict:
+    """The manifest and file contents of a snapshot: {"root", "script", "files": {rel: text}}."""
+    man = json.loads(_store.read_blob(store, snapshot_id))
+    files = {}
+    for rel, d in man["files"].items():
+        try:
+            files[rel] = _store.read_blob(store, d).decode("utf-8", errors="replace")
+        except OSError:
+            files[rel] = None
+    return {"root": man["root"], "script": man["script"], "files": files}
