@@ -1,0 +1,187 @@
+"""``flightlog runs | show | sql | compact``: the reading commands of the foundation."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import pyarrow as pa
+
+from flightlog import _format
+from flightlog._errors import QueryError, StoreError
+
+
+def add_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=None, help="store directory (default: $FLIGHTLOG_HOME or ./.flightlog)")
+
+
+def _con(args):
+    from flightlog.query import db
+
+    con = db.connect(args.store)
+    n = con.execute("SELECT count(*) FROM runs").fetchall()[0][0]
+    if n == 0:
+        con.close()
+        from flightlog import _config
+
+        raise StoreError(f"the store at {_config.store_home(args.store)} holds no runs yet")
+    return con
+
+
+# -- runs ------------------------------------------------------------------------
+
+def configure_runs(p):
+    add_store(p)
+    p.add_argument("--project", default=None, help="only runs of this project")
+    p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
+    p.add_argument("--format", choices=_format.FORMATS, default="table")
+    p.add_argument("--output", default=None, help="write to this file instead of stdout")
+
+
+def run_runs(args) -> int:
+    from flightlog.query import db
+
+    con = _con(args)
+    try:
+        sql = ("SELECT run_id, project, name, kind, status, started_at, "
+               "round(epoch(coalesce(ended_at, updated_at)) - epoch(started_at), 1) AS duration_s, "
+               "parent_run_id AS parent, "
+               "(SELECT count(*) FROM metrics m WHERE m.run_id = r.run_id) AS metric_rows "
+               "FROM runs r WHERE kind IS DISTINCT FROM 'replay' AND (? IS NULL OR project = ?) "
+               "ORDER BY started_at DESC LIMIT ?")
+        t = db.sql_arrow(con, sql, [args.project, args.project, max(1, args.limit)])
+    finally:
+        con.close()
+    _format.write(t, args.format, args.output)
+    return 0
+
+
+# -- show ------------------------------------------------------------------------
+
+def configure_show(p):
+    p.add_argument("run", nargs="?", default="latest", help="run id, unique prefix, or 'latest'")
+    add_store(p)
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def run_show(args) -> int:
+    from flightlog.query import db
+
+    con = _con(args)
+    try:
+        rid = db.resolve_run(con, args.run)
+        run = db.sql_arrow(con, "SELECT * FROM runs WHERE run_id = ?", [rid]).to_pylist()[0]
+        metrics = db.sql_arrow(con, """
+            SELECT name, count(*) AS n, min(value) AS min, max(value) AS max,
+                   arg_max(value, step) AS last, min(step) AS first_step, max(step) AS last_step,
+                   count(*) FILTER (WHERE source = 'replay') AS replayed
+            FROM metrics WHERE run_id = ? GROUP BY name ORDER BY name""", [rid])
+        ckpts = db.sql_arrow(con, """
+            SELECT loop, iteration, bytes, content_hash, round(copy_ms, 2) AS copy_ms,
+                   round(write_ms, 1) AS write_ms, status
+            FROM checkpoints WHERE run_id = ? ORDER BY iteration""", [rid])
+        replays = db.sql_arrow(con, """
+            SELECT replay_id, segment, status, fidelity, compared, first_divergence, new_names
+            FROM replays WHERE run_id = ? ORDER BY started_at""", [rid])
+        children = db.sql_arrow(con, "SELECT run_id, kind, status FROM runs WHERE parent_run_id = ? "
+                                     "ORDER BY started_at", [rid])
+    finally:
+        con.close()
+    if args.format == "json":
+        out = {"run": run, "metrics": metrics.to_pylist(), "checkpoints": ckpts.to_pylist(),
+               "replays": replays.to_pylist(), "children": children.to_pylist()}
+        print(json.dumps(_format._clean_float(out), default=_format._json_default, indent=2))
+        return 0
+    params = json.loads(run["params"] or "{}")
+    lines = [
+        f"run        {run['run_id']}   ({run['kind']})",
+        f"project    {run['project']}" + (f"   name {run['name']}" if run["name"] else ""),
+        f"status     {run['status']}" + (f"   {run['error_type']}: {run['error_message']}" if run["error_type"] else ""),
+        f"started    {_format._cell(run['started_at'])}   ended {_format._cell(run['ended_at']) or '-'}",
+        f"script     {run['script'] or '-'}",
+        f"argv       {' '.join(json.loads(run['argv'] or '[]'))}",
+        f"host       {run['host']} pid {run['pid']}   python {run['python_version']}"
+        f"   numpy {run['numpy_version'] or '-'}   torch {run['torch_version'] or '-'}",
+        f"git        {run['git_commit'] or '-'}" + (" (dirty)" if run["git_dirty"] else ""),
+        f"snapshot   {run['code_snapshot'] or '-'}",
+    ]
+    if run["parent_run_id"]:
+        lines.append(f"parent     {run['parent_run_id']}")
+    if run["dropped_rows"]:
+        lines.append(f"dropped    {run['dropped_rows']} rows could not be written")
+    counters = json.loads(run["counters"] or "{}")
+    if counters:
+        lines.append("problems   " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+    lines.append("params     " + (", ".join(f"{k}={v!r}" for k, v in params.items()) or "-"))
+    print("\n".join(lines))
+    print("\nmetrics")
+    print(_format.text_table(metrics) if metrics.num_rows else "  (none)")
+    print(f"\ncheckpoints ({ckpts.num_rows}, "
+          f"{sum(b or 0 for b in ckpts.column('bytes').to_pylist()) / 1e6:.2f} MB)")
+    if ckpts.num_rows:
+        print(_format.text_table(ckpts, max_rows=30))
+    if replays.num_rows:
+        print("\nreplays")
+        print(_format.text_table(replays))
+    if children.num_rows:
+        print("\nchild runs")
+        print(_format.text_table(children))
+    return 0
+
+
+# -- sql --------------------------------------------------------------------------
+
+def configure_sql(p):
+    p.add_argument("query", help="a read-only SQL query; tables: runs, metrics, spans, io, checkpoints, "
+                                 "assertions, predictions, replays, …")
+    add_store(p)
+    p.add_argument("--format", choices=_format.FORMATS, default="table")
+    p.add_argument("--output", default=None, help="write to this file instead of stdout")
+
+
+def run_sql(args) -> int:
+    from flightlog.query import db
+
+    if args.format == "parquet" and not args.output:
+        raise QueryError("--format parquet needs --output FILE")
+    con = db.connect(args.store)
+    try:
+        t = db.run_sql(args.query, con=con)
+    finally:
+        con.close()
+    _format.write(t, args.format, args.output)
+    return 0
+
+
+# -- compact ------------------------------------------------------------------------
+
+def configure_compact(p):
+    add_store(p)
+    p.add_argument("--run", default=None, help="only this run (default: every run that is not running)")
+
+
+def run_compact(args) -> int:
+    """Merge parts left behind by crashed or killed runs (one file per writer and table)."""
+    from flightlog import _config
+    from flightlog.collector import schema, store
+    from flightlog.query import db
+
+    con = _con(args)
+    try:
+        if args.run:
+            runs = [db.resolve_run(con, args.run)]
+        else:
+            runs = [r[0] for r in con.execute("SELECT run_id FROM runs WHERE status <> 'running'").fetchall()]
+    finally:
+        con.close()
+    root = _config.store_home(args.store)
+    merged = 0
+    for rid in runs:
+        for table in schema.TABLES:
+            d = store.part_dir(root, table, rid)
+            writers = {store._file_writer(f.name) for f in store.visible_files(d)} - {None}
+            for w in writers:
+                if store.compact_dir(d, table, w) is not None:
+                    merged += 1
+    print(f"compacted {merged} partition(s) of {len(runs)} run(s)")
+    return 0

@@ -1,0 +1,186 @@
+"""``fl.loop``: loop position for every record, checkpoint boundaries, progress.
+
+Each iteration sets the run's context tuple ``(epoch, batch, ctx_json)`` once,
+so ``fl.log`` only appends a reference to it. The end of an iteration of the
+outermost loop is where checkpoints are taken; in a resumed run the outermost
+loop skips the iterations already done and restores their state first; in
+replay the loop is driven by the replay plan instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Iterable, Iterator, TypeVar
+
+from flightlog import _config, _run, _warn
+from flightlog._record import NO_CTX
+
+T = TypeVar("T")
+
+
+class Frame:
+    """One active ``fl.loop``: its name, depth, current index and timing."""
+
+    __slots__ = ("name", "depth", "index", "total", "t_start", "iter_start", "bar")
+
+    def __init__(self, name: str, depth: int, total: int | None) -> None:
+        self.name = name
+        self.depth = depth
+        self.index = -1
+        self.total = total
+        self.t_start = time.perf_counter()
+        self.iter_start = self.t_start
+        self.bar = None
+
+
+def context_tuple(frames: list[Frame]) -> tuple:
+    """``(epoch, batch, json)`` for the current loop stack."""
+    if not frames:
+        return NO_CTX
+    ctx = {f.name: f.index for f in frames}
+    epoch = frames[0].index
+    batch = frames[-1].index if len(frames) > 1 else None
+    return (epoch, batch, json.dumps(ctx, separators=(",", ":")))
+
+
+def _length(iterable: Any) -> int | None:
+    try:
+        return len(iterable)
+    except Exception:
+        return None
+
+
+def loop(name: str, iterable: Iterable[T]) -> Iterator[T]:
+    """Iterate ``iterable`` while recording the loop position (and checkpointing, replaying)."""
+    r = _run.ACTIVE or _run._auto_start()
+    if r is None or type(name) is not str or not name:
+        if r is not None:
+            _warn.problem("bad_loop_name", f"loop name must be a non-empty string, got {name!r}")
+        return iter(iterable)
+    if r.replay is not None:
+        return r.replay.loop(r, name, iterable)
+    return _record_loop(r, name, iterable)
+
+
+def _record_loop(r, name: str, iterable: Iterable[T]) -> Iterator[T]:
+    frames = r.loops
+    depth = len(frames)
+    frame = Frame(name, depth, _length(iterable))
+    outer = depth == 0
+    ckpt = r.extra.get("checkpointer") if outer else None
+    resume_from = None
+    if outer and r.extra.get("resume_state") is not None:
+        resume_from = r.extra.get("resume_state")
+    frame.bar = _Progress.maybe(frame)
+    frames.append(frame)
+    parent_ctx = r.ctx
+    try:
+        it = iter(iterable)
+        i = -1
+        if resume_from is not None:
+            # Resumed run: skip what the parent run finished, then restore its state.
+            r.extra["resume_state"] = None
+            done = resume_from.iteration
+            for _ in range(done + 1):
+                try:
+                    next(it)
+                except StopIteration:
+                    return
+            i = done
+            resume_from.restore()
+        while True:
+            try:
+                item = next(it)
+            except StopIteration:
+                break
+            i += 1
+            frame.index = i
+            frame.iter_start = time.perf_counter()
+            r.ctx = context_tuple(frames)
+            yield item
+            # iteration end (the body ran to completion)
+            r.ctx = context_tuple(frames)
+            if frame.bar is not None:
+                frame.bar.update(i + 1)
+            if outer:
+                ckpt = r.extra.get("checkpointer")
+                if ckpt is not None:
+                    ckpt.on_iteration_end(r, name, i, time.perf_counter() - frame.iter_start)
+                _maybe_snapshot_again(r)
+    finally:
+        if frame.bar is not None:
+            frame.bar.close()
+        if frames and frames[-1] is frame:
+            frames.pop()
+        r.ctx = parent_ctx if frames else NO_CTX
+
+
+def _maybe_snapshot_again(r) -> None:
+    # Local modules imported after fl.init are in the snapshot from the first
+    # iteration end on: replay needs every file the loop body ran.
+    if r.extra.get("snapshot_refreshed"):
+        return
+    r.extra["snapshot_refreshed"] = True
+    try:
+        from flightlog import _snapshot
+
+        snap = _snapshot.take(r)
+        if snap and snap != r.code_snapshot:
+            r.code_snapshot = snap
+            r._params_dirty = True  # rewrite the run row with the new id
+    except Exception as e:
+        _warn.problem("snapshot_failed", f"code snapshot failed: {e!r}")
+
+
+class _Progress:
+    """A one-line progress bar with rate and ETA on a terminal; nothing otherwise."""
+
+    def __init__(self, frame: Frame) -> None:
+        self.frame = frame
+        self.last = 0.0
+        self.stream = sys.stderr
+
+    @classmethod
+    def maybe(cls, frame: Frame) -> "_Progress | None":
+        forced = os.environ.get(_config.ENV_PROGRESS)
+        if forced == "0" or frame.total is None or frame.depth > 1:
+            return None
+        if forced != "1":
+            try:
+                if not sys.stderr.isatty():
+                    return None
+            except Exception:
+                return None
+        return cls(frame)
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < 0.1 and done < (self.frame.total or 0):
+            return
+        self.last = now
+        f = self.frame
+        el = now - f.t_start
+        rate = done / el if el > 0 else 0.0
+        total = f.total or 0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        width = 24
+        fill = int(width * done / total) if total else 0
+        indent = "  " * f.depth
+        try:
+            self.stream.write(f"\r{indent}{f.name} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} "
+                              f"{rate:.2f} it/s ETA {eta:.0f}s ")
+            self.stream.flush()
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        try:
+            if self.frame.depth == 0:
+                self.stream.write("\n")
+            else:
+                self.stream.write("\r")
+            self.stream.flush()
+        except Exception:
+            pass

@@ -1,0 +1,90 @@
+"""The ``flightlog`` command.
+
+Each subcommand lives with the component that does the work; this module
+only dispatches. A subcommand module ``M`` registered in ``COMMANDS`` defines
+``configure_<cmd>(parser)`` and ``run_<cmd>(args) -> int`` (dashes in the
+command become underscores). Only the chosen command's module is imported,
+so ``flightlog runs`` never pays for FastAPI or torch.
+
+Errors: a FlightlogError prints one line ``flightlog: error: …`` and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from flightlog._errors import FlightlogError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "runs": ("flightlog._cli_core", "list runs, newest first"),
+    "show": ("flightlog._cli_core", "show one run: params, status, metric summary, checkpoints"),
+    "sql": ("flightlog._cli_core", "run read-only SQL over the store"),
+    "resume": ("flightlog._resume", "continue a crashed or killed run from its last checkpoint"),
+    "replay": ("flightlog.replay.cli", "hindsight logging: replay runs with new log statements"),
+    "replay-step": ("flightlog._steps_cli", "re-run a failed @fl.step call with its recorded inputs"),
+    "lineage": ("flightlog.query.lineage", "show upstream/downstream lineage of a step, fingerprint or file"),
+    "history": ("flightlog.query.lineage", "list a step's calls over time and flag stale inputs"),
+    "health": ("flightlog.query.health", "run the SQL health checks (non-zero exit on failure)"),
+    "assertions": ("flightlog.query.assertions", "assertion failure counts and items worth a look"),
+    "slices": ("flightlog.query.slices_cli", "find the data slices where the model fails"),
+    "serve": ("flightlog.collector.server", "run the collector server (OTLP/HTTP + Arrow ingest + SQL)"),
+    "sync": ("flightlog.collector.client", "push a spool of unsent batches to a collector"),
+    "compact": ("flightlog._cli_core", "merge small Parquet parts of finished runs"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flightlog",
+        description="flightlog: record, query and replay ML training runs and pipelines.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {k:<12} {v[1]}" for k, v in COMMANDS.items()),
+    )
+    p.add_argument("command", nargs="?", help="one of the commands below")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _top_parser().print_help()
+        return 0
+    if argv[0] == "--version":
+        from flightlog import __version__
+
+        print(__version__)
+        return 0
+    cmd = argv[0]
+    if cmd not in COMMANDS:
+        print(f"flightlog: error: unknown command {cmd!r} (see flightlog --help)", file=sys.stderr)
+        return 2
+    modname, help_ = COMMANDS[cmd]
+    fname = cmd.replace("-", "_")
+    try:
+        mod = importlib.import_module(modname)
+        configure = getattr(mod, f"configure_{fname}")
+        run = getattr(mod, f"run_{fname}")
+    except (ImportError, AttributeError) as e:
+        print(f"flightlog: error: command {cmd!r} is not available ({e})", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog=f"flightlog {cmd}", description=help_)
+    configure(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        rc = run(args)
+    except FlightlogError as e:
+        print(f"flightlog: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flightlog: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
