@@ -1,0 +1,45 @@
+"""Shared fixtures: every test gets its own store and leaves no active run behind."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Point FLIGHTLOG_HOME at a fresh directory and reset process state around each test."""
+    from flightlog import _run, _warn
+
+    store = tmp_path / "store"
+    monkeypatch.setenv("FLIGHTLOG_HOME", str(store))
+    monkeypatch.delenv("FLIGHTLOG_COLLECTOR", raising=False)
+    monkeypatch.delenv("FLIGHTLOG_REPLAY", raising=False)
+    monkeypatch.setenv("FLIGHTLOG_PROGRESS", "0")
+    _warn.reset()
+    yield
+    if _run.ACTIVE is not None:
+        _run.finish()
+    _run._ENDED_ONCE = False
+    _warn.reset()
+
+
+@pytest.fixture
+def store(tmp_path):
+    """The store directory this test writes to."""
+    return str(tmp_path / "store")
+
+
+def run_script(code: str, tmp_path, *args, env=None, timeout=120):
+    """Run ``code`` as a script file in a subprocess with the test's store; returns CompletedProcess."""
+    import subprocess
+
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=e, cwd=str(tmp_path))
