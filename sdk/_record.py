@@ -104,6 +104,7 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._last_flush = time.monotonic()
         self._last_beat = 0.0
+        self._force = False
         self.on_flush: list = []  # callables run on the flush thread after each flush
 
     # -- producer side ------------------------------------------------------
@@ -112,6 +113,11 @@ class Recorder:
         """Queue one row of any table (checkpoints index, spans, io, ...)."""
         with self._rows_lock:
             self._rows.setdefault(table, []).append(row)
+
+    def request_flush(self) -> None:
+        """Ask the flush thread to write soon (e.g. a checkpoint index row)."""
+        self._force = True
+        self._wake.set()
 
     def emit_table(self, table: str, data: pa.Table) -> None:
         with self._flush_lock:
@@ -134,7 +140,8 @@ class Recorder:
                 break
             try:
                 now = time.monotonic()
-                if len(self.buf) >= _config.FLUSH_ROWS or now - self._last_flush >= self.interval:
+                if self._force or len(self.buf) >= _config.FLUSH_ROWS or now - self._last_flush >= self.interval:
+                    self._force = False
                     self.flush()
                 if now - self._last_beat >= _config.HEARTBEAT_SECONDS:
                     self._last_beat = now
@@ -196,15 +203,16 @@ class Recorder:
             _warn.problem("dropped_rows", f"write backlog full: dropped {d.num_rows} {t} rows", d.num_rows)
 
     def _drain(self) -> None:
-        while self._pending:
-            table, data = self._pending[0]
+        # Each batch on its own: a table whose writes fail must not hold up the others.
+        kept = []
+        for table, data in self._pending:
             try:
                 self.sink.write(table, data)
             except Exception as e:
                 _warn.problem("write_failed", f"could not write {table} rows ({e}); will retry")
-                return
-            self._pending.pop(0)
-            self._pending_rows -= data.num_rows
+                kept.append((table, data))
+        self._pending = kept
+        self._pending_rows = sum(d.num_rows for _, d in kept)
 
     def abandon_pending(self) -> int:
         """Count what could never be written (at exit); returns the rows lost."""

@@ -217,6 +217,8 @@ class Run:
                 self.extra["error"] = error
             self.extra["ended_at"] = _now()
             self.rec.flush()  # everything logged so far, then the final row with the counters
+            self.rec.flush()  # one retry for what failed
+            self.rec.abandon_pending()
             self.rec.emit("runs", self.row())
         self.rec.flush()
         self.rec.abandon_pending()
@@ -345,6 +347,8 @@ def init(project: str | None = None, name: str | None = None, store: str | os.Pa
         return None
     if store is not None:
         store = os.fspath(store)
+    if resume is None:
+        resume = os.environ.get("FLIGHTLOG_RESUME") or None
     with _START_LOCK:
         if ACTIVE is not None:
             _end(ACTIVE, "finished", None)
@@ -366,7 +370,8 @@ def init(project: str | None = None, name: str | None = None, store: str | os.Pa
                 r = Run(project, name, store, params, sink=sink, flush_interval=flush_interval)
                 r.start()
         except Exception as e:
-            if isinstance(e, (TypeError, ValueError)) and resume is None and not os.environ.get(_config.ENV_REPLAY):
+            if resume is None and not os.environ.get(_config.ENV_REPLAY):
+                # A normal run must never break the user's program: record nothing, say so.
                 _warn.problem("init_failed", f"could not start a run: {e!r}")
                 return None
             raise
@@ -464,6 +469,10 @@ def arg(name: str, default: Any = None) -> Any:
             return default
         if r.replay is not None:
             return r.replay.on_arg(r, name, default)
+        if r.kind == "resume":
+            from flightlog._resume import recorded_arg
+
+            return recorded_arg(r, name, default)
         r.params[name] = _jsonable(default)
         r._params_dirty = True
         return default

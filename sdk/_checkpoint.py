@@ -1,0 +1,362 @@
+"""``fl.checkpointing``: what a checkpoint holds, when to take one, and restoring it.
+
+On the training thread a checkpoint is only a consistent in-memory copy
+(tensor clones, state-dict copies, RNG states, loop position). A background
+thread serialises, hashes and writes it as a content-addressed blob (temp file
++ rename, identical blobs stored once) and then queues its row in the
+``checkpoints`` table, so the table only ever lists complete checkpoints.
+
+Period: every outer iteration when that is affordable; otherwise the period
+adapts so that (copy + write time) stays under ``overhead`` (default 2%) of the
+loop time, the FLOR rule. ``every=N`` fixes it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import queue
+import random
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+import numpy as np
+
+from flightlog import _run, _warn
+from flightlog.collector import store as _store
+
+DEFAULT_OVERHEAD = 0.02
+FORMAT = 1
+
+
+# -- copying state on the training thread ---------------------------------------------
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def _clone_tree(obj: Any) -> Any:
+    """Deep copy of a state dict: tensors cloned (detached, on their device), containers rebuilt."""
+    torch = _torch()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, dict):
+        return type(obj)((k, _clone_tree(v)) for k, v in obj.items()) if type(obj) is not dict else \
+            {k: _clone_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone_tree(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_clone_tree(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _kind(obj: Any) -> str:
+    if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+        return "state_dict"
+    if isinstance(obj, np.ndarray):
+        return "ndarray"
+    if isinstance(obj, np.random.Generator):
+        return "np_generator"
+    if isinstance(obj, random.Random):
+        return "py_random"
+    return "pickle"
+
+
+def copy_object(obj: Any) -> tuple[str, Any]:
+    """A consistent copy of one registered object, cheap for tensors."""
+    kind = _kind(obj)
+    if kind == "state_dict":
+        return kind, _clone_tree(obj.state_dict())
+    if kind == "ndarray":
+        return kind, obj.copy()
+    if kind == "np_generator":
+        return kind, copy.deepcopy(obj.bit_generator.state)
+    if kind == "py_random":
+        return kind, obj.getstate()
+    import cloudpickle
+
+    return kind, cloudpickle.dumps(obj)  # anything else: its pickle is the copy
+
+
+def restore_object(obj: Any, kind: str, state: Any) -> Any:
+    """Load ``state`` into ``obj`` in place where possible; returns the (new) object."""
+    if kind == "state_dict":
+        obj.load_state_dict(state)
+        return obj
+    if kind == "ndarray":
+        if isinstance(obj, np.ndarray) and obj.shape == state.shape and obj.flags.writeable:
+            obj[...] = state
+            return obj
+        return state
+    if kind == "np_generator":
+        obj.bit_generator.state = state
+        return obj
+    if kind == "py_random":
+        obj.setstate(state)
+        return obj
+    import cloudpickle
+
+    new = cloudpickle.loads(state)
+    try:  # keep the user's reference valid when the type allows it
+        if hasattr(obj, "__dict__") and type(obj) is type(new):
+            obj.__dict__.clear()
+            obj.__dict__.update(new.__dict__)
+            return obj
+    except Exception:
+        pass
+    if isinstance(obj, dict) and isinstance(new, dict):
+        obj.clear()
+        obj.update(new)
+        return obj
+    if isinstance(obj, list) and isinstance(new, list):
+        obj[:] = new
+        return obj
+    return new
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state()}
+    torch = _torch()
+    if torch is not None:
+        st["torch"] = torch.get_rng_state().clone()
+        try:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                st["cuda"] = [s.clone() for s in torch.cuda.get_rng_state_all()]
+        except Exception:
+            pass
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch = _torch()
+    if "torch" in st:
+        if torch is None:
+            import torch  # noqa: F811 - the checkpoint came from a torch run
+        torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch is not None:
+        try:
+            torch.cuda.set_rng_state_all(st["cuda"])
+        except Exception as e:
+            _warn.problem("cuda_rng", f"could not restore CUDA RNG state: {e!r}")
+
+
+# -- serialising -----------------------------------------------------------------------
+
+def serialize(payload: dict) -> bytes:
+    import cloudpickle
+
+    torch = _torch()
+    if torch is not None:
+        buf = io.BytesIO()
+        torch.save(payload, buf, pickle_module=cloudpickle)
+        return buf.getvalue()
+    return b"FLCP" + cloudpickle.dumps(payload, protocol=5)
+
+
+def deserialize(data: bytes) -> dict:
+    if data[:4] == b"FLCP":
+        import cloudpickle
+
+        return cloudpickle.loads(data[4:])
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def digest(data: bytes) -> str:
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+# -- the checkpointer ----------------------------------------------------------------------
+
+class Checkpointer:
+    """Registered objects, the period policy and the background writer of one run."""
+
+    def __init__(self, run, objects: dict[str, Any], every: int | None, overhead: float | None) -> None:
+        self.run = run
+        self.objects = dict(objects)
+        self.every = every
+        self.overhead = DEFAULT_OVERHEAD if overhead is None else float(overhead)
+        self.cost_ms: float | None = None  # estimated cost of one checkpoint (copy + write)
+        self.since_ms = 0.0  # loop time since the last checkpoint
+        self.taken = 0
+        self._q: queue.Queue = queue.Queue(maxsize=2)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.last_write_ms: float | None = None
+
+    # policy
+    def due(self, index: int, loop_ms: float, last: bool) -> bool:
+        self.since_ms += loop_ms
+        if self.every is not None:
+            return (index + 1) % self.every == 0 or last
+        if self.cost_ms is None or last:
+            return True
+        return self.since_ms * self.overhead >= self.cost_ms
+
+    def on_iteration_end(self, run, loop_name: str, index: int, loop_s: float) -> None:
+        try:
+            frame_total = run.loops[0].total if run.loops else None
+            last = frame_total is not None and index == frame_total - 1
+            loop_ms = loop_s * 1000.0
+            if not self.due(index, loop_ms, last):
+                return
+            self.take(loop_name, index, self.since_ms)
+            self.since_ms = 0.0
+        except Exception as e:
+            _warn.problem("checkpoint_failed", f"checkpoint after {loop_name} {index} failed: {e!r}")
+
+    def snapshot(self, loop_name: str, index: int) -> tuple[dict, list[str]]:
+        objs, skipped = {}, []
+        for name, obj in self.objects.items():
+            try:
+                objs[name] = copy_object(obj)
+            except Exception as e:
+                skipped.append(name)
+                _warn.problem("checkpoint_unpicklable",
+                              f"cannot checkpoint {name!r} ({type(obj).__name__}): {e!r}; left out")
+        payload = {
+            "format": FORMAT,
+            "run_id": self.run.run_id,
+            "loop": loop_name,
+            "iteration": index,
+            "objects": objs,
+            "rng": rng_state(),
+            "steps": dict(self.run.steps),
+            "skipped": skipped,
+        }
+        return payload, skipped
+
+    def take(self, loop_name: str, index: int, loop_ms: float) -> None:
+        t0 = time.perf_counter()
+        payload, skipped = self.snapshot(loop_name, index)
+        copy_ms = (time.perf_counter() - t0) * 1000.0
+        self._ensure_thread()
+        try:
+            self._q.put_nowait((payload, loop_name, index, copy_ms, loop_ms, skipped))
+        except queue.Full:
+            # The writer is behind: take fewer checkpoints rather than stall training.
+            _warn.problem("checkpoint_skipped", "checkpoint writer is behind; skipped one checkpoint")
+            return
+        if self.cost_ms is None:
+            self.cost_ms = copy_ms
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._work, name="flightlog-checkpoint", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                self._q.task_done()
+                return
+            try:
+                self._write(*item)
+            except Exception as e:
+                _warn.problem("checkpoint_failed", f"checkpoint write failed: {e!r}")
+            finally:
+                self._q.task_done()
+
+    def _write(self, payload, loop_name, index, copy_ms, loop_ms, skipped) -> None:
+        t0 = time.perf_counter()
+        data = serialize(payload)
+        h = digest(data)
+        path, _new = _store.put_blob(self.run.store, h, data)
+        write_ms = (time.perf_counter() - t0) * 1000.0
+        self.last_write_ms = write_ms
+        cost = copy_ms + write_ms
+        self.cost_ms = cost if self.cost_ms is None else 0.7 * self.cost_ms + 0.3 * cost
+        self.taken += 1
+        self.run.rec.emit("checkpoints", {
+            "run_id": self.run.run_id,
+            "loop": loop_name,
+            "iteration": index,
+            "path": f"blobs/{h[:2]}/{h}",
+            "bytes": len(data),
+            "content_hash": h,
+            "copy_ms": copy_ms,
+            "write_ms": write_ms,
+            "loop_ms": loop_ms,
+            "time": _run._now(),
+            "status": "ok" if not skipped else "partial",
+            "error": ("left out: " + ", ".join(skipped)) if skipped else None,
+        })
+        self.run.rec.request_flush()  # make the index row durable soon after the blob
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Wait for queued checkpoints to be written (at the end of the with-block / run)."""
+        t = self._thread
+        if t is None or not t.is_alive():
+            return
+        try:
+            self._q.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        t.join(timeout)
+
+
+@contextlib.contextmanager
+def checkpointing(*, every: int | None = None, overhead: float | None = None, **objects: Any) -> Iterator[Checkpointer | None]:
+    """Register what each checkpoint holds (models, optimizers, schedulers, arrays, anything picklable).
+
+    Checkpoints are taken at the end of iterations of the outermost ``fl.loop``
+    inside the block. ``every=N`` fixes the period; ``overhead=0.05`` changes the
+    adaptive bound (default 2% of loop time).
+    """
+    r = _run.ACTIVE or _run._auto_start()
+    mgr = None
+    if r is not None:
+        try:
+            if every is not None and (not isinstance(every, int) or every < 1):
+                _warn.problem("bad_argument", f"checkpointing(every={every!r}) must be a positive int; adapting")
+                every = None
+            if overhead is not None and (not isinstance(overhead, (int, float)) or not 0 < overhead < 1
+                                         or math.isnan(overhead)):
+                _warn.problem("bad_argument", f"checkpointing(overhead={overhead!r}) must be in (0, 1); using 2%")
+                overhead = None
+            if r.replay is not None:
+                mgr = r.replay.checkpointing(r, objects)
+            else:
+                mgr = Checkpointer(r, objects, every, overhead)
+                r.extra["checkpointer"] = mgr
+                hooks = r.extra.setdefault("finish_hooks", [])
+                hooks.append(lambda _r, m=mgr: m.close())
+        except Exception as e:
+            _warn.problem("checkpoint_setup", f"checkpointing setup failed: {e!r}")
+    try:
+        yield mgr
+    finally:
+        if r is not None and mgr is not None and r.replay is None:
+            try:
+                mgr.close()
+            except Exception:
+                pass
+            if r.extra.get("checkpointer") is mgr:
+                r.extra.pop("checkpointer", None)
+
+
+def apply_payload(run, payload: dict, objects: dict[str, Any]) -> None:
+    """Restore registered objects, RNG states and step counters from a checkpoint payload."""
+    for name, (kind, state) in payload["objects"].items():
+        obj = objects.get(name)
+        if obj is None:
+            _warn.problem("restore_missing", f"checkpoint holds {name!r} but it is not registered now")
+            continue
+        new = restore_object(obj, kind, state)
+        if new is not obj:
+            _warn.problem("restore_rebound", f"{name!r} could not be restored in place; "
+                                             "register mutable objects (state_dict, arrays) for exact resume")
+    set_rng_state(payload["rng"])
+    run.steps.clear()
+    run.steps.update(payload.get("steps", {}))

@@ -1,0 +1,136 @@
+"""Crash resume: continue a crashed or killed run from its last complete checkpoint.
+
+The continuation is a new run (``kind='resume'``, ``parent_run_id`` = the old
+one). Its ``fl.arg`` calls return the parent's recorded values, its outermost
+``fl.loop`` skips the iterations already done, and just before the next one it
+restores the registered objects, RNG states and step counters, so what follows
+is what the uninterrupted run would have computed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from flightlog import _config, _run, _warn
+from flightlog._errors import FlightlogError, RunNotFound, StoreError
+
+ENV_RESUME = "FLIGHTLOG_RESUME"
+
+
+def last_checkpoint(store: str, run_id: str) -> tuple[str, dict] | None:
+    """(run id, checkpoints row) of the newest complete checkpoint of ``run_id`` or its resume parents."""
+    from flightlog.collector import store as _store
+    from flightlog.query import db
+
+    con = db.connect(store)
+    try:
+        chain = db.run_chain(con, run_id)
+        for rid in reversed(chain):
+            rows = db.sql_arrow(con, "SELECT * FROM checkpoints WHERE run_id = ? AND status = 'ok' "
+                                     "ORDER BY iteration DESC", [rid]).to_pylist()
+            for row in rows:
+                if _store.blob_path(store, row["content_hash"]).exists():
+                    return rid, row
+    finally:
+        con.close()
+    return None
+
+
+class ResumeState:
+    """The checkpoint a resumed run starts from; restored by the outermost loop."""
+
+    def __init__(self, run, store: str, row: dict) -> None:
+        self.run = run
+        self.store = store
+        self.row = row
+        self.iteration = int(row["iteration"])
+
+    def restore(self) -> None:
+        from flightlog import _checkpoint
+        from flightlog.collector import store as _store
+
+        data = _store.read_blob(self.store, self.row["content_hash"])
+        if _checkpoint.digest(data) != self.row["content_hash"]:
+            raise StoreError(f"checkpoint {self.row['content_hash']} is corrupt (hash mismatch)")
+        payload = _checkpoint.deserialize(data)
+        ck = self.run.extra.get("checkpointer")
+        objects = ck.objects if ck is not None else {}
+        if not objects:
+            _warn.problem("resume_nothing_registered",
+                          "resuming without fl.checkpointing(...) objects: only RNG state is restored")
+        _checkpoint.apply_payload(self.run, payload, objects)
+        if ck is not None:
+            ck.cost_ms = None  # re-measure in this process
+
+
+def start_resumed_run(resume: str, project=None, name=None, store=None, params=None, flush_interval=None,
+                      sink=None) -> "_run.Run":
+    from flightlog.query import db
+
+    home = _config.store_home(store)
+    con = db.connect(home)
+    try:
+        parent = db.resolve_run(con, resume)
+        prow = db.sql_arrow(con, "SELECT * FROM runs WHERE run_id = ?", [parent]).to_pylist()[0]
+    finally:
+        con.close()
+    found = last_checkpoint(home, parent)
+    if found is None:
+        raise FlightlogError(f"run {parent} has no complete checkpoint to resume from")
+    _src, row = found
+    r = _run.Run(project or prow["project"], name or prow["name"], home, None, parent_run_id=parent,
+                 kind="resume", sink=sink, flush_interval=flush_interval)
+    r.params.update(json.loads(prow["params"] or "{}"))
+    r.extra["parent_params"] = dict(r.params)
+    r.extra["resume_state"] = ResumeState(r, home, row)
+    r.start()
+    return r
+
+
+def recorded_arg(run, name: str, default: Any) -> Any:
+    """In a resumed run, ``fl.arg`` returns what the parent recorded."""
+    pp = run.extra.get("parent_params")
+    if pp is not None and name in pp:
+        v = pp[name]
+        if isinstance(default, tuple) and isinstance(v, list):
+            return tuple(v)
+        return v
+    return default
+
+
+# -- CLI -------------------------------------------------------------------------------------
+
+def configure_resume(p):
+    p.add_argument("run", help="the crashed or killed run (id, prefix or 'latest')")
+    p.add_argument("--store", default=None, help="store directory (default: $FLIGHTLOG_HOME or ./.flightlog)")
+    p.add_argument("command", nargs="+", help="the training command after --, e.g. -- python train.py")
+
+
+def run_resume(args) -> int:
+    from flightlog.query import db
+
+    cmd = [c for c in args.command]
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise FlightlogError("give the training command after --, e.g. flightlog resume RUN -- python train.py")
+    home = _config.store_home(args.store)
+    con = db.connect(home)
+    try:
+        parent = db.resolve_run(con, args.run)
+        status = con.execute("SELECT status FROM runs WHERE run_id = ?", [parent]).fetchall()[0][0]
+    finally:
+        con.close()
+    if status == "running":
+        raise FlightlogError(f"run {parent} is still running")
+    if status == "finished":
+        print(f"flightlog: note: run {parent} finished normally; resuming continues after its last checkpoint",
+              file=sys.stderr)
+    if last_checkpoint(home, parent) is None:
+        raise RunNotFound(f"run {parent} has no complete checkpoint to resume from")
+    env = dict(os.environ, **{ENV_RESUME: parent, _config.ENV_HOME: home})
+    print(f"flightlog: resuming {parent}: {' '.join(cmd)}", file=sys.stderr)
+    return subprocess.call(cmd, env=env)
