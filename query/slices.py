@@ -203,8 +203,8 @@ def _columns_of(X: Any) -> list[tuple[str, pa.Array]]:
         if not isinstance(X, pd.DataFrame):
             raise TypeError(f"unsupported pandas input {type(X).__name__}")
         out = []
-        for name in X.columns:
-            s = X[name]
+        for j, name in enumerate(X.columns):
+            s = X.iloc[:, j]
             try:
                 arr = pa.Array.from_pandas(s)
             except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
@@ -382,6 +382,22 @@ def _group_stats(sub: np.ndarray, w: np.ndarray, card: int, binary: bool):
     return ss, se, sm
 
 
+def _stats_at(sub: np.ndarray, w: np.ndarray, card: int, binary: bool, wanted: np.ndarray):
+    """(size, error sum, error max) of the codes in ``wanted`` among ``sub``.
+
+    Dense bincount when the code domain is small; otherwise compact the domain
+    to the wanted codes so huge cardinalities never allocate card-sized arrays.
+    """
+    if card <= max(4 * sub.shape[0], 1 << 16):
+        a, b, c = _group_stats(sub, w, card, binary)
+        return a[wanted], b[wanted], c[wanted]
+    uniq, inv = np.unique(wanted, return_inverse=True)
+    pos = np.minimum(np.searchsorted(uniq, sub), uniq.size - 1)
+    hit = uniq[pos] == sub
+    a, b, c = _group_stats(pos[hit], w[hit], uniq.size, binary)
+    return a[inv], b[inv], c[inv]
+
+
 def find(
     X: Any,
     errors: Any,
@@ -483,7 +499,7 @@ def find(
                 cb = cols[fb]
                 kb = kept1[offs[fb] : offs[fb + 1]]
                 # candidate grid: both parents kept, bound from min of parent stats
-                pa_i, pb_i = np.nonzero(ka[:, None] & kb[None, :])
+                pa_i, pb_i = (g.ravel() for g in np.meshgrid(np.flatnonzero(ka), np.flatnonzero(kb), indexing="ij"))
                 ga, gb = pa_i + offs[fa], pb_i + offs[fb]
                 ub_ss = np.minimum(ss1[ga], ss1[gb])
                 ub_se = np.minimum(se1[ga], se1[gb])
@@ -493,9 +509,8 @@ def find(
                     continue
                 pa_i, pb_i, ga, gb = pa_i[m], pb_i[m], ga[m], gb[m]
                 code = ca.codes.astype(np.int64) * cb.card + cb.codes
-                a, b, c = _group_stats(code, e, ca.card * cb.card, binary)
                 cell = pa_i * cb.card + pb_i
-                s_ss, s_se, s_sm = a[cell], b[cell], c[cell]
+                s_ss, s_se, s_sm = _stats_at(code, e, ca.card * cb.card, binary, cell)
                 keep = (s_ss >= sigma) & (s_se > 0)
                 if keep.any():
                     out_ids.append(np.stack([ga[keep], gb[keep]], axis=1))
@@ -542,7 +557,7 @@ def find(
         cand, par = cand[m], par[m]
         if cand.shape[0] == 0:
             break
-        c_ss, c_se, c_sm = _evaluate(cand, par[:, 0], prev_ids, prev_ss, cols, offs, feat_of, rows, e, binary)
+        c_ss, c_se, c_sm = _evaluate(cand, par[:, 0], prev_ids, cols, offs, feat_of, rows, e, binary)
         keep = (c_ss >= sigma) & (c_se > 0)
         top, (prev_ids, prev_ss, prev_se, prev_sm) = _finish_level(
             top, k, cand[keep], c_ss[keep], c_se[keep], c_sm[keep], sigma, n, ebar, alpha, D
@@ -597,35 +612,76 @@ def _join(prev: np.ndarray, feat_of: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return cand, np.stack([ci, cj], axis=1)
 
 
-def _evaluate(cand, parent, prev_ids, prev_ss, cols, offs, feat_of, rows: _Rows, e, binary):
-    """Exact stats of candidates, evaluated on the rows of their prefix parent only."""
+def _rows_of(p: np.ndarray, cols, offs, feat_of, rows: _Rows) -> np.ndarray:
+    """Ascending row indices of the slice with one-hot ids p: filter the smallest predicate's rows."""
+    pf = feat_of[p]
+    pv = p - offs[pf]
+    sizes = [rows.get(int(f), int(v)).shape[0] for f, v in zip(pf, pv)]
+    o = int(np.argmin(sizes))
+    r = rows.get(int(pf[o]), int(pv[o]))
+    for q in range(len(p)):
+        if q != o:
+            r = r[cols[pf[q]].codes[r] == pv[q]]
+    return r
+
+
+def _split(r: np.ndarray, col: _Column) -> tuple[np.ndarray, np.ndarray]:
+    """Partition rows r by col's code in one O(|r|) pass: (rows grouped by code, offsets)."""
+    sub = col.codes[r]
+    key = sub.astype(np.uint16) if col.card <= 65535 else sub
+    order = np.argsort(key, kind="stable")  # radix sort; keeps rows ascending per code
+    off = np.zeros(col.card + 1, dtype=np.int64)
+    np.cumsum(np.bincount(sub, minlength=col.card), out=off[1:])
+    return r[order], off
+
+
+def _evaluate(cand, parent, prev_ids, cols, offs, feat_of, rows: _Rows, e, binary):
+    """Exact stats of candidates, computed on the rows of their prefix parent only.
+
+    Parents sharing all but their last predicate reuse one pass over the shared
+    rows (split by the last feature), so cost follows slice sizes.
+    """
     c = cand.shape[0]
-    ss = np.zeros(c)
-    se = np.zeros(c)
-    sm = np.zeros(c)
+    ss, se, sm = np.zeros(c), np.zeros(c), np.zeros(c)
     last = cand[:, -1]
     lf = feat_of[last]
+    # candidate ranges per parent (candidates are ordered by parent)
     starts = np.flatnonzero(np.r_[True, parent[1:] != parent[:-1]])
     ends = np.append(starts[1:], c)
-    for s, t in zip(starts.tolist(), ends.tolist()):
-        p = prev_ids[parent[s]]
-        # rows of the parent: smallest one-hot row list, filtered by the other predicates
-        pf = feat_of[p]
-        pc_ = p - offs[pf]
-        sizes = [rows.get(int(f), int(v)).shape[0] for f, v in zip(pf, pc_)]
-        o = int(np.argmin(sizes))
-        r = rows.get(int(pf[o]), int(pc_[o]))
-        for q in range(len(p)):
-            if q != o:
-                r = r[cols[pf[q]].codes[r] == pc_[q]]
-        w = e[r]
-        seg_f = lf[s:t]
-        for f in np.unique(seg_f).tolist():
-            idx = s + np.flatnonzero(seg_f == f)
-            col = cols[f]
-            a, b, m = _group_stats(col.codes[r], w, col.card, binary)
-            code = last[idx] - offs[f]
-            ss[idx], se[idx], sm[idx] = a[code], b[code], m[code]
+    upar = parent[starts]
+    pids = prev_ids[upar]
+    # parents ordered lexicographically: those sharing a prefix are consecutive
+    if pids.shape[1] > 1:
+        qchange = np.r_[True, np.any(pids[1:, :-1] != pids[:-1, :-1], axis=1)]
+    else:
+        qchange = np.ones(len(upar), dtype=bool)
+    qstarts = np.flatnonzero(qchange)
+    qends = np.append(qstarts[1:], len(upar))
+    for qs, qe in zip(qstarts.tolist(), qends.tolist()):
+        group = pids[qs:qe]
+        w_ = group.shape[1]
+        rows_q = None if w_ == 1 else _rows_of(group[0, :-1], cols, offs, feat_of, rows)
+        lastf = feat_of[group[:, -1]]
+        split_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for gi in range(qe - qs):
+            fb = int(lastf[gi])
+            vb = int(group[gi, -1] - offs[fb])
+            if rows_q is None:
+                r = rows.get(fb, vb)
+            elif np.count_nonzero(lastf == fb) == 1:
+                r = rows_q[cols[fb].codes[rows_q] == vb]
+            else:
+                if fb not in split_cache:
+                    split_cache[fb] = _split(rows_q, cols[fb])
+                grouped, off = split_cache[fb]
+                r = grouped[off[vb] : off[vb + 1]]
+            s, t = int(starts[qs + gi]), int(ends[qs + gi])
+            w = e[r]
+            seg_f = lf[s:t]
+            for f in np.unique(seg_f).tolist():
+                idx = s + np.flatnonzero(seg_f == f)
+                col = cols[f]
+                ss[idx], se[idx], sm[idx] = _stats_at(col.codes[r], w, col.card, binary, last[idx] - offs[f])
     return ss, se, sm
 
 

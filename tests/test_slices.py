@@ -145,7 +145,7 @@ def _assert_matches(got: pa.Table, ref: list, df: pd.DataFrame, exact_ties: bool
 # ---------------------------------------------------------------------------
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32 - 1),
     n=st.integers(1, 160),
@@ -194,6 +194,35 @@ def test_find_exact_with_many_categories():
     got = find(df, e, k=10, min_support=8, max_level=3)
     ref = brute_force(df, e, 10, 0.95, 8, 3)
     _assert_matches(got, ref, df, exact_ties=True)
+
+
+def test_find_exact_with_huge_pair_domain():
+    """Two 300-category columns (pair domain > 65536 codes, compact counting path) match brute force."""
+    rng = np.random.default_rng(11)
+    n = 5000
+    df = pd.DataFrame(
+        {
+            "u": [f"u{v:03d}" for v in rng.integers(0, 300, n)],
+            "v": [f"v{v:03d}" for v in rng.integers(0, 300, n)],
+            "w": rng.integers(0, 3, n),
+        }
+    )
+    df.loc[:199, "u"], df.loc[:199, "v"] = "u000", "v000"
+    e = (rng.random(n) < np.where(np.arange(n) < 200, 0.7, 0.1)).astype(float)
+    got = find(df, e, k=6, min_support=3, max_level=3)
+    ref = brute_force(df, e, 6, 0.95, 3, 3)
+    _assert_matches(got, ref, df, exact_ties=True)
+    assert got.column("slice")[0].as_py() == "u = 'u000' AND v = 'v000'"
+
+
+def test_id_like_column_is_fast():
+    """A 200k-distinct id column never allocates dense pair grids and finishes quickly."""
+    rng = np.random.default_rng(0)
+    n = 200_000
+    df = pd.DataFrame({"id": np.arange(n).astype(str), "g": rng.integers(0, 5, n), "h": rng.integers(0, 4, n)})
+    e = (rng.random(n) < np.where(df["g"] == 1, 0.4, 0.1)).astype(float)
+    got = find(df, e, k=3)
+    assert got.column("slice")[0].as_py() == "g = 1"
 
 
 def test_all_zero_errors_returns_empty_table():
@@ -350,6 +379,17 @@ def test_pandas_categorical_bool_and_nullable_int():
     assert got.column("slice")[0].as_py() == "flag = True AND cnt = <missing>"
     ref = brute_force(df.astype(object).where(df.notna(), None), e, 3, 0.95, 10, 3)
     assert np.allclose(got.column("score").to_pylist(), [r[0] for r in ref])
+
+
+def test_duplicate_and_non_string_column_names():
+    """Duplicate or integer pandas column names are handled by position and rendered as text."""
+    n = 400
+    a = np.array(["x", "y"] * (n // 2), dtype=object)
+    df = pd.DataFrame([a, a]).T
+    df.columns = [0, 0]
+    e = (a == "x").astype(float)
+    got = find(df, e, k=2, max_level=1)
+    assert got.column("slice").to_pylist() == ["0 = 'x'", "0 = 'x'"]
 
 
 def test_polars_input_if_installed():
