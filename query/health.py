@@ -1,0 +1,723 @@
+"""Health checks: SQL files run against one run, each a pass/warn/fail with evidence rows.
+
+A check is one ``.sql`` file (``query/checks/`` ships the built-ins; users add
+a folder with ``--checks-dir`` or ``./flightlog_checks/``). Its header comment
+says what it is::
+
+    -- name: divergence
+    -- severity: error            (error -> the check fails, warn -> it warns)
+    -- description: a loss spikes far above its running minimum
+    -- param factor = 3.0 : what the threshold means
+    -- post: drift                (optional: a built-in Python post-step)
+
+The body is one read-only SELECT. Every row it returns is evidence of a
+problem; no rows means the check passes. Values come in as DuckDB named
+parameters, never by string formatting: ``$run_id`` (the run checked),
+``$run_ids`` (it and the runs it resumed from), ``$reference`` (the run given
+with ``--reference``, or ``''``) and one ``$<param>`` per header param, whose
+default the user overrides with ``--set <check>.<param>=VALUE``.
+
+Before the checks run, the engine builds ``metric_points`` once: the run's
+metrics summarised per point (an epoch when the metric has epochs, else one of
+~200 step buckets), so that a dozen metric checks over 10M rows cost one scan.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pyarrow as pa
+
+from flightlog._errors import QueryError
+
+BUILTIN_DIR = Path(__file__).parent / "checks"
+USER_DIR_NAME = "flightlog_checks"
+SEVERITIES = ("error", "warn")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_PARAM_LINE = re.compile(r"^param\s+([a-z][a-z0-9_]*)\s*=\s*(.+?)\s*(?::\s*(.*))?$")
+_PARAM_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+_RESERVED = {"run_id", "run_ids", "reference"}
+_BLOCK = 256  # steps per block of the metric pre-aggregation
+_POINTS = 200  # points per metric when it has no epochs
+
+
+# -- check files --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Check:
+    """One parsed check file."""
+
+    name: str
+    severity: str
+    description: str
+    sql: str
+    params: dict[str, Any]
+    param_help: dict[str, str]
+    post: str | None
+    path: str
+    builtin: bool
+
+
+def _parse_value(raw: str) -> Any:
+    raw = raw.strip()
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        return raw[1:-1]
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(raw)
+    except ValueError:
+        pass
+    try:
+        return float(raw)
+    except ValueError:
+        return raw
+
+
+def parse_check(text: str, path: str = "<string>", builtin: bool = False) -> Check:
+    """Parse a check file's header and body; QueryError says what is wrong."""
+    meta: dict[str, str] = {}
+    params: dict[str, Any] = {}
+    helps: dict[str, str] = {}
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines) and (lines[i].strip().startswith("--") or not lines[i].strip()):
+        line = lines[i].strip()[2:].strip() if lines[i].strip() else ""
+        i += 1
+        m = _PARAM_LINE.match(line)
+        if m:
+            params[m.group(1)] = _parse_value(m.group(2))
+            helps[m.group(1)] = (m.group(3) or "").strip()
+            continue
+        k, sep, v = line.partition(":")
+        if sep and k.strip() in ("name", "severity", "description", "post"):
+            meta[k.strip()] = v.strip()
+    body = "\n".join(lines[i:]).strip().rstrip(";").strip()
+    name = meta.get("name") or Path(path).stem
+    where = f"check file {path}"
+    if not _NAME.match(name):
+        raise QueryError(f"{where}: check name {name!r} must be lower_snake_case")
+    sev = meta.get("severity", "error")
+    if sev not in SEVERITIES:
+        raise QueryError(f"{where}: severity {sev!r} must be one of {', '.join(SEVERITIES)}")
+    if not body:
+        raise QueryError(f"{where}: no SQL after the header")
+    bad = set(params) & _RESERVED
+    if bad:
+        raise QueryError(f"{where}: param name(s) {', '.join(sorted(bad))} are reserved")
+    post = meta.get("post") or None
+    if post is not None and post not in _POST:
+        raise QueryError(f"{where}: unknown post-step {post!r} (known: {', '.join(_POST)})")
+    return Check(name, sev, meta.get("description", ""), body, params, helps, post, path, builtin)
+
+
+def _dirs(checks_dir: str | os.PathLike | Sequence | None) -> list[tuple[Path, bool]]:
+    out = [(BUILTIN_DIR, True)]
+    if checks_dir is None:
+        cwd_dir = Path.cwd() / USER_DIR_NAME
+        if cwd_dir.is_dir():
+            out.append((cwd_dir, False))
+        return out
+    dirs = [checks_dir] if isinstance(checks_dir, (str, os.PathLike)) else list(checks_dir)
+    for d in dirs:
+        p = Path(d)
+        if not p.is_dir():
+            raise QueryError(f"checks directory {p} does not exist")
+        out.append((p, False))
+    return out
+
+
+def load_checks(checks_dir: str | os.PathLike | Sequence | None = None) -> dict[str, Check]:
+    """Built-in checks plus the user's (a user check with a built-in's name replaces it)."""
+    checks: dict[str, Check] = {}
+    for d, builtin in _dirs(checks_dir):
+        for f in sorted(d.glob("*.sql")):
+            try:
+                text = f.read_text()
+            except OSError as e:
+                raise QueryError(f"cannot read check file {f}: {e}") from e
+            c = parse_check(text, str(f), builtin)
+            checks[c.name] = c
+    return checks
+
+
+def _coerce_override(check: Check, param: str, value: Any) -> Any:
+    default = check.params[param]
+    if not isinstance(value, str):
+        return value
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        raise QueryError(f"--set {check.name}.{param}: {value!r} is not a {type(default).__name__}") from None
+    return value
+
+
+def apply_overrides(checks: dict[str, Check], overrides: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Each check's params after ``check.param=value`` overrides; unknown names are an error."""
+    out = {name: dict(c.params) for name, c in checks.items()}
+    for key, value in (overrides or {}).items():
+        cname, dot, param = str(key).partition(".")
+        if not dot or cname not in checks:
+            raise QueryError(f"--set {key}: expected CHECK.PARAM with CHECK one of: {', '.join(sorted(checks))}")
+        c = checks[cname]
+        if param not in c.params:
+            known = ", ".join(sorted(c.params)) or "none"
+            raise QueryError(f"--set {key}: check {cname!r} has no param {param!r} (params: {known})")
+        out[cname][param] = _coerce_override(c, param, value)
+    return out
+
+
+# -- results ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """The outcome of one check: status is pass, warn, fail or error (the check itself broke)."""
+
+    name: str
+    severity: str
+    status: str
+    description: str
+    evidence: pa.Table
+    params: dict[str, Any]
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("pass", "warn")
+
+    def __repr__(self) -> str:
+        extra = f", {self.evidence.num_rows} evidence rows" if self.evidence.num_rows else ""
+        if self.error:
+            extra = f", error: {self.error}"
+        return f"<CheckResult {self.name}: {self.status}{extra}>"
+
+
+class HealthReport(list):
+    """The results of one ``health`` call, in check order; ``ok`` is False when any check failed."""
+
+    def __init__(self, results: Iterable[CheckResult], run_id: str, reference: str | None) -> None:
+        super().__init__(results)
+        self.run_id = run_id
+        self.reference = reference
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self)
+
+    def failed(self, level: str = "error") -> list[CheckResult]:
+        """Results that count as failures at ``level`` (``error``: fail/error; ``warn``: also warn)."""
+        bad = {"fail", "error"} | ({"warn"} if level == "warn" else set())
+        return [r for r in self if r.status in bad]
+
+    def __getitem__(self, key):  # report["divergence"] as well as report[0]
+        if isinstance(key, str):
+            for r in self:
+                if r.name == key:
+                    return r
+            raise KeyError(key)
+        return super().__getitem__(key)
+
+    def summary(self) -> dict[str, int]:
+        counts = {"pass": 0, "warn": 0, "fail": 0, "error": 0}
+        for r in self:
+            counts[r.status] += 1
+        return counts
+
+    def to_table(self) -> pa.Table:
+        """One row per check: name, severity, status, evidence row count, description."""
+        return pa.table({
+            "check": [r.name for r in self],
+            "severity": [r.severity for r in self],
+            "status": [r.status for r in self],
+            "evidence_rows": pa.array([r.evidence.num_rows for r in self], pa.int64()),
+            "description": [r.error or r.description for r in self],
+        })
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        head = (f"<HealthReport run={self.run_id} ok={self.ok}: {s['pass']} pass, {s['warn']} warn, "
+                f"{s['fail']} fail, {s['error']} error>")
+        lines = [head] + [f"  {r.status.upper():5} {r.name}"
+                          + (f" ({r.evidence.num_rows} rows)" if r.evidence.num_rows else "")
+                          + (f": {r.error}" if r.error else "") for r in self if r.status != "pass"]
+        return "\n".join(lines)
+
+
+# -- running --------------------------------------------------------------------------
+
+
+def _prepare_metric_points(con, run_ids: list[str]) -> None:
+    names = {f"r{i}": rid for i, rid in enumerate(run_ids)}
+    cond = " OR ".join(f"run_id = ${k}" for k in names)
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE metric_points AS
+        WITH b AS (
+            SELECT name, epoch, step // {_BLOCK} AS blk, count(*) AS n,
+                   count(*) FILTER (WHERE NOT isfinite(value)) AS n_bad,
+                   min(step) FILTER (WHERE NOT isfinite(value)) AS first_bad_step,
+                   sum(value) FILTER (WHERE isfinite(value)) AS s,
+                   count(*) FILTER (WHERE isfinite(value)) AS nf,
+                   min(value) FILTER (WHERE isfinite(value)) AS lo,
+                   max(value) FILTER (WHERE isfinite(value)) AS hi,
+                   arg_max(value, step) FILTER (WHERE isfinite(value)) AS last_v,
+                   min(step) AS first_step, max(step) AS last_step
+            FROM metrics WHERE ({cond}) AND value IS NOT NULL
+            GROUP BY name, epoch, blk
+        ), info AS (
+            SELECT name, bool_or(epoch IS NOT NULL) AS has_epoch, max(blk) AS max_blk FROM b GROUP BY name
+        ), p AS (
+            SELECT b.*, CASE WHEN i.has_epoch THEN b.epoch
+                             ELSE b.blk * {_POINTS} // (i.max_blk + 1) END AS point
+            FROM b JOIN info i ON i.name = b.name
+        )
+        SELECT name, point, min(epoch) AS epoch, CAST(sum(n) AS BIGINT) AS n, CAST(sum(n_bad) AS BIGINT) AS n_bad,
+               min(first_bad_step) AS first_bad_step,
+               sum(s) / nullif(sum(nf), 0) AS mean, min(lo) AS min, max(hi) AS max,
+               arg_max(last_v, last_step) AS last, min(first_step) AS first_step, max(last_step) AS last_step
+        FROM p GROUP BY name, point""", names)
+
+
+def _bind(sql: str, params: dict[str, Any]) -> dict[str, Any]:
+    used = set(_PARAM_REF.findall(sql))
+    missing = used - set(params)
+    if missing:
+        raise QueryError(f"unknown parameter(s) {', '.join('$' + m for m in sorted(missing))}")
+    return {k: v for k, v in params.items() if k in used}
+
+
+def _run_check(con, check: Check, params: dict[str, Any], base: dict[str, Any]) -> CheckResult:
+    import duckdb
+
+    from flightlog.query import db
+
+    t0 = time.perf_counter()
+    try:
+        db.check_read_only(con, check.sql)
+        binds = _bind(check.sql, {**base, **params})
+        table = db.sql_arrow(con, check.sql, binds)
+        if check.post:
+            table = _POST[check.post](table, params)
+    except (duckdb.Error, QueryError, ValueError, TypeError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return CheckResult(check.name, check.severity, "error", check.description, pa.table({}), params,
+                           error=msg, seconds=time.perf_counter() - t0)
+    status = "pass" if table.num_rows == 0 else ("fail" if check.severity == "error" else "warn")
+    return CheckResult(check.name, check.severity, status, check.description, table, params,
+                       seconds=time.perf_counter() - t0)
+
+
+def health(run: str = "latest", *, store: str | os.PathLike | None = None, checks: Sequence[str] | None = None,
+           params: dict[str, Any] | None = None, reference: str | None = None,
+           checks_dir: str | os.PathLike | Sequence | None = None) -> HealthReport:
+    """Run the health checks on ``run`` and return a :class:`HealthReport` (``.ok``, one result per check).
+
+    ``params`` overrides thresholds as ``{"divergence.factor": 5}``; ``reference``
+    is the run drift/schema compare against (default: the previous finished run
+    of the same project that called the same step).
+    """
+    from flightlog import _run
+    from flightlog.query import db
+
+    active = _run.ACTIVE
+    if active is not None:
+        try:
+            active.rec.flush()
+        except Exception:
+            pass
+        if store is None:
+            store = active.store
+    available = load_checks(checks_dir)
+    chosen = list(available) if not checks else list(dict.fromkeys(checks))
+    unknown = [c for c in chosen if c not in available]
+    if unknown:
+        raise QueryError(f"unknown check(s) {', '.join(unknown)}; known: {', '.join(sorted(available))}")
+    all_params = apply_overrides(available, params)
+    con = db.connect(store)
+    try:
+        rid = db.resolve_run(con, run)
+        ref = db.resolve_run(con, reference) if reference else ""
+        chain = db.run_chain(con, rid)
+        if any("metric_points" in available[c].sql for c in chosen):
+            _prepare_metric_points(con, chain)
+        base = {"run_id": rid, "run_ids": chain, "reference": ref}
+        results = [_run_check(con, available[c], all_params[c], base) for c in chosen]
+    finally:
+        con.close()
+    return HealthReport(results, rid, ref or None)
+
+
+# -- post-steps: drift and schema over io summaries -----------------------------------------
+#
+# Summaries are JSON written by @fl.step (docs/steps.md). They are read leniently: a
+# top-level {"columns": {name: stats}} (or a list of {"name": ...}), or one stats object for
+# an array-like value. Numeric stats: count, nulls, min, max, mean, histogram as
+# {"edges", "counts"} / {"bins", "counts"} / [[lo, hi, count], ...]. Categorical stats:
+# frequencies as a dict or [[value, count], ...] under top / values / frequencies / categories.
+
+_HIST_KEYS = ("histogram", "hist")
+_FREQ_KEYS = ("frequencies", "freq", "categories", "top", "top_values", "values", "value_counts")
+_EPS = 1e-4
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _hist(raw: Any) -> tuple[list[float], list[float]] | None:
+    if isinstance(raw, dict):
+        edges = raw.get("edges", raw.get("bins", raw.get("bin_edges")))
+        counts = raw.get("counts", raw.get("count", raw.get("freq")))
+        if isinstance(edges, list) and isinstance(counts, list) and len(edges) == len(counts) + 1:
+            e = [_num(x) for x in edges]
+            c = [_num(x) or 0.0 for x in counts]
+            if all(x is not None for x in e):
+                return e, c
+        return None
+    if isinstance(raw, list) and raw and all(isinstance(b, (list, tuple)) and len(b) == 3 for b in raw):
+        e = [_num(raw[0][0])] + [_num(b[1]) for b in raw]
+        if all(x is not None for x in e):
+            return e, [_num(b[2]) or 0.0 for b in raw]
+    return None
+
+
+def _freqs(stats: dict) -> dict[str, float] | None:
+    for k in _FREQ_KEYS:
+        raw = stats.get(k)
+        if isinstance(raw, dict) and raw:
+            return {str(a): _num(b) or 0.0 for a, b in raw.items()}
+        if isinstance(raw, list) and raw:
+            out = {}
+            for item in raw:
+                if isinstance(item, (list, tuple)) and len(item) == 2:
+                    out[str(item[0])] = _num(item[1]) or 0.0
+                elif isinstance(item, dict) and "value" in item:
+                    out[str(item["value"])] = _num(item.get("count", item.get("n"))) or 0.0
+            if out:
+                return out
+    return None
+
+
+def _columns(summary: Any) -> dict[str, dict]:
+    if isinstance(summary, str):
+        try:
+            summary = json.loads(summary)
+        except ValueError:
+            return {}
+    if not isinstance(summary, dict):
+        return {}
+    cols = summary.get("columns")
+    rows = _num(summary.get("rows", summary.get("n_rows", summary.get("length"))))
+    out: dict[str, dict] = {}
+    if isinstance(cols, dict):
+        items = [(str(k), v) for k, v in cols.items() if isinstance(v, dict)]
+    elif isinstance(cols, list):
+        items = [(str(c.get("name")), c) for c in cols if isinstance(c, dict) and c.get("name") is not None]
+    elif any(k in summary for k in ("min", "max", "mean") + _HIST_KEYS + _FREQ_KEYS):
+        items = [("", summary)]
+    else:
+        items = []
+    for name, st in items:
+        d = dict(st)
+        if rows is not None:
+            d.setdefault("_rows", rows)
+        out[name] = d
+    return out
+
+
+class _Profile:
+    """One column's statistics merged over several calls."""
+
+    def __init__(self) -> None:
+        self.dtype: str | None = None
+        self.count = 0.0
+        self.nulls = 0.0
+        self.rows = 0.0
+        self.min: float | None = None
+        self.max: float | None = None
+        self.hists: list[tuple[list[float], list[float]]] = []
+        self.freq: dict[str, float] | None = None
+        self.distinct = 0.0
+        self.complete = True  # frequencies cover every category
+
+    def add(self, st: dict) -> None:
+        dt = st.get("dtype", st.get("type"))
+        if dt is not None:
+            self.dtype = str(dt)
+        cnt = _num(st.get("count", st.get("n"))) or 0.0
+        nul = _num(st.get("nulls", st.get("null_count", st.get("missing")))) or 0.0
+        self.count += cnt
+        self.nulls += nul
+        # count and nulls describe the same (possibly sampled) values; rows is the fallback
+        self.rows += (cnt + nul) or _num(st.get("rows", st.get("_rows"))) or 0.0
+        for k, agg in (("min", min), ("max", max)):
+            v = _num(st.get(k))
+            if v is not None:
+                cur = getattr(self, k)
+                setattr(self, k, v if cur is None else agg(cur, v))
+        h = next((_hist(st[k]) for k in _HIST_KEYS if k in st), None)
+        if h:
+            self.hists.append(h)
+        f = _freqs(st)
+        if f is not None:
+            self.freq = self.freq or {}
+            for a, b in f.items():
+                self.freq[a] = self.freq.get(a, 0.0) + b
+            distinct = _num(st.get("distinct", st.get("n_distinct", st.get("unique"))))
+            if distinct is not None and distinct > len(f):
+                self.complete = False
+            self.distinct = max(self.distinct, distinct or len(f))
+
+    @property
+    def numeric(self) -> bool:
+        return self.min is not None or bool(self.hists)
+
+    @property
+    def null_rate(self) -> float:
+        return self.nulls / self.rows if self.rows else 0.0
+
+    def mass(self, edges: list[float]) -> list[float]:
+        """Histogram mass on ``edges`` (plus under/overflow bins), spreading each bin uniformly."""
+        out = [0.0] * (len(edges) + 1)
+        for e, c in self.hists:
+            for lo, hi, n in zip(e[:-1], e[1:], c):
+                if n <= 0:
+                    continue
+                if hi <= lo:  # a point mass
+                    out[_bin_of(edges, lo)] += n
+                    continue
+                for j in range(len(out)):
+                    a = -math.inf if j == 0 else edges[j - 1]
+                    b = math.inf if j == len(edges) else edges[j]
+                    ov = min(hi, b) - max(lo, a)
+                    if ov > 0:
+                        out[j] += n * ov / (hi - lo)
+        return out
+
+
+def _bin_of(edges: list[float], x: float) -> int:
+    import bisect
+
+    return bisect.bisect_right(edges, x) if x != edges[-1] else len(edges) - 1
+
+
+def _profiles(table: pa.Table) -> dict[tuple, dict[str, dict[str, _Profile]]]:
+    """(step, arg, reference_run) -> side -> column -> merged profile."""
+    out: dict[tuple, dict[str, dict[str, _Profile]]] = {}
+    for row in table.to_pylist():
+        key = (row["step"], row["arg"], row["reference_run"])
+        side = out.setdefault(key, {"current": {}, "reference": {}})[row["side"]]
+        for col, st in _columns(row["summary"]).items():
+            side.setdefault(col, _Profile()).add(st)
+    return out
+
+
+def _psi(p: Sequence[float], q: Sequence[float]) -> float:
+    sp, sq = sum(p), sum(q)
+    if sp <= 0 or sq <= 0:
+        return 0.0
+    total = 0.0
+    for a, b in zip(p, q):
+        a, b = max(a / sp, _EPS), max(b / sq, _EPS)
+        total += (a - b) * math.log(a / b)
+    return total
+
+
+def _ks(p: Sequence[float], q: Sequence[float]) -> float:
+    sp, sq = sum(p), sum(q)
+    if sp <= 0 or sq <= 0:
+        return 0.0
+    fa = fb = best = 0.0
+    for a, b in zip(p, q):
+        fa += a / sp
+        fb += b / sq
+        best = max(best, abs(fa - fb))
+    return best
+
+
+def _grid(ref: _Profile, cur: _Profile, bins: int = 20) -> list[float] | None:
+    lo = ref.min if ref.min is not None else min((h[0][0] for h in ref.hists), default=None)
+    hi = ref.max if ref.max is not None else max((h[0][-1] for h in ref.hists), default=None)
+    if lo is None or hi is None:
+        return None
+    if hi <= lo:
+        return [lo, lo]
+    return [lo + (hi - lo) * i / bins for i in range(bins + 1)]
+
+
+_DRIFT_SCHEMA = pa.schema([("step", pa.string()), ("arg", pa.string()), ("column", pa.string()),
+                           ("kind", pa.string()), ("psi", pa.float64()), ("ks", pa.float64()),
+                           ("reference_run", pa.string())])
+
+
+def _drift_post(table: pa.Table, params: dict[str, Any]) -> pa.Table:
+    """PSI (numeric and categorical) and KS (numeric) of each input column vs the reference."""
+    rows = []
+    for (step, arg, ref_run), sides in _profiles(table).items():
+        for col, cur in sides["current"].items():
+            ref = sides["reference"].get(col)
+            if ref is None:
+                continue
+            psi = ks = None
+            kind = "numeric"
+            if ref.hists and cur.hists:
+                edges = _grid(ref, cur)
+                if edges is not None:
+                    p, q = cur.mass(edges), ref.mass(edges)
+                    psi, ks = _psi(p, q), _ks(p, q)
+            elif ref.freq and cur.freq:
+                kind = "categorical"
+                cats = sorted(set(ref.freq) | set(cur.freq))
+                p = [cur.freq.get(c, 0.0) for c in cats]
+                q = [ref.freq.get(c, 0.0) for c in cats]
+                psi = _psi(p, q)
+            if psi is None:
+                continue
+            if psi > float(params.get("psi", 0.2)) or (ks is not None and ks > float(params.get("ks", 0.2))):
+                rows.append({"step": step, "arg": arg, "column": col, "kind": kind, "psi": round(psi, 4),
+                             "ks": None if ks is None else round(ks, 4), "reference_run": ref_run})
+    return pa.Table.from_pylist(rows, schema=_DRIFT_SCHEMA)
+
+
+_SCHEMA_SCHEMA = pa.schema([("step", pa.string()), ("arg", pa.string()), ("column", pa.string()),
+                            ("problem", pa.string()), ("reference", pa.string()), ("current", pa.string()),
+                            ("reference_run", pa.string())])
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _schema_post(table: pa.Table, params: dict[str, Any]) -> pa.Table:
+    """Compare each input's column profile with the one inferred from the reference run."""
+    tol = float(params.get("null_tolerance", 0.05))
+    margin = float(params.get("range_margin", 0.1))
+    min_share = float(params.get("min_share", 0.01))
+    rows = []
+    for (step, arg, ref_run), sides in _profiles(table).items():
+        cur_cols, ref_cols = sides["current"], sides["reference"]
+        if not ref_cols:
+            continue
+
+        def bad(col, problem, ref, cur):
+            rows.append({"step": step, "arg": arg, "column": col, "problem": problem,
+                         "reference": _fmt(ref), "current": _fmt(cur), "reference_run": ref_run})
+
+        for col in sorted(set(ref_cols) - set(cur_cols)):
+            bad(col, "missing column", "present", "absent")
+        for col in sorted(set(cur_cols) - set(ref_cols)):
+            bad(col, "unexpected column", "absent", "present")
+        for col in sorted(set(cur_cols) & set(ref_cols)):
+            c, r = cur_cols[col], ref_cols[col]
+            if c.dtype and r.dtype and c.dtype != r.dtype:
+                bad(col, "dtype changed", r.dtype, c.dtype)
+            if c.null_rate > r.null_rate + tol:
+                bad(col, "null rate", round(r.null_rate, 4), round(c.null_rate, 4))
+            if r.min is not None and r.max is not None and c.min is not None and c.max is not None:
+                span = max(r.max - r.min, abs(r.max) * 1e-9, 1e-12)
+                if c.min < r.min - margin * span or c.max > r.max + margin * span:
+                    bad(col, "out of range", f"[{r.min:.6g}, {r.max:.6g}]", f"[{c.min:.6g}, {c.max:.6g}]")
+            if r.freq is not None and c.freq is not None:
+                total = sum(r.freq.values()) or 1.0
+                if r.complete:
+                    new = sorted(k for k, v in c.freq.items() if v > 0 and k not in r.freq)
+                    if new:
+                        bad(col, "new categories", f"{len(r.freq)} known", ", ".join(new[:10]))
+                if c.complete:
+                    gone = sorted(k for k, v in r.freq.items() if v / total >= min_share and c.freq.get(k, 0) <= 0)
+                    if gone:
+                        bad(col, "missing categories", ", ".join(gone[:10]), "absent")
+    return pa.Table.from_pylist(rows, schema=_SCHEMA_SCHEMA)
+
+
+_POST = {"drift": _drift_post, "schema": _schema_post}
+
+
+# -- CLI ----------------------------------------------------------------------------------
+
+
+def _kv(text: str) -> tuple[str, str]:
+    k, eq, v = text.partition("=")
+    if not eq or not k.strip():
+        raise argparse.ArgumentTypeError(f"expected CHECK.PARAM=VALUE, got {text!r}")
+    return k.strip(), v.strip()
+
+
+def configure_health(p: argparse.ArgumentParser) -> None:
+    from flightlog._cli_core import add_store
+
+    p.add_argument("--run", default="latest", help="run id, unique prefix or 'latest' (default)")
+    add_store(p)
+    p.add_argument("--check", nargs="+", action="extend", default=None, metavar="NAME",
+                   help="only these checks (default: all)")
+    p.add_argument("--checks-dir", action="append", default=None, metavar="DIR",
+                   help="a folder of your own check files (default: ./flightlog_checks if present)")
+    p.add_argument("--set", dest="overrides", action="append", type=_kv, default=[], metavar="CHECK.PARAM=VALUE",
+                   help="override a threshold, e.g. --set divergence.factor=5")
+    p.add_argument("--reference", default=None, help="reference run for drift/schema "
+                   "(default: the previous finished run of the project that called the same step)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--fail-on", choices=("warn", "error"), default="error",
+                   help="exit 1 when a check fails (error, default) or also when one warns (warn)")
+    p.add_argument("--max-rows", type=int, default=10, help="evidence rows shown per check (0: all)")
+    p.add_argument("--list", action="store_true", help="list the checks and their params, run nothing")
+
+
+def _list_checks(checks_dir) -> int:
+    for c in load_checks(checks_dir).values():
+        src = "" if c.builtin else f"   [{c.path}]"
+        print(f"{c.name:<20} {c.severity:<5}  {c.description}{src}")
+        for k, v in c.params.items():
+            print(f"{'':<22}--set {c.name}.{k}={v!r}   {c.param_help.get(k, '')}")
+    return 0
+
+
+def run_health(args: argparse.Namespace) -> int:
+    from flightlog import _format
+
+    if args.list:
+        return _list_checks(args.checks_dir)
+    report = health(args.run, store=args.store, checks=args.check, params=dict(args.overrides),
+                    reference=args.reference, checks_dir=args.checks_dir)
+    limit = None if args.max_rows <= 0 else args.max_rows
+    if args.format == "json":
+        out = {"run_id": report.run_id, "reference": report.reference, "ok": not report.failed(args.fail_on),
+               "summary": report.summary(),
+               "checks": [{"name": r.name, "severity": r.severity, "status": r.status,
+                           "description": r.description, "params": r.params, "error": r.error,
+                           "evidence_rows": r.evidence.num_rows,
+                           "evidence": _format._clean_float(r.evidence.slice(0, limit).to_pylist()
+                                                            if limit else r.evidence.to_pylist())}
+                          for r in report]}
+        print(json.dumps(out, default=_format._json_default, indent=2))
+    else:
+        print(f"health of run {report.run_id}" + (f" (reference {report.reference})" if report.reference else ""))
+        for r in report:
+            print(f"{r.status.upper():5}  {r.name:<20} {r.error or r.description}")
+            if r.evidence.num_rows:
+                text = _format.text_table(r.evidence, max_rows=limit)
+                print("\n".join("       " + line for line in text.splitlines()))
+        s = report.summary()
+        print(f"{s['pass']} passed, {s['warn']} warned, {s['fail']} failed, {s['error']} could not run")
+    return 1 if report.failed(args.fail_on) else 0
