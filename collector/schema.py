@@ -36,6 +36,7 @@ RUNS = pa.schema(
         ("python_version", pa.string()),
         ("numpy_version", pa.string()),
         ("torch_version", pa.string()),
+        ("torch_threads", pa.int64()),  # replay uses the same count: float results depend on it
         ("params", pa.string()),  # JSON object of fl.arg values
         ("error_type", pa.string()),
         ("error_message", pa.string()),

@@ -189,7 +189,7 @@ class Checkpointer:
         self.cost_ms: float | None = None  # estimated cost of one checkpoint (copy + write)
         self.since_ms = 0.0  # loop time since the last checkpoint
         self.taken = 0
-        self._q: queue.Queue = queue.Queue(maxsize=2)
+        self._q: queue.Queue = queue.Queue(maxsize=3)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.last_write_ms: float | None = None
@@ -232,6 +232,7 @@ class Checkpointer:
             "objects": objs,
             "rng": rng_state(),
             "steps": dict(self.run.steps),
+            "inner_exit_steps": self.run.extra.get("inner_exit_steps"),
             "skipped": skipped,
         }
         return payload, skipped
@@ -241,8 +242,13 @@ class Checkpointer:
         payload, skipped = self.snapshot(loop_name, index)
         copy_ms = (time.perf_counter() - t0) * 1000.0
         self._ensure_thread()
+        item = (payload, loop_name, index, copy_ms, loop_ms, skipped)
         try:
-            self._q.put_nowait((payload, loop_name, index, copy_ms, loop_ms, skipped))
+            if self.every is not None:
+                # A fixed period is a promise: wait for the writer rather than skip.
+                self._q.put(item, timeout=600)
+            else:
+                self._q.put_nowait(item)
         except queue.Full:
             # The writer is behind: take fewer checkpoints rather than stall training.
             _warn.problem("checkpoint_skipped", "checkpoint writer is behind; skipped one checkpoint")

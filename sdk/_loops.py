@@ -77,6 +77,10 @@ def _record_loop(r, name: str, iterable: Iterable[T]) -> Iterator[T]:
     frames.append(frame)
     parent_ctx = r.ctx
     try:
+        if outer and resume_from is None and ckpt is not None:
+            # State before the first iteration: lets replay start at epoch 0 exactly
+            # even when the script does not seed its RNGs.
+            ckpt.take(name, -1, 0.0)
         it = iter(iterable)
         i = -1
         if resume_from is not None:
@@ -99,6 +103,8 @@ def _record_loop(r, name: str, iterable: Iterable[T]) -> Iterator[T]:
             frame.index = i
             frame.iter_start = time.perf_counter()
             r.ctx = context_tuple(frames)
+            if outer:
+                r.extra["inner_exit_steps"] = None
             yield item
             # iteration end (the body ran to completion)
             r.ctx = context_tuple(frames)
@@ -110,6 +116,10 @@ def _record_loop(r, name: str, iterable: Iterable[T]) -> Iterator[T]:
                     ckpt.on_iteration_end(r, name, i, time.perf_counter() - frame.iter_start)
                 _maybe_snapshot_again(r)
     finally:
+        if depth == 1 and r.extra.get("inner_exit_steps") is None:
+            # step counters where the first inner loop of this epoch ended: replay
+            # of epoch-level statements resumes counting from here
+            r.extra["inner_exit_steps"] = dict(r.steps)
         if frame.bar is not None:
             frame.bar.close()
         if frames and frames[-1] is frame:

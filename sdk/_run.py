@@ -88,6 +88,14 @@ def _versions() -> tuple[str, str | None, str | None]:
     return platform.python_version(), np_v, getattr(torch, "__version__", None)
 
 
+def _torch_threads() -> int | None:
+    torch = sys.modules.get("torch")
+    try:
+        return int(torch.get_num_threads()) if torch is not None else None
+    except Exception:
+        return None
+
+
 def _jsonable(v: Any) -> Any:
     try:
         json.dumps(v)
@@ -172,6 +180,7 @@ class Run:
             "python_version": py,
             "numpy_version": np_v,
             "torch_version": torch_v,
+            "torch_threads": _torch_threads(),
             "params": json.dumps(self.params, default=repr),
             "error_type": err[0] if err else None,
             "error_message": err[1] if err else None,
