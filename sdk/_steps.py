@@ -368,9 +368,8 @@ class _Call:
                             _payload(self.run, out, FULL_CAPTURE_LIMIT) if meta.capture == "full" else None)
                 if meta.capture == "full":
                     self.payloads = [_payload(self.run, v, FULL_CAPTURE_LIMIT) for _, v, _ in self.inputs]
-            self.inputs = [(k, None, info) for k, _, info in self.inputs]  # drop references to the values
             self._resolve_artifacts()
-            _enqueue(self)
+            _enqueue(self.run, self.pack())
         except Exception as e:
             _warn.problem("step_record_failed", f"could not record step {self.meta.name!r}: {e!r}")
 
@@ -392,26 +391,35 @@ class _Call:
             if self.meta.capture != "none" and isinstance(exc, Exception):
                 limit = FULL_CAPTURE_LIMIT if self.meta.capture == "full" else FAILURE_CAPTURE_LIMIT
                 self.payloads = [_payload(self.run, v, limit) for _, v, _ in self.inputs]
-            self.inputs = [(k, None, info) for k, _, info in self.inputs]
             self._resolve_artifacts()
-            _enqueue(self)
+            _enqueue(self.run, self.pack())
         except Exception as e:
             _warn.problem("step_record_failed", f"could not record failing step {self.meta.name!r}: {e!r}")
 
-    def rows(self) -> tuple[dict | None, list]:
-        """The ``spans`` row (None in remote mode) and the ``io`` rows of a finished call."""
-        r = self.run
-        span = None if r.extra.get("steps_collector") else span_row(self.span, r.writer, self)
+    def pack(self) -> tuple:
+        """The finished call as a tuple of plain values (strings, ints, untracked dicts).
+
+        Queued records must not keep GC-tracked objects (spans, the call) alive
+        until the next flush: that would make the garbage collector's full
+        passes run more often in the user's program.
+        """
+        sp = self.span
+        parent = sp.parent
+        meta = self.meta
+        err = span_row(sp, self.run.writer, None) if sp.status.status_code.name == "ERROR" else None
         io: list = []
-        if self.meta.capture != "none":
+        if meta.capture != "none":
             payloads = self.payloads or ()
+            t0 = self.t0
             for i, (k, _, info) in enumerate(self.inputs):
-                io.append(_io_row(self, "input", k, info, self.t0, payloads[i] if i < len(payloads) else None))
+                io.append(_io_tuple("input", k, info, t0, payloads[i] if i < len(payloads) else None))
             if self.out is not None:
                 info, t_end, payload = self.out
-                io.append(_io_row(self, "output", "return", info, t_end, payload))
-        io.extend(self.artifacts)
-        return span, io
+                io.append(_io_tuple("output", "return", info, t_end, payload))
+        epoch, batch, lctx = self.ctx
+        return (self.run.run_id, self.run.writer, meta.name, meta.attrs_json, sp.context.trace_id,
+                sp.context.span_id, parent.span_id if parent is not None else None, sp.start_time, sp.end_time,
+                epoch, batch, lctx, err, tuple(io), tuple(self.artifacts))
 
     def _resolve_artifacts(self) -> None:
         arts = self.artifacts
@@ -419,15 +427,14 @@ class _Call:
             self.artifacts = [a if type(a) is dict else _artifact_row(self.run, a, "output", self) for a in arts]
 
 
-def _enqueue(call: "_Call") -> None:
-    r = call.run
+def _enqueue(r, record: tuple) -> None:
     q = r.extra.get("steps_queue")
     if q is None:
         q = _setup_run(r)
     if r.finished:
         _warn.problem("span_without_run", "a step ended after its run finished; not recorded")
         return
-    q.append(call)
+    q.append(record)
 
 
 def _setup_run(r):
@@ -449,6 +456,7 @@ def _drain(r) -> int:
         return 0
     n = 0
     emit = r.rec.emit
+    remote = bool(r.extra.get("steps_collector"))
     while True:
         try:
             call = q.popleft()
@@ -456,14 +464,57 @@ def _drain(r) -> int:
             break
         n += 1
         try:
-            span, io = call.rows()
+            span, io = _rows(call, remote)
             if span is not None:
                 emit("spans", span)
             for row in io:
                 emit("io", row)
         except Exception as e:
-            _warn.problem("step_record_failed", f"could not record step {call.meta.name!r}: {e!r}")
+            _warn.problem("step_record_failed", f"could not record a step call: {e!r}")
     return n
+
+
+def _rows(record: tuple, remote: bool) -> tuple[dict | None, list]:
+    """``spans`` row (None in remote mode) and ``io`` rows of one packed call."""
+    (run_id, writer, name, attrs_json, trace_id, sid, parent, start, end, epoch, batch, lctx, err, io,
+     artifacts) = record
+    span_id = "%016x" % sid
+    span = None
+    if not remote:
+        if err is not None:
+            span = err
+        else:
+            if lctx is None:
+                attributes = attrs_json + "}"
+            else:
+                attributes = attrs_json + ',"flightlog.ctx":' + json.dumps(lctx)
+                if epoch is not None:
+                    attributes += ',"flightlog.epoch":%d' % epoch
+                if batch is not None:
+                    attributes += ',"flightlog.batch":%d' % batch
+                attributes += "}"
+            span = {
+                "run_id": run_id, "trace_id": "%032x" % trace_id, "span_id": span_id,
+                "parent_span_id": ("%016x" % parent) if parent is not None else None, "name": name,
+                "kind": "internal", "start_time": start // 1000, "end_time": end // 1000,
+                "duration_ms": (end - start) / 1e6, "status": "ok", "epoch": epoch, "batch": batch, "ctx": lctx,
+                "attributes": attributes, "service_name": _service_name(), "writer": writer,
+            }
+    rows = []
+    for direction, arg, fp, tname, nbytes, summary, shape, dtype, path, ref, t in io:
+        rows.append({"run_id": run_id, "span_id": span_id, "step_name": name, "direction": direction, "arg": arg,
+                     "fingerprint": fp, "type": tname, "shape": shape, "dtype": dtype, "bytes": nbytes,
+                     "summary": summary, "path": path, "payload": ref, "time": t})
+    rows.extend(artifacts)
+    return span, rows
+
+
+def _service_name() -> str | None:
+    svc = _SERVICE.get("name")
+    if svc is None:
+        res = getattr(_provider, "resource", None)
+        svc = _SERVICE["name"] = (res.attributes.get("service.name") if res is not None else None) or ""
+    return svc or None
 
 
 def flush() -> None:
@@ -506,7 +557,7 @@ def _payload(r, value: Any, limit: int) -> tuple[str | None, str | None]:
         return None, f"not stored: blob write failed ({type(e).__name__}: {str(e)[:200]})"
 
 
-def _io_row(call: _Call, direction: str, arg: str, info, t_us: int, payload) -> dict:
+def _io_tuple(direction: str, arg: str, info, t_us: int, payload) -> tuple:
     ref, note = payload if payload else (None, None)
     if type(info) is tuple:
         fp, tname, nbytes, summary = info
@@ -519,11 +570,7 @@ def _io_row(call: _Call, direction: str, arg: str, info, t_us: int, payload) -> 
         fp, tname, nbytes, shape, dtype, path = (info.fingerprint, info.type, info.nbytes, info.shape,
                                                  info.dtype, info.path)
         summary = _fpm.summary_json(info)
-    return {
-        "run_id": call.run.run_id, "span_id": call.span_id, "step_name": call.meta.name,
-        "direction": direction, "arg": str(arg), "fingerprint": fp, "type": tname, "shape": shape,
-        "dtype": dtype, "bytes": nbytes, "summary": summary, "path": path, "payload": ref, "time": t_us,
-    }
+    return (direction, str(arg), fp, tname, nbytes, summary, shape, dtype, path, ref, t_us)
 
 
 # -- the decorator ------------------------------------------------------------------------------
