@@ -41,7 +41,7 @@ BUILTIN_DIR = Path(__file__).parent / "checks"
 USER_DIR_NAME = "flightlog_checks"
 SEVERITIES = ("error", "warn")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-_PARAM_LINE = re.compile(r"^param\s+([a-z][a-z0-9_]*)\s*=\s*(.+?)\s*(?::\s*(.*))?$")
+_PARAM_LINE = re.compile(r"^param\s+([a-z][a-z0-9_]*)\s*=\s*('[^']*'|\"[^\"]*\"|[^\s:]+)\s*(?::\s*(.*))?$")
 _PARAM_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _RESERVED = {"run_id", "run_ids", "reference"}
 _BLOCK = 256  # steps per block of the metric pre-aggregation
@@ -98,6 +98,8 @@ def parse_check(text: str, path: str = "<string>", builtin: bool = False) -> Che
             params[m.group(1)] = _parse_value(m.group(2))
             helps[m.group(1)] = (m.group(3) or "").strip()
             continue
+        if line.startswith("param ") or line.startswith("param\t"):
+            raise QueryError(f"check file {path}: cannot read {line!r} (expected: param NAME = VALUE : help)")
         k, sep, v = line.partition(":")
         if sep and k.strip() in ("name", "severity", "description", "post"):
             meta[k.strip()] = v.strip()
@@ -612,7 +614,7 @@ def _fmt(v: Any) -> str:
 def _schema_post(table: pa.Table, params: dict[str, Any]) -> pa.Table:
     """Compare each input's column profile with the one inferred from the reference run."""
     tol = float(params.get("null_tolerance", 0.05))
-    margin = float(params.get("range_margin", 0.1))
+    margin = float(params.get("range_margin", 0.25))
     min_share = float(params.get("min_share", 0.01))
     rows = []
     for (step, arg, ref_run), sides in _profiles(table).items():

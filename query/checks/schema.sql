@@ -3,7 +3,7 @@
 -- description: a step's inputs break the schema inferred from the reference run: columns, dtypes, null rate, numeric range, categorical domain
 -- param max_calls = 50 : most recent calls per step and argument read from each run
 -- param null_tolerance = 0.05 : allowed rise of a column's null rate over the reference
--- param range_margin = 0.1 : allowed overshoot of the reference [min, max], as a fraction of its span
+-- param range_margin = 0.25 : allowed overshoot of the reference [min, max], as a fraction of its span
 -- param min_share = 0.01 : a reference category at least this frequent must still appear
 -- post: schema
 -- The SQL picks the summaries (this run's and the reference run's); a Python post-step merges the
