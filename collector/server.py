@@ -460,22 +460,34 @@ class ServerThread:
 
     def __init__(self, store: str | os.PathLike, token: str | None = None, host: str = "127.0.0.1",
                  port: int = 0, **app_kw: Any) -> None:
+        import socket
+
         import uvicorn
 
         self.app = create_app(store, token, **app_kw)
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="error",
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.host, self.port = host, port
+        self.url = f"http://{host}:{port}"
+        # uvicorn binds itself: handing it a pre-bound socket made every reply ~40 ms slower here
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="critical",
                                                      access_log=False, lifespan="off"))
-        self._server.install_signal_handlers = lambda: None  # uvicorn < 0.29
-        self._thread = threading.Thread(target=self._server.run, name="flightlog-collector", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="flightlog-collector", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 20
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the collector did not start")
+                self._server.should_exit = True
+                raise OSError(f"the collector could not listen on {host}:{port}")
             time.sleep(0.01)
-        sock = self._server.servers[0].sockets[0]
-        self.host, self.port = sock.getsockname()[:2]
-        self.url = f"http://{self.host}:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            self._server.run()
+        except SystemExit:  # uvicorn's start-up failure (port in use): the constructor reports it
+            pass
 
     def stop(self) -> None:
         self._server.should_exit = True
