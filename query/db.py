@@ -219,6 +219,8 @@ def register_view(fn) -> Any:
 
 
 def _extra_views(con) -> None:
+    import flightlog.query.lineage  # noqa: F401  (registers the lineage_edges view)
+
     for fn in _EXTRA_VIEWS:
         try:
             fn(con)

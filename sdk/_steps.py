@@ -318,7 +318,7 @@ class _Call:
     """State of one step call between its start and its end."""
 
     __slots__ = ("meta", "run", "span", "token", "ctoken", "inputs", "t0", "artifacts", "span_id", "ctx",
-                 "out", "payloads")
+                 "out", "payloads", "parts")
 
     def __init__(self, meta: _Meta, r, args: tuple, kwargs: dict) -> None:
         self.meta = meta
@@ -326,14 +326,19 @@ class _Call:
         self.artifacts: list = []
         self.inputs: list = []
         self.out = None
+        self.parts: list = []
         self.payloads: list | None = None
         self.t0 = _time_ns() // 1000
         if meta.capture != "none":
             skip = meta.skip_first
             inputs = self.inputs
             for k, v in (meta.bind(args, kwargs) if kwargs or len(args) > len(meta.pos) else zip(meta.pos, args)):
-                inputs.append((k, v, _scalar_row(v) if type(v) in _SCALAR_TYPES and not skip
-                               else _describe_value(v, meta.capture, skip)))
+                if type(v) in _SCALAR_TYPES and not skip:
+                    inputs.append((k, v, _scalar_row(v)))
+                else:
+                    inputs.append((k, v, _describe_value(v, meta.capture, skip)))
+                    if type(v) in _EXPAND_TYPES:
+                        self.parts.extend(_parts("input", k, v, meta.capture, self.t0))
                 skip = False
         attrs = meta.attrs.copy()
         attrs["flightlog.run_id"] = r.run_id
@@ -364,8 +369,11 @@ class _Call:
             self._detach()
             meta = self.meta
             if meta.capture != "none":
-                self.out = (_describe_value(out, meta.capture), _time_ns() // 1000,
+                t_end = _time_ns() // 1000
+                self.out = (_describe_value(out, meta.capture), t_end,
                             _payload(self.run, out, FULL_CAPTURE_LIMIT) if meta.capture == "full" else None)
+                if type(out) in _EXPAND_TYPES:
+                    self.parts.extend(_parts("output", "return", out, meta.capture, t_end))
                 if meta.capture == "full":
                     self.payloads = [_payload(self.run, v, FULL_CAPTURE_LIMIT) for _, v, _ in self.inputs]
             self._resolve_artifacts()
@@ -416,6 +424,8 @@ class _Call:
             if self.out is not None:
                 info, t_end, payload = self.out
                 io.append(_io_tuple("output", "return", info, t_end, payload))
+            for direction, arg, info, t in self.parts:
+                io.append(_io_tuple(direction, arg, info, t, None))
         epoch, batch, lctx = self.ctx
         return (self.run.run_id, self.run.writer, meta.name, meta.attrs_json, sp.context.trace_id,
                 sp.context.span_id, parent.span_id if parent is not None else None, sp.start_time, sp.end_time,
@@ -523,6 +533,24 @@ def flush() -> None:
     if r is not None:
         _drain(r)
         r.rec.flush()
+
+
+_EXPAND_TYPES = (list, tuple, dict)
+MAX_PARTS = 16  # items of a returned/passed list, tuple or dict that also get their own io row
+
+
+def _parts(direction: str, name: str, v, capture: str, t: int) -> list:
+    """Rows for the items of a small list/tuple/dict, so that unpacking a returned tuple keeps lineage."""
+    try:
+        if len(v) > MAX_PARTS:
+            return []
+        if type(v) is dict:
+            items = [(f"{name}.{k}", x) for k, x in v.items() if type(k) is str]
+        else:
+            items = [(f"{name}[{i}]", x) for i, x in enumerate(v)]
+        return [(direction, k, _describe_value(x, capture), t) for k, x in items if type(x) not in _SCALAR_TYPES]
+    except Exception:
+        return []
 
 
 def _describe_value(v: Any, capture: str, skip: bool = False):

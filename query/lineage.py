@@ -1,0 +1,464 @@
+"""Lineage over ``io`` fingerprints, and the ``lineage`` / ``history`` commands.
+
+An output fingerprint of one step call that appears as an input of a later
+call is an edge, across runs and processes (a file written by one script and
+read by another has the same content hash). The ``lineage_edges`` view holds
+every such edge. Values whose equality says nothing about provenance
+(``None``, booleans, numbers, strings under 64 bytes) never make an edge.
+
+``flightlog lineage`` walks the edges level by level, one SQL query per level
+over an in-memory copy of the fingerprinted ``io`` rows. When several calls
+produced the same value, the upstream walk follows one: a producer in the
+consumer's own run if there is one, else the run that produced it most
+recently before use; within that run the first producer (the innermost of
+nested steps that return the same value). The others are counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from flightlog._errors import QueryError
+from flightlog.query import db
+
+TRIVIAL_TYPES = ("NoneType", "bool", "int", "float", "complex")
+_TRIVIAL_SQL = ("({t}.type IS NULL OR {t}.type NOT IN ('NoneType', 'bool', 'int', 'float', 'complex')) "
+                "AND NOT ({t}.type = 'str' AND coalesce({t}.bytes, 0) < 64)")
+MAX_FANOUT = 50  # consumers shown per output in a downstream tree
+
+
+def _meaningful(alias: str) -> str:
+    return _TRIVIAL_SQL.format(t=alias)
+
+
+@db.register_view
+def lineage_edges_view(con) -> None:
+    """``lineage_edges``: producer call → consumer call through one fingerprint."""
+    con.execute(f"""
+        CREATE OR REPLACE VIEW lineage_edges AS
+        SELECT o.fingerprint, o.type, o.shape, coalesce(i.path, o.path) AS path,
+               o.run_id AS src_run_id, o.span_id AS src_span_id, o.step_name AS src_step, o.arg AS src_arg,
+               o.time AS produced_at,
+               i.run_id AS dst_run_id, i.span_id AS dst_span_id, i.step_name AS dst_step, i.arg AS dst_arg,
+               i.time AS consumed_at
+        FROM io o JOIN io i ON o.fingerprint = i.fingerprint
+        WHERE o.direction = 'output' AND i.direction = 'input'
+          AND o.span_id IS NOT NULL AND i.span_id IS NOT NULL AND o.span_id <> i.span_id
+          AND o.time <= i.time AND {_meaningful('o')}""")
+
+
+# -- the walk -------------------------------------------------------------------------------
+
+def _prepare(con) -> None:
+    con.execute("""CREATE OR REPLACE TEMP TABLE _fl_lio AS
+                   SELECT run_id, span_id, step_name, direction, arg, fingerprint, type, shape, bytes, path, time
+                   FROM io WHERE fingerprint IS NOT NULL OR path IS NOT NULL""")
+
+
+def _rows(con, sql: str, params: list) -> list[dict]:
+    return db.sql_arrow(con, sql, params).to_pylist()
+
+
+def resolve_target(con, target: str) -> dict:
+    """What ``target`` names: ``{"kind": "call", "span_id"}`` or ``{"kind": "data", "fingerprint", "path"}``."""
+    if not isinstance(target, str) or not target.strip():
+        raise QueryError("lineage needs a span id, a fingerprint or a file path")
+    target = target.strip()
+    if os.path.isfile(target):
+        from flightlog import _fingerprint
+
+        path = os.path.abspath(target)
+        fp = _fingerprint.file_info(path).fingerprint
+        hit = _rows(con, "SELECT 1 FROM _fl_lio WHERE fingerprint = ? LIMIT 1", [fp])
+        if not hit:  # the file changed since: its newest recorded version
+            rows = _rows(con, "SELECT fingerprint FROM _fl_lio WHERE path = ? AND fingerprint IS NOT NULL "
+                              "ORDER BY time DESC LIMIT 1", [path])
+            if not rows:
+                raise QueryError(f"no step read or wrote {path} (its content is not in the store either)")
+            fp = rows[0]["fingerprint"]
+        return {"kind": "data", "fingerprint": fp, "path": path}
+    low = target.lower()
+    if all(c in "0123456789abcdef" for c in low) and len(low) >= 4:
+        spans = _rows(con, "SELECT DISTINCT span_id FROM _fl_lio WHERE starts_with(span_id, ?) LIMIT 6", [low])
+        if not spans:
+            spans = _rows(con, "SELECT DISTINCT span_id FROM spans WHERE starts_with(span_id, ?) LIMIT 6", [low])
+        if len(spans) == 1:
+            return {"kind": "call", "span_id": spans[0]["span_id"]}
+        if len(spans) > 1:
+            raise QueryError(f"span id prefix {target!r} is ambiguous: "
+                             + ", ".join(r["span_id"] for r in spans[:5]))
+        fps = _rows(con, "SELECT DISTINCT fingerprint FROM _fl_lio WHERE starts_with(fingerprint, ?) LIMIT 6", [low])
+        if len(fps) == 1:
+            return {"kind": "data", "fingerprint": fps[0]["fingerprint"], "path": None}
+        if len(fps) > 1:
+            raise QueryError(f"fingerprint prefix {target!r} is ambiguous: "
+                             + ", ".join(r["fingerprint"][:16] for r in fps[:5]))
+    path = os.path.abspath(target)
+    rows = _rows(con, "SELECT fingerprint FROM _fl_lio WHERE path = ? AND fingerprint IS NOT NULL "
+                      "ORDER BY time DESC LIMIT 1", [path])
+    if rows:  # a recorded file that no longer exists
+        return {"kind": "data", "fingerprint": rows[0]["fingerprint"], "path": path}
+    raise QueryError(f"nothing matches {target!r}: not a recorded step call (span id), fingerprint or file")
+
+
+_UP_SQL = f"""
+WITH f AS (
+    SELECT i.span_id AS consumer, i.run_id AS crun, i.arg, i.fingerprint, i.type, i.shape, i.path,
+           i.time AS used, {_meaningful('i')} AS linkable
+    FROM _fl_lio i WHERE i.direction = 'input' AND list_contains(?, i.span_id)),
+cand AS (
+    SELECT f.*, o.span_id AS producer, o.run_id AS prun, o.step_name AS pstep, o.arg AS parg, o.time AS produced,
+           max(o.time) OVER (PARTITION BY f.consumer, f.arg, o.run_id) AS run_last,
+           count(o.span_id) OVER (PARTITION BY f.consumer, f.arg) AS n_producers
+    FROM f LEFT JOIN _fl_lio o
+      ON f.linkable AND o.fingerprint = f.fingerprint AND o.direction = 'output' AND o.span_id IS NOT NULL
+         AND o.span_id <> f.consumer AND o.time <= f.used)
+SELECT * EXCLUDE (linkable, run_last) FROM cand
+QUALIFY row_number() OVER (PARTITION BY consumer, arg, fingerprint
+                           ORDER BY (prun = crun) DESC NULLS LAST, run_last DESC NULLS LAST,
+                                    produced ASC NULLS LAST) = 1
+ORDER BY consumer, used, arg
+"""
+
+_DOWN_SQL = f"""
+WITH f AS (
+    SELECT o.span_id AS producer, o.run_id AS prun, o.arg, o.fingerprint, o.type, o.shape, o.path,
+           o.time AS produced, {_meaningful('o')} AS linkable
+    FROM _fl_lio o WHERE o.direction = 'output' AND list_contains(?, o.span_id)),
+cand AS (
+    SELECT f.*, i.span_id AS consumer, i.run_id AS crun, i.step_name AS cstep, i.arg AS carg, i.time AS used,
+           row_number() OVER (PARTITION BY f.producer, f.arg, f.fingerprint ORDER BY i.time) AS k,
+           count(i.span_id) OVER (PARTITION BY f.producer, f.arg, f.fingerprint) AS n_consumers
+    FROM f LEFT JOIN _fl_lio i
+      ON f.linkable AND i.fingerprint = f.fingerprint AND i.direction = 'input' AND i.span_id IS NOT NULL
+         AND i.span_id <> f.producer AND i.time >= f.produced)
+SELECT * EXCLUDE (linkable) FROM cand WHERE k <= {MAX_FANOUT} ORDER BY producer, produced, arg, used
+"""
+
+
+def _calls_info(con, span_ids: list[str]) -> dict[str, dict]:
+    if not span_ids:
+        return {}
+    rows = _rows(con, "SELECT span_id, name, run_id, start_time, duration_ms, status, error_type FROM spans "
+                      "WHERE list_contains(?, span_id)", [span_ids])
+    out = {r["span_id"]: r for r in rows}
+    missing = [s for s in span_ids if s not in out]
+    if missing:  # spans not (yet) in the store: names from io
+        for r in _rows(con, "SELECT span_id, any_value(step_name) AS name, any_value(run_id) AS run_id, "
+                            "min(time) AS start_time FROM _fl_lio WHERE list_contains(?, span_id) GROUP BY 1",
+                       [missing]):
+            out[r["span_id"]] = dict(r, duration_ms=None, status=None, error_type=None)
+    return out
+
+
+def _call_node(span_id: str) -> dict:
+    return {"kind": "call", "span_id": span_id, "edges": []}
+
+
+def lineage(con, target: str, direction: str = "up", depth: int = 20) -> dict:
+    """The lineage tree of ``target`` (span id, fingerprint or file path) as nested dicts."""
+    if direction not in ("up", "down"):
+        raise QueryError("direction must be 'up' or 'down'")
+    if depth < 1:
+        raise QueryError("--depth must be at least 1")
+    _prepare(con)
+    t = resolve_target(con, target)
+    seen: dict[str, dict] = {}
+    if t["kind"] == "call":
+        root = _call_node(t["span_id"])
+        frontier = [root]
+        seen[root["span_id"]] = root
+        level = 0
+    else:
+        meta = _rows(con, "SELECT type, shape, path FROM _fl_lio WHERE fingerprint = ? ORDER BY time DESC LIMIT 1",
+                     [t["fingerprint"]])
+        m = meta[0] if meta else {}
+        root = {"kind": "data", "fingerprint": t["fingerprint"], "path": t.get("path") or m.get("path"),
+                "type": m.get("type"), "shape": m.get("shape"), "calls": []}
+        io_dir = "output" if direction == "up" else "input"
+        rows = _rows(con, f"SELECT span_id, min(time) AS t FROM _fl_lio WHERE fingerprint = ? AND direction = ? "
+                          f"AND span_id IS NOT NULL GROUP BY 1 ORDER BY t {'DESC' if direction == 'up' else ''} "
+                          f"LIMIT {MAX_FANOUT}", [t["fingerprint"], io_dir])
+        if direction == "up":
+            rows = rows[:1]  # the latest producer, like the upstream walk
+        frontier = []
+        for r in rows:
+            node = _call_node(r["span_id"])
+            seen[r["span_id"]] = node
+            root["calls"].append(node)
+            frontier.append(node)
+        level = 1
+    while frontier and level < depth + (0 if t["kind"] == "call" else 1):
+        ids = [n["span_id"] for n in frontier]
+        by_id = {n["span_id"]: n for n in frontier}
+        nxt: list[dict] = []
+        if direction == "up":
+            for r in _rows(con, _UP_SQL, [ids]):
+                edge = {"arg": r["arg"], "fingerprint": r["fingerprint"], "type": r["type"], "shape": r["shape"],
+                        "path": r["path"], "others": max(0, (r["n_producers"] or 0) - 1), "call": None}
+                if r["producer"] is not None:
+                    child = seen.get(r["producer"])
+                    if child is None:
+                        child = seen[r["producer"]] = _call_node(r["producer"])
+                        nxt.append(child)
+                        edge["call"] = child
+                    else:
+                        edge["call"] = {"kind": "ref", "span_id": r["producer"]}
+                by_id[r["consumer"]]["edges"].append(edge)
+        else:
+            for r in _rows(con, _DOWN_SQL, [ids]):
+                node = by_id[r["producer"]]
+                key = (r["arg"], r["fingerprint"])
+                edge = next((e for e in node["edges"] if (e["arg"], e["fingerprint"]) == key), None)
+                if edge is None:
+                    edge = {"arg": r["arg"], "fingerprint": r["fingerprint"], "type": r["type"], "shape": r["shape"],
+                            "path": r["path"], "consumers": [],
+                            "others": max(0, (r["n_consumers"] or 0) - MAX_FANOUT)}
+                    node["edges"].append(edge)
+                if r["consumer"] is not None:
+                    child = seen.get(r["consumer"])
+                    if child is None:
+                        child = seen[r["consumer"]] = _call_node(r["consumer"])
+                        nxt.append(child)
+                        edge["consumers"].append(child)
+                    else:
+                        edge["consumers"].append({"kind": "ref", "span_id": r["consumer"]})
+        frontier = nxt
+        level += 1
+    for n in frontier:
+        n["truncated"] = True
+    info = _calls_info(con, list(seen))
+    for sid, node in seen.items():
+        i = info.get(sid, {})
+        node.update(step=i.get("name"), run_id=i.get("run_id"), start_time=i.get("start_time"),
+                    duration_ms=i.get("duration_ms"), status=i.get("status"), error_type=i.get("error_type"))
+    root["direction"] = direction
+    return root
+
+
+def tree_depth(node: dict) -> int:
+    """Levels of calls in a lineage tree (for tests and the benchmark)."""
+    kids: list = []
+    if node.get("kind") == "data":
+        kids = node.get("calls", [])
+        return max((tree_depth(k) for k in kids), default=0)
+    for e in node.get("edges", []):
+        if e.get("call"):
+            kids.append(e["call"])
+        kids.extend(e.get("consumers", []))
+    kids = [k for k in kids if k.get("kind") == "call"]
+    return 1 + max((tree_depth(k) for k in kids), default=0)
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+def _fmt_time(v: Any) -> str:
+    return v.strftime("%Y-%m-%d %H:%M:%S") if v is not None and hasattr(v, "strftime") else "-"
+
+
+def _call_label(n: dict) -> str:
+    if n.get("kind") == "ref":
+        return f"(call {n['span_id'][:12]}, shown above)"
+    status = n.get("status") or "?"
+    if n.get("error_type"):
+        status += f" {n['error_type']}"
+    dur = f"{n['duration_ms']:.1f} ms" if n.get("duration_ms") is not None else "-"
+    return (f"{n.get('step') or '?'}  [span {n['span_id'][:12]}  run {n.get('run_id') or '?'}  "
+            f"{_fmt_time(n.get('start_time'))}  {dur}  {status}]" + ("  …" if n.get("truncated") else ""))
+
+
+def _data_label(e: dict) -> str:
+    bits = [e.get("type") or "?"]
+    if e.get("shape"):
+        bits.append(e["shape"])
+    fp = (e.get("fingerprint") or "-")[:12]
+    s = f"fp {fp} {' '.join(bits)}"
+    if e.get("path"):
+        s = f"file {e['path']}  ({s})"
+    return s
+
+
+def render(tree: dict) -> str:
+    """The tree as indented text."""
+    lines: list[str] = []
+    up = tree.get("direction", "up") == "up"
+
+    def walk_call(n: dict, prefix: str) -> None:
+        edges = n.get("edges", [])
+        for k, e in enumerate(edges):
+            last = k == len(edges) - 1
+            branch, cont = ("└── ", "    ") if last else ("├── ", "│   ")
+            if up:
+                src = e.get("call")
+                more = f"  (+{e['others']} other producer{'s' if e['others'] != 1 else ''})" if e.get("others") else ""
+                if src is None:
+                    lines.append(f"{prefix}{branch}{e['arg']}: {_data_label(e)}  ← no recorded producer")
+                else:
+                    lines.append(f"{prefix}{branch}{e['arg']}: {_data_label(e)}{more}")
+                    lines.append(f"{prefix}{cont}└── ← {_call_label(src)}")
+                    if src.get("kind") == "call":
+                        walk_call(src, prefix + cont + "    ")
+            else:
+                cons = e.get("consumers", [])
+                more = f"  (+{e['others']} more consumers)" if e.get("others") else ""
+                lines.append(f"{prefix}{branch}{e['arg']}: {_data_label(e)}{more}"
+                             + ("" if cons else "  → not used by a recorded step"))
+                for j, c in enumerate(cons):
+                    b2 = "└── " if j == len(cons) - 1 else "├── "
+                    c2 = "    " if j == len(cons) - 1 else "│   "
+                    lines.append(f"{prefix}{cont}{b2}→ {_call_label(c)}")
+                    if c.get("kind") == "call":
+                        walk_call(c, prefix + cont + c2)
+
+    if tree.get("kind") == "data":
+        lines.append(_data_label(tree))
+        calls = tree.get("calls", [])
+        if not calls:
+            lines.append("└── (no recorded step " + ("produced" if up else "used") + " it)")
+        for j, c in enumerate(calls):
+            last = j == len(calls) - 1
+            lines.append(("└── " if last else "├── ") + ("← " if up else "→ ") + _call_label(c))
+            walk_call(c, "    " if last else "│   ")
+    else:
+        lines.append(_call_label(tree))
+        walk_call(tree, "")
+    return "\n".join(lines)
+
+
+def _jsonable(tree: dict) -> Any:
+    def conv(v):
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        if hasattr(v, "isoformat"):
+            return v.isoformat()
+        return v
+    return conv(tree)
+
+
+# -- history -----------------------------------------------------------------------------------
+
+_HISTORY_SQL = f"""
+WITH calls AS (
+    SELECT span_id, run_id, start_time, duration_ms, status, error_type FROM spans WHERE name = ?
+    ORDER BY start_time DESC LIMIT ?),
+io_c AS (SELECT i.* FROM io i JOIN calls c USING (span_id)),
+ins AS (
+    SELECT i.span_id, i.arg, i.fingerprint, i.path, i.time AS used, i.step_name,
+           try_cast(json_extract_string(i.summary, '$.mtime') AS TIMESTAMPTZ) AS mtime
+    FROM io_c i WHERE i.direction = 'input' AND i.fingerprint IS NOT NULL AND {_meaningful('i')}),
+prod AS (
+    SELECT ins.span_id, ins.arg, ins.fingerprint, max(o.time) AS produced,
+           arg_max(o.step_name, o.time) AS pstep, arg_max(o.arg, o.time) AS parg
+    FROM ins JOIN io o ON o.fingerprint = ins.fingerprint AND o.direction = 'output' AND o.time <= ins.used
+                          AND o.span_id IS NOT NULL AND o.span_id <> ins.span_id
+    GROUP BY ALL),
+ver AS (
+    SELECT ins.*, prod.produced AS produced_by_step, prod.pstep, prod.parg,
+           coalesce(prod.produced, ins.mtime) AS produced
+    FROM ins LEFT JOIN prod USING (span_id, arg, fingerprint)),
+flags AS (
+    SELECT v.span_id, v.arg,
+           CASE WHEN v.produced IS NOT NULL
+                     AND epoch(v.used) - epoch(v.produced) > ? * 86400
+                THEN format('{{}} is {{:.1f}} d old', v.arg, (epoch(v.used) - epoch(v.produced)) / 86400) END AS old,
+           (SELECT min(n.time) FROM io n
+             WHERE n.fingerprint IS DISTINCT FROM v.fingerprint AND n.fingerprint IS NOT NULL
+               AND n.time > coalesce(v.produced, v.used)
+               AND ((v.path IS NOT NULL AND n.path = v.path)
+                    OR (v.pstep IS NOT NULL AND n.direction = 'output' AND n.step_name = v.pstep
+                        AND n.arg = v.parg))) AS newer_at
+    FROM ver v),
+flag_txt AS (
+    SELECT span_id,
+           string_agg(concat_ws('; ', old,
+                      CASE WHEN newer_at IS NOT NULL
+                           THEN format('newer {{}} since {{}}', arg, strftime(newer_at, '%Y-%m-%d %H:%M')) END),
+                      '; ') FILTER (WHERE old IS NOT NULL OR newer_at IS NOT NULL) AS stale
+    FROM flags GROUP BY span_id),
+sig AS (
+    SELECT span_id,
+           string_agg(arg || '=' || coalesce(left(fingerprint, 10), '?'), ', ' ORDER BY time, arg)
+             FILTER (WHERE direction = 'input') AS inputs,
+           string_agg(CASE WHEN arg = 'return' THEN '' ELSE arg || '=' END || coalesce(left(fingerprint, 10), '?'),
+                      ', ' ORDER BY time, arg) FILTER (WHERE direction = 'output') AS outputs
+    FROM io_c GROUP BY span_id)
+SELECT c.start_time, c.run_id, c.span_id, c.status, round(c.duration_ms, 2) AS duration_ms,
+       sig.inputs, sig.outputs, nullif(flag_txt.stale, '') AS stale
+FROM calls c LEFT JOIN sig USING (span_id) LEFT JOIN flag_txt USING (span_id)
+ORDER BY c.start_time DESC
+"""
+
+
+def history(con, step: str, stale_days: float = 7.0, limit: int = 100):
+    """A step's calls, newest first, with input/output fingerprints and staleness flags (Arrow table)."""
+    if not isinstance(step, str) or not step:
+        raise QueryError("history needs a step name")
+    n = db.sql_arrow(con, "SELECT count(*) AS n FROM spans WHERE name = ?", [step]).column(0)[0].as_py()
+    if not n:
+        names = [r[0] for r in con.execute("SELECT DISTINCT name FROM spans ORDER BY 1 LIMIT 20").fetchall()]
+        raise QueryError(f"no calls of step {step!r} in the store"
+                         + (f" (steps: {', '.join(names)})" if names else ""))
+    return db.sql_arrow(con, _HISTORY_SQL, [step, max(1, int(limit)), float(stale_days)])
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+def configure_lineage(p: argparse.ArgumentParser) -> None:
+    from flightlog._cli_core import add_store
+
+    p.add_argument("target", help="a step call (span id or unique prefix), a fingerprint (or prefix) or a file path")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--up", dest="direction", action="store_const", const="up",
+                   help="where it came from (default)")
+    g.add_argument("--down", dest="direction", action="store_const", const="down", help="what was made from it")
+    p.set_defaults(direction="up")
+    p.add_argument("--depth", type=int, default=20, help="levels of steps to follow (default 20)")
+    p.add_argument("--format", choices=("tree", "json"), default="tree")
+    add_store(p)
+
+
+def run_lineage(args) -> int:
+    from flightlog._cli_core import _con
+
+    con = _con(args)
+    try:
+        tree = lineage(con, args.target, direction=args.direction, depth=args.depth)
+    finally:
+        con.close()
+    if args.format == "json":
+        print(json.dumps(_jsonable(tree), indent=2))
+    else:
+        print(render(tree))
+    return 0
+
+
+def configure_history(p: argparse.ArgumentParser) -> None:
+    from flightlog import _format
+    from flightlog._cli_core import add_store
+
+    p.add_argument("step", help="step name (the @fl.step name, by default the function's qualified name)")
+    p.add_argument("--stale", type=float, default=7.0,
+                   help="flag inputs produced more than this many days before use (default 7)")
+    p.add_argument("--limit", type=int, default=100, help="newest calls shown (default 100)")
+    p.add_argument("--format", choices=_format.FORMATS, default="table")
+    p.add_argument("--output", default=None, help="write to this file instead of stdout")
+    add_store(p)
+
+
+def run_history(args) -> int:
+    from flightlog import _format
+    from flightlog._cli_core import _con
+
+    if args.stale < 0:
+        raise QueryError("--stale must be >= 0 days")
+    con = _con(args)
+    try:
+        t = history(con, args.step, args.stale, args.limit)
+    finally:
+        con.close()
+    _format.write(t, args.format, args.output)
+    return 0
