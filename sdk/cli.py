@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     parser = argparse.ArgumentParser(prog=f"flightlog {cmd}", description=help_)
     configure(parser)
-    args = parser.parse_args(argv[1:])
+    custom = getattr(mod, f"parse_{fname}", None)  # commands that pass arguments through (replay)
+    args = custom(parser, argv[1:]) if custom else parser.parse_args(argv[1:])
     try:
         rc = run(args)
     except FlightlogError as e:

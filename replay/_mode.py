@@ -1,0 +1,339 @@
+"""Replay mode inside a worker process: how ``fl.arg``, ``fl.loop``, ``fl.log`` and
+``fl.checkpointing`` behave when ``flightlog replay`` runs the user's script.
+
+The runner writes a plan (JSON) and starts the script with ``FLIGHTLOG_REPLAY``
+pointing at it. The first flightlog call then creates a Run in replay mode
+whose controller is this module's :class:`Controller`:
+
+* ``fl.arg`` returns the recorded value;
+* ``fl.checkpointing`` only registers the objects to restore into;
+* the outermost ``fl.loop`` yields only the planned iterations, restoring the
+  checkpoint before a run of ``full`` iterations, and ends the script once
+  the segment is done (code after the loop is not run unless a new statement
+  lives there);
+* at epoch level (``tail``) the first inner loop is skipped: it yields
+  nothing and restores the end-of-epoch checkpoint instead;
+* ``fl.log`` of an already-recorded name compares the value with the record
+  (fidelity); a new name is stored under the original run with
+  ``source='replay'`` at the loop position it was computed at.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+
+from flightlog import _checkpoint, _run, _warn
+from flightlog._loops import Frame, context_tuple
+from flightlog._record import NO_CTX
+from flightlog.collector import schema as _schema
+from flightlog.collector import store as _store
+
+RTOL = 1e-5
+ATOL = 1e-8
+
+
+def start_replay_run(plan_path: str, project=None, store=None) -> "_run.Run":
+    with open(plan_path) as fh:
+        plan = json.load(fh)
+    from flightlog.collector.store import LocalSink
+
+    home = plan["store"]
+    sink = LocalSink(home, writer=plan["writer"])
+    r = _run.Run(plan.get("project"), None, home, None, run_id=plan["run_id"], kind="replay",
+                 sink=sink, source="replay")
+    r.fast = False
+    r.replay = Controller(r, plan)
+    r.rec.start()
+    r.extra.setdefault("finish_hooks", []).append(lambda run: run.replay.write_result())
+    return r
+
+
+class Controller:
+    """The replay plan of one worker segment, and what the replay observed."""
+
+    def __init__(self, run, plan: dict) -> None:
+        self.run = run
+        self.plan = plan
+        self.store = plan["store"]
+        self.params = plan.get("params", {})
+        self.actions = {int(k): v for k, v in plan["actions"].items()}
+        self.emit = set(plan["emit"])
+        self.skip_loops = set(plan.get("skip_loops", []))
+        self.head_restore = bool(plan.get("head_restore"))
+        self.after_loop = bool(plan.get("run_after_loop"))
+        self.ckpts = {int(k): v for k, v in plan["checkpoints"].items()}
+        self.owner = {int(k): v for k, v in plan.get("owner", {}).items()}
+        self.recorded_names = set(plan.get("recorded_names", []))
+        self.recorded: dict[tuple[str, int], float] = {}
+        self.times: dict[tuple, Any] = {}
+        self._load_recorded(plan.get("recorded_path"))
+        self.objects: dict[str, Any] = {}
+        self.cur_epoch: int | None = None
+        self.cur_mode: str | None = None
+        self.inner_skipped = False
+        self.compared = 0
+        self.exact = 0
+        self.within = 0
+        self.diverged = 0
+        self.unmatched = 0
+        self.max_abs = 0.0
+        self.first_div: dict | None = None
+        self.new_rows: list[tuple] = []  # (name, value, step or None, ctx, epoch)
+        self.new_names: set[str] = set()
+        self.rows_written = 0
+        self.epochs_done: list[int] = []
+        self.first_epoch_at: float | None = None
+        self.error: str | None = None
+        self.result_written = False
+        threads = plan.get("torch_threads")
+        self.threads = int(threads) if threads else None
+
+    # -- inputs -------------------------------------------------------------------
+
+    def _load_recorded(self, path: str | None) -> None:
+        if not path or not os.path.exists(path):
+            return
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(path)
+        names = t.column("name").to_pylist()
+        steps = t.column("step").to_pylist()
+        vals = t.column("value").to_pylist()
+        for n, s, v in zip(names, steps, vals):
+            self.recorded[(n, s)] = v
+        if "wall_time" in t.column_names:
+            for e, b, w in zip(t.column("epoch").to_pylist(), t.column("batch").to_pylist(),
+                               t.column("wall_time").to_pylist()):
+                self.times.setdefault((e, b), w)
+
+    # -- SDK hooks --------------------------------------------------------------------
+
+    def on_arg(self, run, name: str, default: Any) -> Any:
+        if name in self.params:
+            v = self.params[name]
+            if isinstance(default, tuple) and isinstance(v, list):
+                return tuple(v)
+            return v
+        return default
+
+    def checkpointing(self, run, objects: dict) -> "Controller":
+        self.objects.update(objects)
+        return self
+
+    def close(self) -> None:  # the object fl.checkpointing yields in replay
+        pass
+
+    def loop(self, run, name: str, iterable: Iterable) -> Iterator:
+        depth = len(run.loops)
+        if depth == 0:
+            return self._outer(run, name, iterable)
+        if (depth == 1 and self.cur_mode == "tail" and not self.inner_skipped
+                and (name in self.skip_loops or not self.skip_loops)):
+            self.inner_skipped = True
+            self._restore(self.cur_epoch, inner_exit=True)
+            return iter(())
+        return self._inner(run, name, iterable)
+
+    def _inner(self, run, name: str, iterable: Iterable) -> Iterator:
+        frames = run.loops
+        frame = Frame(name, len(frames), None)
+        frames.append(frame)
+        parent = run.ctx
+        try:
+            for i, item in enumerate(iterable):
+                frame.index = i
+                run.ctx = context_tuple(frames)
+                yield item
+        finally:
+            if frames and frames[-1] is frame:
+                frames.pop()
+            run.ctx = parent if frames else NO_CTX
+
+    def _outer(self, run, name: str, iterable: Iterable) -> Iterator:
+        frames = run.loops
+        frame = Frame(name, 0, None)
+        frames.append(frame)
+        last = max(self.actions) if self.actions else -1
+        prev: tuple[int, str] | None = None
+        self._set_threads()
+        try:
+            it = iter(iterable)
+            i = -1
+            while i < last:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    break
+                i += 1
+                mode = self.actions.get(i)
+                if mode is None:
+                    continue
+                if mode == "full":
+                    if prev is None or prev != (i - 1, "full"):
+                        self._restore(i - 1)
+                elif mode == "tail" and self.head_restore:
+                    self._restore(i - 1)
+                if self.first_epoch_at is None:
+                    self.first_epoch_at = time.time()
+                self.cur_epoch, self.cur_mode, self.inner_skipped = i, mode, False
+                frame.index = i
+                run.ctx = context_tuple(frames)
+                yield item
+                self._epoch_done(i)
+                prev = (i, mode)
+        finally:
+            if frames and frames[-1] is frame:
+                frames.pop()
+            run.ctx = NO_CTX
+            self.cur_epoch = None
+        if not self.after_loop:
+            # The segment is done: do not run the script's tail (it may save files).
+            _run._end(run, "finished", None)
+            sys.stdout.flush()
+            raise SystemExit(0)
+
+    def _set_threads(self) -> None:
+        if self.threads:
+            torch = sys.modules.get("torch")
+            if torch is not None:
+                try:
+                    torch.set_num_threads(self.threads)
+                except Exception:
+                    pass
+
+    def _restore(self, iteration: int | None, inner_exit: bool = False) -> None:
+        if iteration is None:
+            return
+        ck = self.ckpts.get(iteration)
+        if ck is None:
+            if iteration < 0:
+                return  # no start-of-loop checkpoint: the script's own start state is used
+            raise RuntimeError(f"plan needs checkpoint {iteration} which is missing")
+        data = _store.read_blob(self.store, ck["content_hash"])
+        if _checkpoint.digest(data) != ck["content_hash"]:
+            raise RuntimeError(f"checkpoint of iteration {iteration} is corrupt (hash mismatch)")
+        payload = _checkpoint.deserialize(data)
+        _checkpoint.apply_payload(self.run, payload, self.objects)
+        if inner_exit and payload.get("inner_exit_steps") is not None:
+            self.run.steps.clear()
+            self.run.steps.update(payload["inner_exit_steps"])
+        self._set_threads()
+
+    def on_log(self, run, name: str, value: float, step: int | None) -> None:
+        if name in self.recorded_names:
+            if step is None:
+                step = run.steps.get(name, 0)
+                run.steps[name] = step + 1
+            self._compare(run, name, float(value), step)
+            return
+        e = self.cur_epoch
+        if e is not None and e not in self.emit:
+            return  # fast-forward epoch: its new values belong to another worker or are not wanted
+        if e is None and not self.plan.get("store_run_level", True):
+            return
+        self.new_names.add(name)
+        self.new_rows.append((name, float(value), step, run.ctx, e))
+
+    def _compare(self, run, name: str, v: float, step: int) -> None:
+        rec = self.recorded.get((name, step))
+        if rec is None:
+            self.unmatched += 1
+            return
+        self.compared += 1
+        if v == rec or (math.isnan(v) and math.isnan(rec)):
+            self.exact += 1
+            return
+        diff = abs(v - rec)
+        if not math.isnan(diff):
+            self.max_abs = max(self.max_abs, diff)
+        if diff <= ATOL + RTOL * abs(rec):
+            self.within += 1
+            return
+        self.diverged += 1
+        if self.first_div is None:
+            ctx = run.ctx
+            self.first_div = {"name": name, "step": step, "epoch": ctx[0], "batch": ctx[1],
+                              "recorded": rec, "replayed": v}
+
+    # -- output -------------------------------------------------------------------------
+
+    def _epoch_done(self, e: int) -> None:
+        self.epochs_done.append(e)
+        self._flush_new(e)
+        prog = self.plan.get("progress_path")
+        if prog:
+            try:
+                with open(prog, "a") as fh:
+                    fh.write(f"{e}\n")
+            except OSError:
+                pass
+
+    def _flush_new(self, epoch: int | None) -> None:
+        rows = [r for r in self.new_rows if r[4] == epoch]
+        if not rows:
+            return
+        self.new_rows = [r for r in self.new_rows if r[4] != epoch]
+        # Steps of new names: as if the statement had run since the start, assuming it
+        # runs the same number of times in every epoch (true for per-batch/per-epoch logs).
+        per_name: dict[str, int] = {}
+        for name, _v, step, _c, _e in rows:
+            if step is None:
+                per_name[name] = per_name.get(name, 0) + 1
+        seen: dict[str, int] = {}
+        cols = {k: [] for k in ("run_id", "name", "value", "step", "epoch", "batch", "ctx", "wall_time",
+                                "source", "writer")}
+        now = _run._now()
+        for name, v, step, ctx, e in rows:
+            if step is None:
+                k = seen.get(name, 0)
+                seen[name] = k + 1
+                step = (e * per_name[name] if e is not None else 0) + k
+            cols["run_id"].append(self.owner.get(e, self.run.run_id) if e is not None else self.run.run_id)
+            cols["name"].append(name)
+            cols["value"].append(v)
+            cols["step"].append(step)
+            cols["epoch"].append(ctx[0])
+            cols["batch"].append(ctx[1])
+            cols["ctx"].append(ctx[2])
+            cols["wall_time"].append(self.times.get((ctx[0], ctx[1])) or self.times.get((ctx[0], None)) or now)
+            cols["source"].append("replay")
+            cols["writer"].append(self.run.writer)
+        t = pa.Table.from_pydict(cols, schema=_schema.METRICS)
+        self.rows_written += t.num_rows
+        self.run.rec.emit_table("metrics", t)
+
+    def write_result(self) -> None:
+        if self.result_written:
+            return
+        self.result_written = True
+        for e in sorted({r[4] for r in self.new_rows}, key=lambda x: (x is None, x)):
+            self._flush_new(e)
+        path = self.plan.get("result_path")
+        if not path:
+            return
+        res = {
+            "segment": self.plan.get("segment"),
+            "epochs_done": self.epochs_done,
+            "compared": self.compared,
+            "exact": self.exact,
+            "within": self.within,
+            "diverged": self.diverged,
+            "unmatched": self.unmatched,
+            "max_abs_diff": self.max_abs,
+            "first_divergence": self.first_div,
+            "new_names": sorted(self.new_names),
+            "rows": self.rows_written,
+            "first_epoch_at": self.first_epoch_at,
+            "dropped_rows": self.run.dropped_rows,
+            "counters": dict(_warn.counters),
+        }
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(res, fh, default=str)
+        os.replace(tmp, path)
