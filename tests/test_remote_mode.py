@@ -291,11 +291,13 @@ def test_wrong_token_spools_then_sync_with_token(store, tmp_path, monkeypatch):
     server_root = str(tmp_path / "server")
     with ServerThread(server_root, token="right") as srv:
         monkeypatch.setenv("FLIGHTLOG_TOKEN", "wrong")
-        with pytest.warns(_warn.FlightlogWarning, match="refused the token"):
+        with pytest.warns(_warn.FlightlogWarning) as caught:
             fl.init(project="remote", collector=srv.url, flush_interval=0.05)
             for i in range(100):
                 fl.log("x", float(i))
             fl.finish()
+        said = " ".join(str(w.message) for w in caught)
+        assert "refused the token" in said and "flightlog sync" in said
         assert not os.path.exists(os.path.join(server_root, "metrics"))
         monkeypatch.setenv("FLIGHTLOG_TOKEN", "right")
         assert cli.main(["sync", "--store", store, "--collector", srv.url]) == 0
