@@ -44,7 +44,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _PARAM_LINE = re.compile(r"^param\s+([a-z][a-z0-9_]*)\s*=\s*('[^']*'|\"[^\"]*\"|[^\s:]+)\s*(?::\s*(.*))?$")
 _PARAM_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _RESERVED = {"run_id", "run_ids", "reference"}
-_BLOCK = 256  # steps per block of the metric pre-aggregation
+_BLOCK = 64  # steps per block of the metric pre-aggregation
 _POINTS = 200  # points per metric when it has no epochs
 
 

@@ -543,6 +543,7 @@ class Watch:
                     h.remove()
                 self._temp = []
             if self._pending is not None:
+                self._norms(self._pending)  # parameters that got no gradient leave it unfinished
                 self._emit(self._pending, update=True)
                 self._pending = None
             if self.step % self.every == 0:
@@ -563,22 +564,41 @@ class Watch:
             self._temp.append(m.register_forward_hook(self._relu_hook(name, rec)))
 
     def _grad_hook(self, name: str, rec: dict):
-        t = self.torch
+        n_params = len(self.params)
 
         def hook(p, grad=None):
             try:
                 g = p.grad if grad is None else grad
                 if g is None:
                     return
-                with t.no_grad():
-                    rec["grad"][name] = t.linalg.vector_norm(g.detach().float())
-                    w = p.detach()
-                    rec["weight"][name] = t.linalg.vector_norm(w.float())
-                    rec["before"][name] = w.clone()
+                seen = rec.setdefault("seen", [])
+                seen.append((name, g.detach(), p))
+                if len(seen) == n_params:  # the backward pass is complete: one batched computation
+                    self._norms(rec)
             except Exception as e:
                 _warn.problem("watch_error", f"fl.watch gradient hook failed: {e!r}")
 
         return hook
+
+    def _norms(self, rec: dict) -> None:
+        """Gradient and weight norms of every parameter seen, and the weights before the update."""
+        seen = rec.pop("seen", None)
+        if not seen:
+            return
+        t = self.torch
+        with t.no_grad():
+            grads = [g.float() for _, g, _ in seen]
+            ws = [p.detach() for _, _, p in seen]
+            foreach = getattr(t, "_foreach_norm", None)
+            if foreach is not None:
+                gn, wn = foreach(grads), foreach([w.float() for w in ws])
+            else:
+                gn = [t.linalg.vector_norm(g) for g in grads]
+                wn = [t.linalg.vector_norm(w.float()) for w in ws]
+            for (name, _, _), g, w, wt in zip(seen, gn, wn, ws):
+                rec["grad"][name] = g
+                rec["weight"][name] = w
+                rec["before"][name] = wt.clone()
 
     def _relu_hook(self, name: str, rec: dict):
         t = self.torch
@@ -638,6 +658,7 @@ class Watch:
         """Log what the last sampled step collected (without its update ratio)."""
         if self._pending is not None:
             try:
+                self._norms(self._pending)
                 self._emit(self._pending, update=False)
             except Exception as e:
                 _warn.problem("watch_error", f"fl.watch flush failed: {e!r}")
