@@ -100,6 +100,8 @@ class _Capped:
         self.parts: list[bytes] | None = [] if keep else None
 
     def write(self, b) -> int:
+        if not isinstance(b, bytes):  # protocol 5 hands over PickleBuffers of big arrays
+            b = memoryview(b).cast("B")
         n = len(b)
         self.n += n
         if self.n > self.limit:
