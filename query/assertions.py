@@ -51,7 +51,7 @@ def _items(con, rid: str) -> list[dict]:
     return db.sql_arrow(con, """
         SELECT assertion, item_id, max(severity) AS severity, CAST(count(*) AS BIGINT) AS times_flagged,
                max(epoch) AS last_epoch, arg_max(batch, time) AS last_batch,
-               arg_max(message, severity) AS message, arg_max(correction, time) AS correction
+               arg_max(message, time) AS message, arg_max(correction, time) AS correction
         FROM assertions
         WHERE run_id = $run AND item_id IS NOT NULL AND severity > 0
         GROUP BY assertion, item_id""", {"run": rid}).to_pylist()
@@ -117,6 +117,20 @@ def report(run: str = "latest", *, store: str | os.PathLike | None = None, top: 
     return {"run_id": rid, "per_epoch": per_epoch, "top": pa.Table.from_pylist(rows, schema=_TOP_SCHEMA)}
 
 
+def _pivot(per_epoch: pa.Table) -> pa.Table:
+    """One row per epoch, one column per assertion: ``failed/checked (rate%)``."""
+    names = sorted(set(per_epoch.column("assertion").to_pylist()))
+    cells: dict = {}
+    for r in per_epoch.to_pylist():
+        rate = f" ({100 * r['rate']:.1f}%)" if r["failed"] and r["rate"] is not None else ""
+        cells.setdefault(r["epoch"], {})[r["assertion"]] = f"{r['failed']}/{r['checked']}{rate}"
+    epochs = sorted(cells, key=lambda e: (e is not None, e if e is not None else 0))
+    cols = {"epoch": pa.array(epochs, pa.int64())}
+    for n in names:
+        cols[n] = pa.array([cells[e].get(n, "") for e in epochs], pa.string())
+    return pa.table(cols)
+
+
 def configure_assertions(p: argparse.ArgumentParser) -> None:
     from flightlog._cli_core import add_store
 
@@ -134,8 +148,9 @@ def run_assertions(args: argparse.Namespace) -> int:
         out = {"run_id": rep["run_id"], "per_epoch": rep["per_epoch"].to_pylist(), "top": rep["top"].to_pylist()}
         print(json.dumps(_format._clean_float(out), default=_format._json_default, indent=2))
         return 0
-    print(f"assertions of run {rep['run_id']}\n\nfailures per epoch")
-    print(_format.text_table(rep["per_epoch"]) if rep["per_epoch"].num_rows else "  (no fl.check calls recorded)")
+    print(f"assertions of run {rep['run_id']}\n\nfailed / checked items per epoch")
+    print(_format.text_table(_pivot(rep["per_epoch"]), max_rows=None) if rep["per_epoch"].num_rows
+          else "  (no fl.check calls recorded)")
     print(f"\nitems worth a look (top {args.top}, spread across assertions)")
     print(_format.text_table(rep["top"]) if rep["top"].num_rows else "  (no failing items)")
     return 0

@@ -242,7 +242,7 @@ class _AssertionAPI:
                             c = corr[i] or {}
                             c[a] = major
                             corr[i] = c
-                            msg[i] = f"id {k!r}: {a}={v!r} disagrees with {count} of {len(idx)} ({major!r})"
+                            msg[i] = f"id {k!r}: {a}={v!r}, but {count} of {len(idx)} say {major!r}"
             return Result(sev, message=msg, correction=corr)
 
         consistency.wants_ids = True  # type: ignore[attr-defined]

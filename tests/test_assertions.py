@@ -105,7 +105,7 @@ def test_consistency_offers_majority_as_correction(store):
     assert out["consistency"].failed_items == [("det2", 2.0)]
     fail = [r for r in rows() if r["item_id"] == "det2"][0]
     assert json.loads(fail["correction"]) == {"label": "car", "color": "red"}
-    assert "disagrees" in fail["message"]
+    assert "2 of 3 say" in fail["message"]
 
 
 def test_consistency_with_pandas_and_ids_as_key(store):
@@ -267,7 +267,7 @@ def test_assertions_report_and_cli(store, capsys):
     assert top[0]["item_id"] == "img40"  # flagged by both assertions
     assert main(["assertions", "--store", store, "--top", "3"]) == 0
     out = capsys.readouterr().out
-    assert "failures per epoch" in out and "img40" in out
+    assert "failed / checked items per epoch" in out and "img40" in out and "6/50 (12.0%)" in out
     assert main(["assertions", "--store", store, "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert len(data["top"]) == 10 and data["per_epoch"][0]["checked"] == 50
