@@ -93,6 +93,7 @@ class CollectorSink:
         self.timeout = float(timeout)
         self.writer = writer or _new_writer()
         self._seq = 0
+        self._retry: tuple[pa.Table, str] | None = None  # a batch that could be neither sent nor spooled
         self._lock = threading.RLock()  # one network exchange at a time per sink
         self._client = None
         self._pid = os.getpid()  # the process that owns the lock, the seq and the HTTP connections
@@ -247,19 +248,26 @@ class CollectorSink:
         payload = encode(data)
         self._check_fork()
         with self._lock:
-            self._seq += 1
-            batch_id = f"{self.writer}-{self._seq}"
+            if self._retry is not None and self._retry[0] is data:
+                batch_id = self._retry[1]  # the recorder retries a batch we could not spool: same id
+            else:
+                self._seq += 1
+                batch_id = f"{self.writer}-{self._seq}"
+            self._retry = (data, batch_id)
             if not self.backing_off():
                 self.drain(time.monotonic() + 2 * self.timeout)
             if not self.backing_off():
                 res = self._send(table, payload, batch_id, attempt=1)
                 if res == "ok":
                     self.sent += 1
+                    self._retry = None
                     return
                 if res == "rejected":
                     self._reject(None, table, payload, batch_id)
+                    self._retry = None
                     return
-            self._spool_write(table, payload, batch_id)
+            self._spool_write(table, payload, batch_id)  # raises when the disk is full: the recorder retries
+            self._retry = None
 
     def heartbeat(self, run_id: str) -> None:
         """Tell the collector the run is alive (and resend spooled batches); silent on failure."""

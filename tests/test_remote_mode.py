@@ -408,3 +408,18 @@ def test_heartbeat_touches_the_run_on_the_collector(tmp_path):
         assert age is not None and age < 5
         r = httpx.post(srv.url + "/v1/heartbeat", json={"run_id": "../x", "writer": "w"})
         assert r.status_code == 400
+
+
+def test_unspoolable_batch_keeps_its_id_when_retried(tmp_path):
+    """A batch that could be neither sent nor spooled (full disk) is retried under the same batch id."""
+    blocker = tmp_path / "spool"
+    blocker.write_text("a file where the spool directory should be")
+    sink = fl_client.CollectorSink(f"http://127.0.0.1:{_free_port()}", spool=blocker)
+    data = _rows("r1", [1.0])
+    with pytest.raises(OSError):
+        sink.write("metrics", data)
+    first = sink._retry[1]
+    blocker.unlink()
+    sink._ok()
+    sink.write("metrics", data)  # the recorder hands the same table again
+    assert [f.name for f in fl_client.spool_files(blocker)] == [f"{first}.metrics.arrows"]
