@@ -287,14 +287,13 @@ def _torch(t, tname: str, want_summary: bool) -> Info:
     return info
 
 
-def _hash_arrow_chunk(h, chunk) -> None:
+def _hash_arrow_chunk(h, chunk, start: int, nulls: list, lengths: list) -> None:
+    """Feed one chunk's values; null positions (global) go to ``nulls`` so chunking never matters."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     if chunk.null_count:
         valid = chunk.is_valid().to_numpy(zero_copy_only=False)
-        h.update(b"nulls:")
-        h.update(np.flatnonzero(~valid).astype(np.int64).tobytes())
+        nulls.append(np.flatnonzero(~valid).astype(np.int64) + start)
         chunk = chunk.filter(pa.array(valid))
     t = chunk.type
     if pa.types.is_dictionary(t):
@@ -307,13 +306,12 @@ def _hash_arrow_chunk(h, chunk) -> None:
         bufs = chunk.buffers()
         off_t = np.int64 if (pa.types.is_large_string(t) or pa.types.is_large_binary(t)) else np.int32
         offs = np.frombuffer(bufs[1], dtype=off_t)[chunk.offset: chunk.offset + len(chunk) + 1]
-        h.update(np.diff(offs).astype(np.int64).tobytes())
+        lengths.append(np.diff(offs).astype(np.int64))
         if bufs[2] is not None and len(offs):
             _update_buffer(h, memoryview(bufs[2])[int(offs[0]): int(offs[-1])])
     else:
         batch = pa.RecordBatch.from_arrays([chunk], ["c"])
         _update_buffer(h, batch.serialize())
-    del pc
 
 
 def _arrow_table(tbl, tname: str, want_summary: bool, tag: bytes = b"arrow") -> Info:
@@ -330,8 +328,18 @@ def _arrow_table(tbl, tname: str, want_summary: bool, tag: bytes = b"arrow") -> 
         src = tbl.take(pa.array(np.arange(0, tbl.num_rows, step)))
     for name, col in zip(src.column_names, src.columns):
         h.update(b"|col|%s|%s|" % (name.encode("utf-8", "surrogatepass"), str(col.type).encode()))
+        start = 0
+        nulls: list = []
+        lengths: list = []
         for chunk in col.chunks:
-            _hash_arrow_chunk(h, chunk)
+            _hash_arrow_chunk(h, chunk, start, nulls, lengths)
+            start += len(chunk)
+        if lengths:
+            h.update(b"|lengths|")
+            h.update(np.concatenate(lengths).tobytes())
+        if nulls:
+            h.update(b"|nulls|")
+            h.update(np.concatenate(nulls).tobytes())
     summary: dict[str, Any] = {"kind": "table", "hash": "sampled" if sampled else "full", "rows": tbl.num_rows}
     if want_summary:
         summary["columns"] = _arrow_columns(tbl)
