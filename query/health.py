@@ -44,7 +44,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _PARAM_LINE = re.compile(r"^param\s+([a-z][a-z0-9_]*)\s*=\s*('[^']*'|\"[^\"]*\"|[^\s:]+)\s*(?::\s*(.*))?$")
 _PARAM_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _RESERVED = {"run_id", "run_ids", "reference"}
-_BLOCK = 64  # steps per block of the metric pre-aggregation
+_BLOCK = 128  # steps per block of the metric pre-aggregation
 _POINTS = 200  # points per metric when it has no epochs
 
 
@@ -271,17 +271,15 @@ def _prepare_metric_points(con, run_ids: list[str]) -> None:
     cond = " OR ".join(f"run_id = ${k}" for k in names)
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE metric_points AS
-        WITH b AS (
-            SELECT name, epoch, step // {_BLOCK} AS blk, count(*) AS n,
-                   count(*) FILTER (WHERE NOT isfinite(value)) AS n_bad,
-                   min(step) FILTER (WHERE NOT isfinite(value)) AS first_bad_step,
-                   sum(value) FILTER (WHERE isfinite(value)) AS s,
-                   count(*) FILTER (WHERE isfinite(value)) AS nf,
-                   min(value) FILTER (WHERE isfinite(value)) AS lo,
-                   max(value) FILTER (WHERE isfinite(value)) AS hi,
-                   arg_max(value, step) FILTER (WHERE isfinite(value)) AS last_v,
-                   min(step) AS first_step, max(step) AS last_step
+        WITH raw AS (
+            SELECT name, epoch, step, CASE WHEN isfinite(value) THEN value END AS v
             FROM metrics WHERE ({cond}) AND value IS NOT NULL
+        ), b AS (
+            SELECT name, epoch, step // {_BLOCK} AS blk, count(*) AS n, count(*) - count(v) AS n_bad,
+                   min(CASE WHEN v IS NULL THEN step END) AS first_bad_step,
+                   sum(v) AS s, count(v) AS nf, min(v) AS lo, max(v) AS hi,
+                   min(step) AS first_step, max(step) AS last_step
+            FROM raw
             GROUP BY name, epoch, blk
         ), info AS (
             SELECT name, bool_or(epoch IS NOT NULL) AS has_epoch, max(blk) AS max_blk FROM b GROUP BY name
@@ -293,7 +291,7 @@ def _prepare_metric_points(con, run_ids: list[str]) -> None:
         SELECT name, point, min(epoch) AS epoch, CAST(sum(n) AS BIGINT) AS n, CAST(sum(n_bad) AS BIGINT) AS n_bad,
                min(first_bad_step) AS first_bad_step,
                sum(s) / nullif(sum(nf), 0) AS mean, min(lo) AS min, max(hi) AS max,
-               arg_max(last_v, last_step) AS last, min(first_step) AS first_step, max(last_step) AS last_step
+               min(first_step) AS first_step, max(last_step) AS last_step
         FROM p GROUP BY name, point""", names)
 
 
