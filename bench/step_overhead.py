@@ -152,7 +152,7 @@ def bench_lineage(calls: int, chain: int, reps: int) -> dict:
     for r in range(runs):
         fl.init(project="lineage-bench")
         for c in range(per_run):
-            x = np.full(4, r * per_run + c, dtype=np.int64)
+            x = np.full(4, (r * per_run + c) * 100, dtype=np.int64)  # chains never share values
             for s in steps:
                 x = s(x)
         last = fl._run.ACTIVE.run_id

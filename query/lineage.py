@@ -6,8 +6,10 @@ read by another has the same content hash). The ``lineage_edges`` view holds
 every such edge. Values whose equality says nothing about provenance
 (``None``, booleans, numbers, strings under 64 bytes) never make an edge.
 
-``flightlog lineage`` walks the edges level by level, one SQL query per level
-over an in-memory copy of the fingerprinted ``io`` rows. When several calls
+``flightlog lineage`` loads the fingerprinted ``io`` rows once (one SQL scan)
+and walks the edges level by level with vectorised Arrow filters: a
+recursive CTE re-scans ``io`` at every level, which costs more than the
+whole walk on a store with 100k calls. When several calls
 produced the same value, the upstream walk follows one: a producer in the
 consumer's own run if there is one, else the run that produced it most
 recently before use; within that run the first producer (the innermost of
@@ -51,29 +53,72 @@ def lineage_edges_view(con) -> None:
 
 # -- the walk -------------------------------------------------------------------------------
 
-def _prepare(con) -> None:
-    con.execute("""CREATE OR REPLACE TEMP TABLE _fl_lio AS
-                   SELECT run_id, span_id, step_name, direction, arg, fingerprint, type, shape, bytes, path, time
-                   FROM io WHERE fingerprint IS NOT NULL OR path IS NOT NULL""")
+class _Index:
+    """The fingerprinted ``io`` rows of the store as Arrow columns, split into inputs and outputs.
+
+    One SQL scan loads them; each level of the walk is then two vectorised
+    ``is_in`` filters over these columns (about a millisecond per 100k rows),
+    which is what keeps a deep walk over a large store fast.
+    """
+
+    COLS = "span_id, run_id, direction, arg, fingerprint, time"
+
+    def __init__(self, con) -> None:
+        import pyarrow.compute as pc
+
+        t = db.sql_arrow(con, f"SELECT {self.COLS}, {_meaningful('io')} AS linkable FROM io "
+                              "WHERE fingerprint IS NOT NULL AND span_id IS NOT NULL")
+        is_in = pc.equal(t.column("direction"), "input")
+        self.inputs = t.filter(is_in)
+        self.outputs = t.filter(pc.invert(is_in))
+        self.all = t
+
+    @staticmethod
+    def _pick(t, column: str, values: list):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not values:
+            return []
+        return t.filter(pc.is_in(t.column(column), value_set=pa.array(values, pa.string()))).to_pylist()
+
+    def inputs_of(self, spans: list) -> list[dict]:
+        return self._pick(self.inputs, "span_id", spans)
+
+    def outputs_of(self, spans: list) -> list[dict]:
+        return self._pick(self.outputs, "span_id", spans)
+
+    def producers(self, fps: list) -> list[dict]:
+        return self._pick(self.outputs, "fingerprint", fps)
+
+    def consumers(self, fps: list) -> list[dict]:
+        return self._pick(self.inputs, "fingerprint", fps)
+
+    def prefix(self, column: str, prefix: str, limit: int = 6) -> list[str]:
+        import pyarrow.compute as pc
+
+        col = self.all.column(column)
+        hits = pc.unique(col.filter(pc.starts_with(col, prefix)))
+        return hits.to_pylist()[:limit]
 
 
 def _rows(con, sql: str, params: list) -> list[dict]:
     return db.sql_arrow(con, sql, params).to_pylist()
 
 
-def resolve_target(con, target: str) -> dict:
+def resolve_target(con, target: str, index: "_Index | None" = None) -> dict:
     """What ``target`` names: ``{"kind": "call", "span_id"}`` or ``{"kind": "data", "fingerprint", "path"}``."""
     if not isinstance(target, str) or not target.strip():
         raise QueryError("lineage needs a span id, a fingerprint or a file path")
+    index = index or _Index(con)
     target = target.strip()
     if os.path.isfile(target):
         from flightlog import _fingerprint
 
         path = os.path.abspath(target)
         fp = _fingerprint.file_info(path).fingerprint
-        hit = _rows(con, "SELECT 1 FROM _fl_lio WHERE fingerprint = ? LIMIT 1", [fp])
-        if not hit:  # the file changed since: its newest recorded version
-            rows = _rows(con, "SELECT fingerprint FROM _fl_lio WHERE path = ? AND fingerprint IS NOT NULL "
+        if not index.prefix("fingerprint", fp, 1):  # the file changed since: its newest recorded version
+            rows = _rows(con, "SELECT fingerprint FROM io WHERE path = ? AND fingerprint IS NOT NULL "
                               "ORDER BY time DESC LIMIT 1", [path])
             if not rows:
                 raise QueryError(f"no step read or wrote {path} (its content is not in the store either)")
@@ -81,61 +126,37 @@ def resolve_target(con, target: str) -> dict:
         return {"kind": "data", "fingerprint": fp, "path": path}
     low = target.lower()
     if all(c in "0123456789abcdef" for c in low) and len(low) >= 4:
-        spans = _rows(con, "SELECT DISTINCT span_id FROM _fl_lio WHERE starts_with(span_id, ?) LIMIT 6", [low])
+        spans = index.prefix("span_id", low)
         if not spans:
-            spans = _rows(con, "SELECT DISTINCT span_id FROM spans WHERE starts_with(span_id, ?) LIMIT 6", [low])
+            spans = [r["span_id"] for r in _rows(con, "SELECT DISTINCT span_id FROM spans "
+                                                      "WHERE starts_with(span_id, ?) LIMIT 6", [low])]
         if len(spans) == 1:
-            return {"kind": "call", "span_id": spans[0]["span_id"]}
+            return {"kind": "call", "span_id": spans[0]}
         if len(spans) > 1:
-            raise QueryError(f"span id prefix {target!r} is ambiguous: "
-                             + ", ".join(r["span_id"] for r in spans[:5]))
-        fps = _rows(con, "SELECT DISTINCT fingerprint FROM _fl_lio WHERE starts_with(fingerprint, ?) LIMIT 6", [low])
+            raise QueryError(f"span id prefix {target!r} is ambiguous: " + ", ".join(spans[:5]))
+        fps = index.prefix("fingerprint", low)
         if len(fps) == 1:
-            return {"kind": "data", "fingerprint": fps[0]["fingerprint"], "path": None}
+            return {"kind": "data", "fingerprint": fps[0], "path": None}
         if len(fps) > 1:
-            raise QueryError(f"fingerprint prefix {target!r} is ambiguous: "
-                             + ", ".join(r["fingerprint"][:16] for r in fps[:5]))
+            raise QueryError(f"fingerprint prefix {target!r} is ambiguous: " + ", ".join(f[:16] for f in fps[:5]))
     path = os.path.abspath(target)
-    rows = _rows(con, "SELECT fingerprint FROM _fl_lio WHERE path = ? AND fingerprint IS NOT NULL "
+    rows = _rows(con, "SELECT fingerprint FROM io WHERE path = ? AND fingerprint IS NOT NULL "
                       "ORDER BY time DESC LIMIT 1", [path])
     if rows:  # a recorded file that no longer exists
         return {"kind": "data", "fingerprint": rows[0]["fingerprint"], "path": path}
     raise QueryError(f"nothing matches {target!r}: not a recorded step call (span id), fingerprint or file")
 
 
-_UP_SQL = f"""
-WITH f AS (
-    SELECT i.span_id AS consumer, i.run_id AS crun, i.arg, i.fingerprint, i.type, i.shape, i.path,
-           i.time AS used, {_meaningful('i')} AS linkable
-    FROM _fl_lio i WHERE i.direction = 'input' AND list_contains(?, i.span_id)),
-cand AS (
-    SELECT f.*, o.span_id AS producer, o.run_id AS prun, o.step_name AS pstep, o.arg AS parg, o.time AS produced,
-           max(o.time) OVER (PARTITION BY f.consumer, f.arg, o.run_id) AS run_last,
-           count(o.span_id) OVER (PARTITION BY f.consumer, f.arg) AS n_producers
-    FROM f LEFT JOIN _fl_lio o
-      ON f.linkable AND o.fingerprint = f.fingerprint AND o.direction = 'output' AND o.span_id IS NOT NULL
-         AND o.span_id <> f.consumer AND o.time <= f.used)
-SELECT * EXCLUDE (linkable, run_last) FROM cand
-QUALIFY row_number() OVER (PARTITION BY consumer, arg, fingerprint
-                           ORDER BY (prun = crun) DESC NULLS LAST, run_last DESC NULLS LAST,
-                                    produced ASC NULLS LAST) = 1
-ORDER BY consumer, used, arg
-"""
-
-_DOWN_SQL = f"""
-WITH f AS (
-    SELECT o.span_id AS producer, o.run_id AS prun, o.arg, o.fingerprint, o.type, o.shape, o.path,
-           o.time AS produced, {_meaningful('o')} AS linkable
-    FROM _fl_lio o WHERE o.direction = 'output' AND list_contains(?, o.span_id)),
-cand AS (
-    SELECT f.*, i.span_id AS consumer, i.run_id AS crun, i.step_name AS cstep, i.arg AS carg, i.time AS used,
-           row_number() OVER (PARTITION BY f.producer, f.arg, f.fingerprint ORDER BY i.time) AS k,
-           count(i.span_id) OVER (PARTITION BY f.producer, f.arg, f.fingerprint) AS n_consumers
-    FROM f LEFT JOIN _fl_lio i
-      ON f.linkable AND i.fingerprint = f.fingerprint AND i.direction = 'input' AND i.span_id IS NOT NULL
-         AND i.span_id <> f.producer AND i.time >= f.produced)
-SELECT * EXCLUDE (linkable) FROM cand WHERE k <= {MAX_FANOUT} ORDER BY producer, produced, arg, used
-"""
+def _best_producer(inp: dict, cands: list[dict]) -> tuple[dict | None, int]:
+    """The producer the upstream walk follows (see the module docstring) and how many there were."""
+    ok = [c for c in cands if c["span_id"] != inp["span_id"] and c["time"] <= inp["time"]]
+    if not ok:
+        return None, 0
+    same = [c for c in ok if c["run_id"] == inp["run_id"]]
+    if not same:
+        last = max(ok, key=lambda c: c["time"])
+        same = [c for c in ok if c["run_id"] == last["run_id"]]
+    return min(same, key=lambda c: c["time"]), len(ok)
 
 
 def _calls_info(con, span_ids: list[str]) -> dict[str, dict]:
@@ -143,14 +164,16 @@ def _calls_info(con, span_ids: list[str]) -> dict[str, dict]:
         return {}
     rows = _rows(con, "SELECT span_id, name, run_id, start_time, duration_ms, status, error_type FROM spans "
                       "WHERE list_contains(?, span_id)", [span_ids])
-    out = {r["span_id"]: r for r in rows}
-    missing = [s for s in span_ids if s not in out]
-    if missing:  # spans not (yet) in the store: names from io
-        for r in _rows(con, "SELECT span_id, any_value(step_name) AS name, any_value(run_id) AS run_id, "
-                            "min(time) AS start_time FROM _fl_lio WHERE list_contains(?, span_id) GROUP BY 1",
-                       [missing]):
-            out[r["span_id"]] = dict(r, duration_ms=None, status=None, error_type=None)
-    return out
+    return {r["span_id"]: r for r in rows}
+
+
+def _details(con, span_ids: list[str]) -> dict[tuple, dict]:
+    """type, shape and path of the io rows of the calls in the tree, by (span_id, direction, arg)."""
+    if not span_ids:
+        return {}
+    rows = _rows(con, "SELECT span_id, direction, arg, step_name, type, shape, path FROM io "
+                      "WHERE list_contains(?, span_id)", [span_ids])
+    return {(r["span_id"], r["direction"], r["arg"]): r for r in rows}
 
 
 def _call_node(span_id: str) -> dict:
@@ -158,81 +181,94 @@ def _call_node(span_id: str) -> dict:
 
 
 def lineage(con, target: str, direction: str = "up", depth: int = 20) -> dict:
-    """The lineage tree of ``target`` (span id, fingerprint or file path) as nested dicts."""
+    """The lineage tree of ``target`` (span id, fingerprint or file path) as nested dicts.
+
+    ``depth`` is the number of step-to-step hops followed.
+    """
     if direction not in ("up", "down"):
         raise QueryError("direction must be 'up' or 'down'")
     if depth < 1:
         raise QueryError("--depth must be at least 1")
-    _prepare(con)
-    t = resolve_target(con, target)
+    index = _Index(con)
+    t = resolve_target(con, target, index)
     seen: dict[str, dict] = {}
+    edges_of: list[tuple[dict, str, str]] = []  # (edge, span_id, direction) for the details pass
     if t["kind"] == "call":
         root = _call_node(t["span_id"])
         frontier = [root]
         seen[root["span_id"]] = root
-        level = 0
     else:
-        meta = _rows(con, "SELECT type, shape, path FROM _fl_lio WHERE fingerprint = ? ORDER BY time DESC LIMIT 1",
-                     [t["fingerprint"]])
-        m = meta[0] if meta else {}
-        root = {"kind": "data", "fingerprint": t["fingerprint"], "path": t.get("path") or m.get("path"),
-                "type": m.get("type"), "shape": m.get("shape"), "calls": []}
-        io_dir = "output" if direction == "up" else "input"
-        rows = _rows(con, f"SELECT span_id, min(time) AS t FROM _fl_lio WHERE fingerprint = ? AND direction = ? "
-                          f"AND span_id IS NOT NULL GROUP BY 1 ORDER BY t {'DESC' if direction == 'up' else ''} "
-                          f"LIMIT {MAX_FANOUT}", [t["fingerprint"], io_dir])
-        if direction == "up":
-            rows = rows[:1]  # the latest producer, like the upstream walk
+        root = {"kind": "data", "fingerprint": t["fingerprint"], "path": t.get("path"), "calls": []}
+        rows = index.producers([t["fingerprint"]]) if direction == "up" else index.consumers([t["fingerprint"]])
+        rows.sort(key=lambda r: r["time"], reverse=direction == "up")
+        rows = rows[:1] if direction == "up" else rows[:MAX_FANOUT]
+        if rows:
+            edges_of.append((root, rows[0]["span_id"], "output" if direction == "up" else "input",
+                             rows[0]["arg"]))  # type: ignore[arg-type]
         frontier = []
         for r in rows:
-            node = _call_node(r["span_id"])
-            seen[r["span_id"]] = node
-            root["calls"].append(node)
-            frontier.append(node)
-        level = 1
-    while frontier and level < depth + (0 if t["kind"] == "call" else 1):
+            if r["span_id"] not in seen:
+                node = seen[r["span_id"]] = _call_node(r["span_id"])
+                root["calls"].append(node)
+                frontier.append(node)
+    level = 0
+    while frontier and level < depth:
         ids = [n["span_id"] for n in frontier]
         by_id = {n["span_id"]: n for n in frontier}
         nxt: list[dict] = []
         if direction == "up":
-            for r in _rows(con, _UP_SQL, [ids]):
-                edge = {"arg": r["arg"], "fingerprint": r["fingerprint"], "type": r["type"], "shape": r["shape"],
-                        "path": r["path"], "others": max(0, (r["n_producers"] or 0) - 1), "call": None}
-                if r["producer"] is not None:
-                    child = seen.get(r["producer"])
+            ins = index.inputs_of(ids)
+            cands: dict[str, list] = {}
+            for p in index.producers(list({r["fingerprint"] for r in ins if r["linkable"]})):
+                cands.setdefault(p["fingerprint"], []).append(p)
+            for r in sorted(ins, key=lambda r: (r["time"], r["arg"])):
+                best, n = _best_producer(r, cands.get(r["fingerprint"], [])) if r["linkable"] else (None, 0)
+                edge = {"arg": r["arg"], "fingerprint": r["fingerprint"], "others": max(0, n - 1), "call": None}
+                edges_of.append((edge, r["span_id"], "input", r["arg"]))  # type: ignore[arg-type]
+                if best is not None:
+                    child = seen.get(best["span_id"])
                     if child is None:
-                        child = seen[r["producer"]] = _call_node(r["producer"])
+                        child = seen[best["span_id"]] = _call_node(best["span_id"])
                         nxt.append(child)
                         edge["call"] = child
                     else:
-                        edge["call"] = {"kind": "ref", "span_id": r["producer"]}
-                by_id[r["consumer"]]["edges"].append(edge)
+                        edge["call"] = {"kind": "ref", "span_id": best["span_id"]}
+                by_id[r["span_id"]]["edges"].append(edge)
         else:
-            for r in _rows(con, _DOWN_SQL, [ids]):
-                node = by_id[r["producer"]]
-                key = (r["arg"], r["fingerprint"])
-                edge = next((e for e in node["edges"] if (e["arg"], e["fingerprint"]) == key), None)
-                if edge is None:
-                    edge = {"arg": r["arg"], "fingerprint": r["fingerprint"], "type": r["type"], "shape": r["shape"],
-                            "path": r["path"], "consumers": [],
-                            "others": max(0, (r["n_consumers"] or 0) - MAX_FANOUT)}
-                    node["edges"].append(edge)
-                if r["consumer"] is not None:
-                    child = seen.get(r["consumer"])
+            outs = index.outputs_of(ids)
+            cons: dict[str, list] = {}
+            for c in index.consumers(list({r["fingerprint"] for r in outs if r["linkable"]})):
+                cons.setdefault(c["fingerprint"], []).append(c)
+            for r in sorted(outs, key=lambda r: (r["time"], r["arg"])):
+                users = sorted((c for c in cons.get(r["fingerprint"], []) if r["linkable"]
+                                and c["span_id"] != r["span_id"] and c["time"] >= r["time"]),
+                               key=lambda c: c["time"])
+                edge = {"arg": r["arg"], "fingerprint": r["fingerprint"], "consumers": [],
+                        "others": max(0, len(users) - MAX_FANOUT)}
+                edges_of.append((edge, r["span_id"], "output", r["arg"]))  # type: ignore[arg-type]
+                for c in users[:MAX_FANOUT]:
+                    child = seen.get(c["span_id"])
                     if child is None:
-                        child = seen[r["consumer"]] = _call_node(r["consumer"])
+                        child = seen[c["span_id"]] = _call_node(c["span_id"])
                         nxt.append(child)
                         edge["consumers"].append(child)
                     else:
-                        edge["consumers"].append({"kind": "ref", "span_id": r["consumer"]})
+                        edge["consumers"].append({"kind": "ref", "span_id": c["span_id"]})
+                by_id[r["span_id"]]["edges"].append(edge)
         frontier = nxt
         level += 1
     for n in frontier:
         n["truncated"] = True
     info = _calls_info(con, list(seen))
+    det = _details(con, list({sid for _, sid, _, _ in edges_of} | set(seen)))  # type: ignore[misc]
+    for edge, sid, d, arg in edges_of:  # type: ignore[misc]
+        row = det.get((sid, d, arg), {})
+        edge["type"], edge["shape"] = row.get("type"), row.get("shape")
+        edge["path"] = edge.get("path") or row.get("path")
     for sid, node in seen.items():
         i = info.get(sid, {})
-        node.update(step=i.get("name"), run_id=i.get("run_id"), start_time=i.get("start_time"),
+        name = i.get("name") or next((r.get("step_name") for k, r in det.items() if k[0] == sid), None)
+        node.update(step=name, run_id=i.get("run_id"), start_time=i.get("start_time"),
                     duration_ms=i.get("duration_ms"), status=i.get("status"), error_type=i.get("error_type"))
     root["direction"] = direction
     return root
