@@ -106,7 +106,10 @@ CHECKPOINTS = pa.schema(
     [
         ("run_id", pa.string()),
         ("loop", pa.string()),
-        ("iteration", pa.int64()),  # index of the outer-loop iteration that just ended
+        ("iteration", pa.int64()),  # index of the outer-loop iteration (-1: before the first)
+        # where in that iteration: inner_exit (its first inner fl.loop just ended),
+        # iteration_end (no inner loop), loop_start (before iteration 0)
+        ("position", pa.string()),
         ("path", pa.string()),  # relative to the store
         ("bytes", pa.int64()),
         ("content_hash", pa.string()),

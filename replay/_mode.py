@@ -38,7 +38,18 @@ RTOL = 1e-5
 ATOL = 1e-8
 
 
+def _wait_for_plan(plan_path: str) -> None:
+    # The runner may start this process before it has finished planning, so that
+    # the script's imports overlap with the planning; wait for the plan (or a cancel).
+    deadline = time.time() + 3600
+    while not os.path.exists(plan_path):
+        if os.path.exists(plan_path + ".cancel") or time.time() > deadline:
+            os._exit(0)
+        time.sleep(0.005)
+
+
 def start_replay_run(plan_path: str, project=None, store=None) -> "_run.Run":
+    _wait_for_plan(plan_path)
     with open(plan_path) as fh:
         plan = json.load(fh)
     from flightlog.collector.store import LocalSink
@@ -65,7 +76,6 @@ class Controller:
         self.actions = {int(k): v for k, v in plan["actions"].items()}
         self.emit = set(plan["emit"])
         self.skip_loops = set(plan.get("skip_loops", []))
-        self.head_restore = bool(plan.get("head_restore"))
         self.after_loop = bool(plan.get("run_after_loop"))
         self.ckpts = {int(k): v for k, v in plan["checkpoints"].items()}
         self.owner = {int(k): v for k, v in plan.get("owner", {}).items()}
@@ -89,8 +99,10 @@ class Controller:
         self.rows_written = 0
         self.epochs_done: list[int] = []
         self.first_epoch_at: float | None = None
+        self.last_epoch_at: float | None = None
         self.error: str | None = None
         self.result_written = False
+        self.created_at = time.time()
         threads = plan.get("torch_threads")
         self.threads = int(threads) if threads else None
 
@@ -174,10 +186,8 @@ class Controller:
                 mode = self.actions.get(i)
                 if mode is None:
                     continue
-                if mode == "full":
-                    if prev is None or prev != (i - 1, "full"):
-                        self._restore(i - 1)
-                elif mode == "tail" and self.head_restore:
+                if mode == "full" and (prev is None or prev[0] != i - 1):
+                    # a tail or full epoch just before leaves the exact end-of-epoch state
                     self._restore(i - 1)
                 if self.first_epoch_at is None:
                     self.first_epoch_at = time.time()
@@ -220,9 +230,6 @@ class Controller:
             raise RuntimeError(f"checkpoint of iteration {iteration} is corrupt (hash mismatch)")
         payload = _checkpoint.deserialize(data)
         _checkpoint.apply_payload(self.run, payload, self.objects)
-        if inner_exit and payload.get("inner_exit_steps") is not None:
-            self.run.steps.clear()
-            self.run.steps.update(payload["inner_exit_steps"])
         self._set_threads()
 
     def on_log(self, run, name: str, value: float, step: int | None) -> None:
@@ -265,6 +272,7 @@ class Controller:
 
     def _epoch_done(self, e: int) -> None:
         self.epochs_done.append(e)
+        self.last_epoch_at = time.time()
         self._flush_new(e)
         prog = self.plan.get("progress_path")
         if prog:
@@ -330,6 +338,9 @@ class Controller:
             "new_names": sorted(self.new_names),
             "rows": self.rows_written,
             "first_epoch_at": self.first_epoch_at,
+            "worker_created_at": self.created_at,
+            "last_epoch_at": self.last_epoch_at,
+            "result_at": time.time(),
             "dropped_rows": self.run.dropped_rows,
             "counters": dict(_warn.counters),
         }

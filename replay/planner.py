@@ -266,7 +266,11 @@ def diff_file(old: str, new: str, filename: str, is_main: bool) -> CodeDiff:
             if name not in out.skip_loops:
                 out.skip_loops.append(name)
             if node.lineno < first.lineno:
+                # before the first inner loop: needs the state at the epoch's start
                 out.head_statements = True
+                for st in out.statements:
+                    if st.line == node.lineno and st.file == filename:
+                        st.level = "batch"
     return out
 
 
@@ -328,21 +332,38 @@ def split_segments(epochs: list[int], workers: int) -> list[list[int]]:
     return [s for s in out if s]
 
 
-def segment_actions(seg: list[int], level: str, ckpts: set[int]) -> tuple[dict[int, str], list[int]]:
-    """Per outer index: 'full' or 'tail'; plus the epochs whose new values are stored."""
+def segment_actions(seg: list[int], level: str, ckpts: dict[int, str]) -> tuple[dict[int, str], list[int]]:
+    """Per outer index: 'full' or 'tail'; plus the epochs whose new values are stored.
+
+    ``ckpts`` maps iterations to checkpoint positions. An ``inner_exit``
+    checkpoint of epoch e gives a ``tail`` of e (its first inner loop skipped),
+    which also ends in the exact end-of-epoch state, so it can lead into
+    ``full`` epochs; ``iteration_end``/``loop_start`` checkpoints lead in directly.
+    """
     actions: dict[int, str] = {}
+
+    def run_from(a: int, b: int) -> None:
+        c = max((k for k in ckpts if k < a), default=None)
+        if c is None:
+            start = 0
+        elif ckpts[c] == "inner_exit":
+            actions.setdefault(c, "tail")
+            start = c + 1
+        else:
+            start = c + 1
+        for k in range(start, b + 1):
+            if k < a and actions.get(k) == "tail":
+                continue
+            actions[k] = "full" if k >= a or actions.get(k) != "tail" else actions[k]
+
     if level == "epoch":
         for e in seg:
-            if e in ckpts:
-                actions[e] = "tail"
+            if ckpts.get(e) == "inner_exit":
+                if actions.get(e) != "full":
+                    actions[e] = "tail"
             else:
-                c = max((k for k in ckpts if k < e), default=None)
-                start = 0 if c is None else c + 1
-                for k in range(start, e + 1):
-                    if actions.get(k) != "tail":
-                        actions[k] = "full"
+                run_from(e, e)
         return dict(sorted(actions.items())), list(seg)
-    # each run of consecutive epochs restores the checkpoint before it and runs forward
     runs, cur = [], [seg[0]]
     for e in seg[1:]:
         if e == cur[-1] + 1:
@@ -351,9 +372,6 @@ def segment_actions(seg: list[int], level: str, ckpts: set[int]) -> tuple[dict[i
             runs.append(cur)
             cur = [e]
     runs.append(cur)
-    for run in runs:
-        c = max((k for k in ckpts if k < run[0]), default=None)
-        start = 0 if c is None else c + 1
-        for k in range(start, run[-1] + 1):
-            actions[k] = "full"
+    for r in runs:
+        run_from(r[0], r[-1])
     return dict(sorted(actions.items())), list(seg)

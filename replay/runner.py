@@ -48,6 +48,7 @@ class RunInfo:
     owner: dict[int, str]
     epoch_secs: dict[int, float]
     inner_secs: dict[int, float]
+    bad_checkpoints: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -123,10 +124,11 @@ def load_run(con, store: str, run_id: str) -> RunInfo:
     chain = db.run_chain(con, run_id)
     ck: dict[int, dict] = {}
     for rid in chain:  # later runs of the chain win
-        for c in db.sql_arrow(con, "SELECT iteration, content_hash, bytes, run_id FROM checkpoints "
+        for c in db.sql_arrow(con, "SELECT iteration, position, content_hash, bytes, run_id FROM checkpoints "
                                    "WHERE run_id = ? AND status IN ('ok') ORDER BY iteration", [rid]).to_pylist():
             if _store.blob_path(store, c["content_hash"]).exists():
-                ck[int(c["iteration"])] = {"content_hash": c["content_hash"], "bytes": c["bytes"], "run_id": rid}
+                ck[int(c["iteration"])] = {"content_hash": c["content_hash"], "bytes": c["bytes"], "run_id": rid,
+                                           "position": c["position"] or "iteration_end"}
     placeholders = ", ".join("?" for _ in chain)
     per_epoch = db.sql_arrow(con, f"""
         SELECT epoch, arg_max(run_id, k) AS owner,
@@ -218,20 +220,33 @@ def plan_run(store: str, info: RunInfo, script_path: str, script_args: list[str]
         chosen = [info.epochs[-1]]
     else:
         chosen = planner.parse_epochs(epochs_spec, info.epochs)
-    if level == "epoch":
-        missing = [e for e in chosen if e not in info.checkpoints]
-        if missing and not info.checkpoints:
-            raise ReplayError(f"run {info.run_id} has no usable checkpoint (missing or corrupt blobs); "
-                              "replay would have to re-run from the start: use a batch-level replay or --force")
+    _drop_corrupt(store, info, chosen)
     segs = planner.split_segments(chosen, workers)
     jobs = []
-    ck = set(info.checkpoints)
+    ck = {i: c["position"] for i, c in info.checkpoints.items()}
     for k, seg in enumerate(segs):
         actions, emit = planner.segment_actions(seg, "epoch" if level in ("epoch", "run") else "batch", ck)
         jobs.append(Job(info, run_script, list(script_args if script_args is not None else info.argv[1:]), diff,
                         seg, actions, emit, index=k, cwd=info.cwd if info.cwd and os.path.isdir(info.cwd) else None,
                         tmp_script_dir=tmp_dir))
     return jobs
+
+
+def _drop_corrupt(store: str, info: RunInfo, chosen: list[int]) -> None:
+    """Verify the checkpoints a plan may use; corrupt ones are treated as missing (and said so)."""
+    from flightlog import _checkpoint
+    from flightlog.collector import store as _store
+
+    wanted = set(chosen) | {e - 1 for e in chosen}
+    for it in sorted(wanted & set(info.checkpoints)):
+        c = info.checkpoints[it]
+        try:
+            ok = _checkpoint.digest(_store.read_blob(store, c["content_hash"])) == c["content_hash"]
+        except OSError:
+            ok = False
+        if not ok:
+            info.checkpoints.pop(it)
+            info.bad_checkpoints.append(it)
 
 
 def describe(jobs: list[Job], workers: int) -> str:
@@ -262,6 +277,11 @@ def describe(jobs: list[Job], workers: int) -> str:
                      + (f" restores {len(tail)} end-of-epoch checkpoint(s)" if tail else "")
                      + f"  ~{t:.1f}s")
     full_run = sum(info.epoch_secs.values())
+    if info.bad_checkpoints:
+        lines.append(f"  corrupt or unreadable checkpoint(s) of iteration {_span(info.bad_checkpoints)}: "
+                     "not used (replay runs forward from an earlier one)")
+    if not info.checkpoints:
+        lines.append("  no usable checkpoints: the planned epochs re-run from the start of the loop")
     lines.append(f"  checkpoints available: {len(info.checkpoints)}; recorded epochs {_span(info.epochs)}; "
                  f"estimate ~{est_total + 1.5:.1f}s with {len(jobs)} worker(s) (full re-run ~{full_run:.1f}s)")
     return "\n".join(lines)
@@ -306,7 +326,6 @@ def _worker_plan(job: Job, store: str, replay_id: str, tmp: str, con, threads: i
         "emit": job.emit,
         "segment": f"{job.emit[0]}:{job.emit[-1] + 1}" if job.emit else "",
         "skip_loops": job.diff.skip_loops,
-        "head_restore": job.diff.head_statements,
         "run_after_loop": job.diff.level == "run",
         "checkpoints": {str(i): c for i, c in job.info.checkpoints.items()},
         "owner": {str(e): r for e, r in job.info.owner.items()},
@@ -328,27 +347,60 @@ def _verdict(d: dict) -> str:
     return "exact"
 
 
+def _spawn(script_path: str, script_args: list[str], cwd: str | None, plan_path: str, store: str,
+           threads: int | None, tmp: str, tag: str) -> tuple:
+    env = dict(os.environ)
+    env[_config.ENV_REPLAY] = plan_path
+    env[_config.ENV_HOME] = store
+    env.pop("FLIGHTLOG_RESUME", None)
+    env.setdefault(_config.ENV_PROGRESS, "0")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    log_path = os.path.join(tmp, f"worker-{tag}.log")
+    logf = open(log_path, "w")
+    cmd = [sys.executable, script_path, *script_args]
+    p = subprocess.Popen(cmd, env=env, cwd=cwd or os.getcwd(), stdout=logf, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL)
+    return p, logf, log_path, time.time()
+
+
+def _plan_path(tmp: str, run_id: str, k: int) -> str:
+    return os.path.join(tmp, f"plan-{run_id}-{k}.json")
+
+
 def execute(jobs: list[Job], store: str, workers: int, threads: int | None = None, progress: bool | None = None,
-            out=sys.stderr) -> ReplayResult:
-    """Run the planned jobs, ``workers`` processes at a time."""
+            out=sys.stderr, replay_id: str | None = None, tmp: str | None = None,
+            prespawned: dict | None = None, t0: float | None = None) -> ReplayResult:
+    """Run the planned jobs, ``workers`` processes at a time.
+
+    ``prespawned`` maps plan paths to worker processes started before planning
+    finished (they wait for their plan file); unused ones are cancelled.
+    """
     from flightlog.collector.store import LocalSink
     from flightlog.query import db
 
-    t0 = time.time()
-    replay_id = "rp" + uuid.uuid4().hex[:8]
-    tmp = tempfile.mkdtemp(prefix="flightlog-replay-")
+    t0 = t0 or time.time()
+    replay_id = replay_id or "rp" + uuid.uuid4().hex[:8]
+    tmp = tmp or tempfile.mkdtemp(prefix="flightlog-replay-")
+    prespawned = dict(prespawned or {})
     con = db.connect(store)
     try:
         plans = []
         for j in jobs:
             th = threads if threads is not None else j.info.torch_threads
             plan = _worker_plan(j, store, replay_id, tmp, con, th)
-            path = os.path.join(tmp, f"plan-{j.info.run_id}-{j.index}.json")
-            with open(path, "w") as fh:
+            path = _plan_path(tmp, j.info.run_id, j.index)
+            with open(path + ".tmp", "w") as fh:
                 json.dump(plan, fh)
+            os.replace(path + ".tmp", path)
             plans.append((j, plan, path))
     finally:
         con.close()
+    used = {path for _j, _p, path in plans}
+    for path in list(prespawned):
+        if path not in used:
+            cancel(path)
+            prespawned.pop(path)[0].wait()
     total_epochs = sum(len(j.actions) for j in jobs)
     show = progress if progress is not None else _isatty(out)
     pending = list(plans)
@@ -358,19 +410,12 @@ def execute(jobs: list[Job], store: str, workers: int, threads: int | None = Non
     while pending or running:
         while pending and len(running) < max(1, workers):
             j, plan, path = pending.pop(0)
-            env = dict(os.environ)
-            env[_config.ENV_REPLAY] = path
-            env[_config.ENV_HOME] = store
-            env.pop("FLIGHTLOG_RESUME", None)
-            env.setdefault(_config.ENV_PROGRESS, "0")
-            if plan.get("torch_threads"):
-                env["OMP_NUM_THREADS"] = str(plan["torch_threads"])
-            log_path = os.path.join(tmp, f"worker-{j.info.run_id}-{j.index}.log")
-            logf = open(log_path, "w")
-            cmd = [sys.executable, j.script_path, *j.script_args]
-            p = subprocess.Popen(cmd, env=env, cwd=j.cwd or os.getcwd(), stdout=logf, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL)
-            running.append((j, plan, p, logf, log_path, time.time()))
+            if path in prespawned:
+                p, logf, log_path, ts = prespawned.pop(path)
+            else:
+                p, logf, log_path, ts = _spawn(j.script_path, j.script_args, j.cwd, path, store,
+                                               plan.get("torch_threads"), tmp, f"{j.info.run_id}-{j.index}")
+            running.append((j, plan, p, logf, log_path, ts))
         time.sleep(0.05)
         still = []
         for item in running:
@@ -416,6 +461,12 @@ def execute(jobs: list[Job], store: str, workers: int, threads: int | None = Non
     shutil.rmtree(tmp, ignore_errors=True)
     return ReplayResult(replay_id, sorted({j.info.run_id for j in jobs}), results, {}, new_names,
                         time.time() - t0, startup)
+
+
+def cancel(plan_path: str) -> None:
+    """Tell a speculatively started worker that it is not needed."""
+    with open(plan_path + ".cancel", "w"):
+        pass
 
 
 def _collect(job: Job, plan: dict, rc: int, log_path: str, secs: float) -> SegmentResult:
@@ -521,14 +572,25 @@ def run(script: str, script_args: list[str] | None = None, *, run: str | None = 
     predicate over the ``runs`` table) select many. ``epochs`` is ``A:B``, a list
     or ``N``. Returns a :class:`ReplayResult` (``.fidelity``, ``.segments``).
     """
-    from flightlog.query import db
-
+    t0 = time.time()
     if not os.path.isfile(script):
         raise ReplayError(f"no such script: {script}")
     if not isinstance(workers, int) or workers < 1:
         raise ReplayError("--workers must be a positive integer")
     home = _config.store_home(store)
-    con = db.connect(home)
+    spec = None
+    if not (all_runs or runs) and not dry_run:
+        spec = _speculate(home, run, script, script_args, workers, threads)
+    try:
+        from flightlog.query import db
+    except BaseException:
+        _cancel_spec(spec)
+        raise
+    try:
+        con = db.connect(home)
+    except BaseException:
+        _cancel_spec(spec)
+        raise
     try:
         if all_runs or runs:
             pred = runs or "true"
@@ -546,10 +608,19 @@ def run(script: str, script_args: list[str] | None = None, *, run: str | None = 
         else:
             ids = [db.resolve_run(con, run)]
         infos = [load_run(con, home, i) for i in ids]
+    except BaseException:
+        _cancel_spec(spec)
+        raise
     finally:
         con.close()
+    if spec is not None and spec["run_id"] != infos[0].run_id:
+        _cancel_spec(spec)
+        spec = None
     with open(script, encoding="utf-8") as fh:
         today = fh.read()
+    if len(infos) == 1 and not dry_run:
+        return _run_single(infos[0], home, script, script_args, epochs, workers, force, threads, progress, out,
+                           t0, spec)
     jobs: list[Job] = []
     refused: dict[str, str] = {}
     multi = len(infos) > 1
@@ -593,3 +664,70 @@ def _reference_diff(home: str, infos: list[RunInfo], script: str) -> planner.Cod
         if not d.changes and d.statements:
             return d
     return None
+
+
+def _speculate(home: str, run: str | None, script: str, script_args, workers: int, threads) -> dict | None:
+    """Start the worker processes before planning: they import the user's script (torch…) meanwhile.
+
+    Uses the runs table read with pyarrow only (no DuckDB) to know the recorded
+    argv, cwd and thread count. Returns None when the run cannot be resolved
+    cheaply; planning then starts workers itself.
+    """
+    try:
+        from flightlog.query.db import read_runs
+
+        rows = [r for r in read_runs(home).to_pylist() if r["kind"] != "replay"]
+        if not rows:
+            return None
+        if run in (None, "latest"):
+            row = max(rows, key=lambda r: r["started_at"])
+        else:
+            hits = [r for r in rows if r["run_id"] == run] or [r for r in rows if r["run_id"].startswith(run)]
+            if len(hits) != 1:
+                return None
+            row = hits[0]
+        argv = json.loads(row["argv"] or "[]")
+        args = list(script_args) if script_args is not None else argv[1:]
+        cwd = row["cwd"] if row["cwd"] and os.path.isdir(row["cwd"]) else None
+        th = threads if threads is not None else row.get("torch_threads")
+        tmp = tempfile.mkdtemp(prefix="flightlog-replay-")
+        procs = {}
+        for k in range(workers):
+            path = _plan_path(tmp, row["run_id"], k)
+            procs[path] = _spawn(script, args, cwd, path, home, th, tmp, f"{row['run_id']}-{k}")
+        return {"run_id": row["run_id"], "tmp": tmp, "procs": procs, "args": args, "cwd": cwd}
+    except Exception:
+        return None
+
+
+def _cancel_spec(spec: dict | None) -> None:
+    if not spec:
+        return
+    for path, (p, logf, _lp, _ts) in spec["procs"].items():
+        try:
+            cancel(path)
+        except OSError:
+            p.kill()
+    for path, (p, logf, _lp, _ts) in spec["procs"].items():
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        logf.close()
+    shutil.rmtree(spec["tmp"], ignore_errors=True)
+
+
+def _run_single(info: RunInfo, home: str, script: str, script_args, epochs, workers: int, force: bool,
+                threads, progress, out, t0: float, spec: dict | None) -> ReplayResult:
+    try:
+        args = spec["args"] if spec else script_args
+        jobs = plan_run(home, info, script, args, epochs, workers, force)
+    except BaseException:
+        _cancel_spec(spec)
+        raise
+    text = describe(jobs, workers)
+    replay_id = "rp" + uuid.uuid4().hex[:8]
+    res = execute(jobs, home, workers, threads=threads, progress=progress, out=out, replay_id=replay_id,
+                  tmp=spec["tmp"] if spec else None, prespawned=spec["procs"] if spec else None, t0=t0)
+    res.plan_text = text
+    return res

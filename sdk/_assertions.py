@@ -135,9 +135,12 @@ def severities(raw: Any) -> tuple[np.ndarray, bool]:
         return a.astype(np.float64), False
     a = a.astype(np.float64, copy=False)
     if a.ndim > 1:
-        a = np.nanmax(np.where(np.isnan(a), np.inf, a).reshape(a.shape[0], -1), axis=1)
-    a = np.where(np.isnan(a), 1.0, a)  # an undecidable item counts as a failure of severity 1
-    return np.where(np.isposinf(a), 1e300, np.maximum(a, 0.0)), False
+        a = a.reshape(a.shape[0], -1).max(axis=1)  # NaN anywhere in a row propagates
+    nan = np.isnan(a)
+    if nan.any():
+        a = np.where(nan, 1.0, a)  # an undecidable item counts as a failure of severity 1
+    a = np.maximum(a, 0.0)
+    return (np.minimum(a, 1e300) if np.isinf(a).any() else a), False
 
 
 def _sev(v: float) -> float:

@@ -203,19 +203,19 @@ class Checkpointer:
             return True
         return self.since_ms * self.overhead >= self.cost_ms
 
-    def on_iteration_end(self, run, loop_name: str, index: int, loop_s: float) -> None:
+    def on_boundary(self, run, loop_name: str, index: int, loop_s: float, position: str) -> None:
+        """Called once per outer iteration: after its first inner loop, or at its end."""
         try:
             frame_total = run.loops[0].total if run.loops else None
             last = frame_total is not None and index == frame_total - 1
-            loop_ms = loop_s * 1000.0
-            if not self.due(index, loop_ms, last):
+            if not self.due(index, loop_s * 1000.0, last):
                 return
-            self.take(loop_name, index, self.since_ms)
+            self.take(loop_name, index, self.since_ms, position)
             self.since_ms = 0.0
         except Exception as e:
             _warn.problem("checkpoint_failed", f"checkpoint after {loop_name} {index} failed: {e!r}")
 
-    def snapshot(self, loop_name: str, index: int) -> tuple[dict, list[str]]:
+    def snapshot(self, loop_name: str, index: int, position: str = "iteration_end") -> tuple[dict, list[str]]:
         objs, skipped = {}, []
         for name, obj in self.objects.items():
             try:
@@ -232,17 +232,17 @@ class Checkpointer:
             "objects": objs,
             "rng": rng_state(),
             "steps": dict(self.run.steps),
-            "inner_exit_steps": self.run.extra.get("inner_exit_steps"),
+            "position": position,
             "skipped": skipped,
         }
         return payload, skipped
 
-    def take(self, loop_name: str, index: int, loop_ms: float) -> None:
+    def take(self, loop_name: str, index: int, loop_ms: float, position: str = "iteration_end") -> None:
         t0 = time.perf_counter()
-        payload, skipped = self.snapshot(loop_name, index)
+        payload, skipped = self.snapshot(loop_name, index, position)
         copy_ms = (time.perf_counter() - t0) * 1000.0
         self._ensure_thread()
-        item = (payload, loop_name, index, copy_ms, loop_ms, skipped)
+        item = (payload, loop_name, index, copy_ms, loop_ms, skipped, position)
         try:
             if self.every is not None:
                 # A fixed period is a promise: wait for the writer rather than skip.
@@ -274,7 +274,7 @@ class Checkpointer:
             finally:
                 self._q.task_done()
 
-    def _write(self, payload, loop_name, index, copy_ms, loop_ms, skipped) -> None:
+    def _write(self, payload, loop_name, index, copy_ms, loop_ms, skipped, position) -> None:
         t0 = time.perf_counter()
         data = serialize(payload)
         h = digest(data)
@@ -288,6 +288,7 @@ class Checkpointer:
             "run_id": self.run.run_id,
             "loop": loop_name,
             "iteration": index,
+            "position": position,
             "path": f"blobs/{h[:2]}/{h}",
             "bytes": len(data),
             "content_hash": h,

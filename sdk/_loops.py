@@ -61,6 +61,8 @@ def loop(name: str, iterable: Iterable[T]) -> Iterator[T]:
         return iter(iterable)
     if r.replay is not None:
         return r.replay.loop(r, name, iterable)
+    if len(r.loops) == 1 and r.extra.get("resume_tail") is not None:
+        return _skip_for_resume(r)
     return _record_loop(r, name, iterable)
 
 
@@ -70,30 +72,34 @@ def _record_loop(r, name: str, iterable: Iterable[T]) -> Iterator[T]:
     frame = Frame(name, depth, _length(iterable))
     outer = depth == 0
     ckpt = r.extra.get("checkpointer") if outer else None
-    resume_from = None
-    if outer and r.extra.get("resume_state") is not None:
-        resume_from = r.extra.get("resume_state")
+    resume_from = r.extra.get("resume_state") if outer else None
     frame.bar = _Progress.maybe(frame)
     frames.append(frame)
     parent_ctx = r.ctx
+    exhausted = False
     try:
         if outer and resume_from is None and ckpt is not None:
             # State before the first iteration: lets replay start at epoch 0 exactly
             # even when the script does not seed its RNGs.
-            ckpt.take(name, -1, 0.0)
+            ckpt.take(name, -1, 0.0, "loop_start")
         it = iter(iterable)
         i = -1
         if resume_from is not None:
             # Resumed run: skip what the parent run finished, then restore its state.
             r.extra["resume_state"] = None
-            done = resume_from.iteration
-            for _ in range(done + 1):
+            k = resume_from.iteration
+            inner_exit = resume_from.position == "inner_exit"
+            skip = k if inner_exit else k + 1
+            for _ in range(skip):
                 try:
                     next(it)
                 except StopIteration:
                     return
-            i = done
-            resume_from.restore()
+            i = skip - 1
+            if inner_exit:
+                r.extra["resume_tail"] = resume_from  # the first inner loop of epoch k restores it
+            else:
+                resume_from.restore()
         while True:
             try:
                 item = next(it)
@@ -104,7 +110,7 @@ def _record_loop(r, name: str, iterable: Iterable[T]) -> Iterator[T]:
             frame.iter_start = time.perf_counter()
             r.ctx = context_tuple(frames)
             if outer:
-                r.extra["inner_exit_steps"] = None
+                r.extra["boundary_done"] = False
             yield item
             # iteration end (the body ran to completion)
             r.ctx = context_tuple(frames)
@@ -112,19 +118,31 @@ def _record_loop(r, name: str, iterable: Iterable[T]) -> Iterator[T]:
                 frame.bar.update(i + 1)
             if outer:
                 ckpt = r.extra.get("checkpointer")
-                if ckpt is not None:
-                    ckpt.on_iteration_end(r, name, i, time.perf_counter() - frame.iter_start)
+                if ckpt is not None and not r.extra.get("boundary_done"):
+                    ckpt.on_boundary(r, name, i, time.perf_counter() - frame.iter_start, "iteration_end")
                 _maybe_snapshot_again(r)
+        exhausted = True
     finally:
-        if depth == 1 and r.extra.get("inner_exit_steps") is None:
-            # step counters where the first inner loop of this epoch ended: replay
-            # of epoch-level statements resumes counting from here
-            r.extra["inner_exit_steps"] = dict(r.steps)
         if frame.bar is not None:
             frame.bar.close()
         if frames and frames[-1] is frame:
             frames.pop()
         r.ctx = parent_ctx if frames else NO_CTX
+    if depth == 1 and exhausted and not r.extra.get("boundary_done"):
+        # The first inner loop of an epoch ran to its end: checkpoint here, so that
+        # epoch-level replay and resume re-run the rest of the epoch body exactly.
+        r.extra["boundary_done"] = True
+        ckpt = r.extra.get("checkpointer")
+        of = frames[0] if frames else None
+        if ckpt is not None and of is not None:
+            ckpt.on_boundary(r, of.name, of.index, time.perf_counter() - of.iter_start, "inner_exit")
+
+
+def _skip_for_resume(r) -> Iterator:
+    state = r.extra.pop("resume_tail")
+    r.extra["boundary_done"] = True
+    state.restore()
+    return iter(())
 
 
 def _maybe_snapshot_again(r) -> None:

@@ -47,6 +47,7 @@ class ResumeState:
         self.store = store
         self.row = row
         self.iteration = int(row["iteration"])
+        self.position = row.get("position") or "iteration_end"
 
     def restore(self) -> None:
         from flightlog import _checkpoint
