@@ -527,6 +527,18 @@ def _service_name() -> str | None:
     return svc or None
 
 
+def _after_fork_child() -> None:
+    # The parent writes its own queued calls; a forked child (DataLoader worker) must not repeat them.
+    r = _run.ACTIVE
+    q = r.extra.get("steps_queue") if r is not None else None
+    if q is not None:
+        q.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_child)
+
+
 def flush() -> None:
     """Write every finished step call of the active run now (tests, before reading the store mid-run)."""
     r = _run.ACTIVE
