@@ -131,16 +131,24 @@ def severities(raw: Any) -> tuple[np.ndarray, bool]:
     if a.dtype.kind == "b":
         a = ~a
         if a.ndim > 1:
-            a = a.reshape(a.shape[0], -1).any(axis=1)
+            a = _rows(a, np.logical_or)
         return a.astype(np.float64), False
     a = a.astype(np.float64, copy=False)
     if a.ndim > 1:
-        a = a.reshape(a.shape[0], -1).max(axis=1)  # NaN anywhere in a row propagates
+        a = _rows(a, np.maximum)  # NaN anywhere in a row propagates
     nan = np.isnan(a)
     if nan.any():
         a = np.where(nan, 1.0, a)  # an undecidable item counts as a failure of severity 1
     a = np.maximum(a, 0.0)
     return (np.minimum(a, 1e300) if np.isinf(a).any() else a), False
+
+
+def _rows(a: np.ndarray, op) -> np.ndarray:
+    """Reduce every trailing dimension per item; fast for the common few-columns case."""
+    m = a.reshape(a.shape[0], -1)
+    if m.shape[1] > 32:
+        return op.reduce(m, axis=1)
+    return op.reduce(np.ascontiguousarray(m.T), axis=0)  # numpy reduces short rows slowly
 
 
 def _sev(v: float) -> float:
@@ -184,7 +192,7 @@ class _AssertionAPI:
             a = _to_numpy(_values(outputs)).astype(np.float64, copy=False)
             if a.ndim == 0:
                 return bool(np.isfinite(a))
-            ok = np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+            ok = _rows(np.isfinite(a), np.logical_and)
             return Result(ok, message="non-finite output")
 
         return _register(Assertion(finite, name, builtin=True))
