@@ -5,7 +5,7 @@ shipped ``load_wine``, nothing downloaded):
 
 * run ``good``: ``clean`` keeps every cultivar; learning rate 0.05;
 * run ``bad``:  ``clean`` has a planted filter bug that silently drops the
-  ``class_2`` cultivar, and the learning rate is 2.0, which makes the loss
+  ``class_2`` cultivar, and the learning rate is 5.0, which makes the loss
   diverge.
 
 Each epoch the model's validation predictions go through ``fl.check``: finite
@@ -65,7 +65,7 @@ def pipeline_and_training(mode: str, store: str) -> str:
 
     PLANTED["bug"] = mode == "bad"
     run = fl.init(project="planted_bug", name=mode, store=store)
-    lr = fl.arg("lr", 0.05 if mode == "good" else 2.0)
+    lr = fl.arg("lr", 0.05 if mode == "good" else 5.0)
     X, y = featurize(clean(load()))
     rng = np.random.default_rng(0)
     order = rng.permutation(len(X))
