@@ -1,0 +1,168 @@
+"""Replay speed: hindsight logging on the digits CNN vs a full re-run (and FlorDB's replay).
+
+    .venv/bin/python bench/replay_speed.py [--epochs 20] [--width 48] [--size 28] [--reps 3] [--no-flor]
+
+Records one run with bench/train_digits.py, then measures, in the same session:
+  (a) a full re-run of the modified script (both new statements),
+  (b) replay of an epoch-level statement (weight norm after each epoch),
+  (c) replay of a batch-level statement (gradient norm after opt.step()) for all epochs, 1 and 2 workers,
+  (d) replay of the batch-level statement for one epoch (--epochs 7),
+and replay start-up (replay command start → first planned epoch). Every replay's values are checked
+against (a) bit for bit, and its fidelity verdict is printed. FlorDB's replay of the same statements
+runs side by side when bench/_flordb.py and bench/.venv are available.
+Targets (issue 4): (b) >= 20x faster than (a); (d) >= 8x; (c) 2 workers >= 1.7x faster than 1;
+start-up < 1.5 s; all exact.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PY = os.path.join(ROOT, ".venv", "bin", "python")
+FLIGHTLOG = os.path.join(ROOT, ".venv", "bin", "flightlog")
+
+GRAD = ('            fl.log("grad_norm", torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters())))\n')
+WNORM = ('        fl.log("weight_norm", torch.sqrt(sum((p ** 2).sum() for p in net.parameters())))\n')
+
+
+def variant(src: str, grad: bool, wnorm: bool) -> str:
+    s = src
+    if grad:
+        s = s.replace('            fl.log("loss", loss)\n', '            fl.log("loss", loss)\n' + GRAD)
+    if wnorm:
+        s = s.replace('        fl.log("val_acc", accuracy())\n', '        fl.log("val_acc", accuracy())\n' + WNORM)
+    return s
+
+
+def timed(cmd, env, cwd) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return dt, p.stdout
+
+
+def values(store: str, name: str, epochs=None) -> list[float]:
+    import flightlog as fl
+
+    sql = "SELECT value FROM metrics WHERE name = ? ORDER BY step"
+    params = [name]
+    if epochs is not None:
+        sql = "SELECT value FROM metrics WHERE name = ? AND epoch IN (SELECT unnest(?)) ORDER BY step"
+        params = [name, list(epochs)]
+    return fl.query(sql, params, store=store).column("value").to_pylist()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--width", type=int, default=48)
+    ap.add_argument("--size", type=int, default=28)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of the short replays (b) and (d)")
+    ap.add_argument("--no-flor", action="store_true")
+    a = ap.parse_args()
+    args = ["--mode", "flightlog", "--epochs", str(a.epochs), "--width", str(a.width), "--size", str(a.size),
+            "--threads", str(a.threads)]
+    work = tempfile.mkdtemp(prefix="fl-replay-bench-")
+    src = open(os.path.join(HERE, "train_digits.py")).read()
+    for name, code in (("train.py", src), ("train_epoch.py", variant(src, False, True)),
+                       ("train_batch.py", variant(src, True, False)), ("train_both.py", variant(src, True, True))):
+        with open(os.path.join(work, name), "w") as fh:
+            fh.write(code)
+    store, full = os.path.join(work, "store"), os.path.join(work, "full")
+    env = dict(os.environ, FLIGHTLOG_HOME=store, FLIGHTLOG_PROGRESS="0")
+    res: dict[str, list[float]] = {}
+    info: dict[str, dict] = {}
+    try:
+        t_rec, _ = timed([PY, "train.py", *args], env, work)
+        print(f"recorded run: {t_rec:.1f}s", file=sys.stderr)
+        t_full, _ = timed([PY, "train_both.py", *args], dict(env, FLIGHTLOG_HOME=full), work)
+        res["(a) full re-run of the modified script"] = [t_full]
+        print(f"(a) full re-run: {t_full:.1f}s", file=sys.stderr)
+
+        def replay(label, script, extra, check, reps):
+            for _ in range(reps):
+                dt, out = timed([FLIGHTLOG, "replay", script, "--run", "latest", "--format", "json", *extra], env, work)
+                j = json.loads(out)
+                res.setdefault(label, []).append(dt)
+                info.setdefault(label, {"startup": []})["startup"].append(j["startup_s"])
+                info[label]["fidelity"] = j["fidelity"]
+                info[label]["compared"] = j["compared"]
+                name, epochs = check
+                got = values(store, name, epochs)
+                want = values(full, name, epochs)
+                info[label]["equal"] = got == want and len(got) > 0
+                print(f"{label}: {dt:.2f}s fidelity {j['fidelity']} equal-to-full-rerun {info[label]['equal']}",
+                      file=sys.stderr)
+
+        replay("(b) epoch-level statement, all epochs", "train_epoch.py", [], ("weight_norm", None), a.reps)
+        one = min(7, a.epochs - 1)
+        replay(f"(d) batch-level statement, --epochs {one}", "train_batch.py", ["--epochs", str(one)],
+               ("grad_norm", [one]), a.reps)
+        replay("(c) batch-level statement, all epochs, 1 worker", "train_batch.py", [], ("grad_norm", None), 1)
+        replay("(c) batch-level statement, all epochs, 2 workers", "train_batch.py", ["--workers", "2"],
+               ("grad_norm", None), 1)
+        flor_rows = []
+        if not a.no_flor:
+            flor_rows = run_flor(a)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = res["(a) full re-run of the modified script"][0]
+    print(f"\nreplay speed — digits CNN (width {a.width}, {a.size}x{a.size}), {a.epochs} epochs, torch threads "
+          f"{a.threads}; recording took {t_rec:.1f}s")
+    print(f"{'what':<52} {'seconds':>8} {'vs (a)':>8} {'start-up':>9} {'fidelity':>10} {'= full':>7}")
+    for label, xs in res.items():
+        m = statistics.median(xs)
+        st = info.get(label, {}).get("startup")
+        print(f"{label:<52} {m:8.2f} {base / m:7.1f}x {statistics.median(st) if st else float('nan'):8.2f}s "
+              f"{info.get(label, {}).get('fidelity', '-'):>10} {str(info.get(label, {}).get('equal', '-')):>7}")
+    c1 = res.get("(c) batch-level statement, all epochs, 1 worker")
+    c2 = res.get("(c) batch-level statement, all epochs, 2 workers")
+    if c1 and c2:
+        print(f"parallel speed-up, 2 workers vs 1: {statistics.median(c1) / statistics.median(c2):.2f}x")
+    for row in flor_rows:
+        print(row)
+
+
+def run_flor(a) -> list[str]:
+    try:
+        sys.path.insert(0, HERE)
+        import _flordb as flor
+    except Exception as e:
+        return [f"FlorDB: unavailable ({e})"]
+    import inspect
+
+    kw = dict(epochs=a.epochs, width=a.width, threads=a.threads)
+    if "size" in inspect.signature(flor.flor_record).parameters:
+        kw["size"] = a.size
+    rec = flor.flor_record(**kw)
+    if not rec.get("ok", True) or not rec.get("repo"):
+        return [f"FlorDB record failed: {rec.get('error')}"]
+    rows = [f"FlorDB record: {rec.get('wall_s', float('nan')):.1f}s"]
+    try:
+        for level in ("epoch", "batch"):
+            r = flor.flor_replay(rec["repo"], level)
+            if r.get("ok", True) and "wall_s" in r:
+                rows.append(f"FlorDB replay ({level}-level statement): {r['wall_s']:.2f}s, "
+                            f"{r.get('n_values', len(r.get('values') or []))} values"
+                            + (" (re-ran from iteration 0)" if r.get("from_scratch") else ""))
+            else:
+                rows.append(f"FlorDB replay ({level}) failed: {r.get('error')}")
+    finally:
+        flor.cleanup(rec["repo"])
+    return rows
+
+
+if __name__ == "__main__":
+    main()
