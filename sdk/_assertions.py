@@ -41,12 +41,7 @@ DEFAULT_WATCH_EVERY = 50
 _WATCHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its Watch
 
 
-class AssertionFailed(FlightlogError):
-    """``fl.check(..., mode="raise")`` found failing items; ``.outcome`` holds the details."""
-
-    def __init__(self, message: str, outcome: "Outcome") -> None:
-        super().__init__(message)
-        self.outcome = outcome
+from flightlog._errors import AssertionFailed  # noqa: E402  (re-exported here for compatibility)
 
 
 class AssertionWarning(UserWarning):

@@ -4,7 +4,9 @@ FlightlogError
  ├── StoreError          the store is missing, empty or unreadable
  │    └── RunNotFound    no run matches the id given
  ├── QueryError          bad or forbidden SQL (wraps duckdb errors)
- └── ReplayError         replay cannot proceed (code changed, checkpoints missing…)
+ ├── ReplayError         replay cannot proceed (code changed, checkpoints missing…)
+ └── AssertionFailed     fl.check(..., mode="raise") found failing items (the one error
+                         recording raises on purpose, because the user asked for it)
 """
 
 
@@ -26,3 +28,11 @@ class QueryError(FlightlogError):
 
 class ReplayError(FlightlogError):
     pass
+
+
+class AssertionFailed(FlightlogError):
+    """``fl.check(..., mode="raise")`` found failing items; ``.outcome`` holds the details."""
+
+    def __init__(self, message: str, outcome=None) -> None:
+        super().__init__(message)
+        self.outcome = outcome

@@ -172,6 +172,7 @@ def test_failed_checkpoint_write_keeps_training(store, monkeypatch):
     def boom(*a, **k):
         raise PermissionError("read-only file system")
 
+    fl.init(project="ckfail")  # the run (and its code snapshot) starts before the disk breaks
     monkeypatch.setattr(_store, "put_blob", boom)
     net = torch.nn.Linear(2, 2)
     with pytest.warns(_warn.FlightlogWarning, match="checkpoint write failed"):
