@@ -165,6 +165,7 @@ def test_unpicklable_object_is_left_out_with_a_warning(store):
     assert len(rows) == 3 and rows[0]["status"] == "partial" and "lock" in rows[0]["error"]
 
 
+@pytest.mark.filterwarnings("ignore:.*code snapshot failed")  # the same broken disk, also expected
 def test_failed_checkpoint_write_keeps_training(store, monkeypatch):
     """A checkpoint write that fails warns and is never listed; training continues."""
     from flightlog.collector import store as _store
