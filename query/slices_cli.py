@@ -231,7 +231,9 @@ def load_predictions(con, run: str | None = None, epoch: int | str | None = None
                          "(use --sql with --error-column for another error)")
     rid = db.resolve_run(con, run)
     chain = db.run_chain(con, rid)
-    counts = con.execute("SELECT epoch, count(*), count(loss) FROM predictions WHERE list_contains(?, run_id) "
+    counts = con.execute("SELECT epoch, count(*), count(loss), "
+                         "count(item_id) - count(DISTINCT (batch, item_id)) FILTER (WHERE item_id IS NOT NULL) "
+                         "FROM predictions WHERE list_contains(?, run_id) "
                          "GROUP BY epoch ORDER BY epoch NULLS LAST", [chain]).fetchall()
     if not counts:
         raise StoreError(f"run {rid} has no predictions (record them with fl.log_predictions)")
@@ -259,12 +261,14 @@ def load_predictions(con, run: str | None = None, epoch: int | str | None = None
     err_sql = ("loss" if error == "loss" else
                "CASE WHEN y_true IS NULL OR y_pred IS NULL THEN NULL ELSE CAST(y_true <> y_pred AS DOUBLE) END")
     rel = (f"SELECT {err_sql} AS _err, features, time, epoch, batch, item_id FROM predictions "
-           f"WHERE list_contains(?, run_id) AND {where} "
-           "QUALIFY item_id IS NULL OR row_number() OVER "
-           "(PARTITION BY epoch, batch, item_id ORDER BY time DESC, run_id DESC) = 1")
+           f"WHERE list_contains(?, run_id) AND {where}")
+    order = ""
+    if sum(c[3] for c in chosen):  # some key was logged twice: keep the newest row per key
+        rel += (" QUALIFY item_id IS NULL OR row_number() OVER "
+                "(PARTITION BY epoch, batch, item_id ORDER BY time DESC, run_id DESC) = 1")
+        order = "ORDER BY time, epoch, batch, item_id"  # the window loses the scan order
     params = [chain] + eparams
-    rest, X = _expand(con, rel, params, ["_err"], features, f"the predictions of run {rid}",
-                      order="ORDER BY time, epoch, batch, item_id")
+    rest, X = _expand(con, rel, params, ["_err"], features, f"the predictions of run {rid}", order=order)
     total = rest.num_rows
     err, keep = _finite_errors(rest.column("_err").combine_chunks())
     if len(err) == 0:
