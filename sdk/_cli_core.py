@@ -77,7 +77,7 @@ def run_show(args) -> int:
                    count(*) FILTER (WHERE source = 'replay') AS replayed
             FROM metrics WHERE run_id = ? GROUP BY name ORDER BY name""", [rid])
         ckpts = db.sql_arrow(con, """
-            SELECT loop, iteration, bytes, content_hash, round(copy_ms, 2) AS copy_ms,
+            SELECT loop, iteration, position, bytes, content_hash, round(copy_ms, 2) AS copy_ms,
                    round(write_ms, 1) AS write_ms, status
             FROM checkpoints WHERE run_id = ? ORDER BY iteration""", [rid])
         replays = db.sql_arrow(con, """
