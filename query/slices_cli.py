@@ -292,6 +292,8 @@ def from_sql(con, sql: str, error_column: str = "error",
     from flightlog.query import db
 
     t = db.run_sql(sql, con=con)
+    if t.num_rows == 0:
+        raise QueryError("the --sql query returned no rows")
     cols = t.column_names
     if error_column not in cols:
         raise QueryError(f"the --sql result has no error column {error_column!r}; columns: "

@@ -189,12 +189,14 @@ def _finite_tree(v: Any) -> bool:
 
 
 def _feature_columns(features: Any) -> list[tuple[str, pa.Array]]:
-    """(name, array) pairs for a DataFrame, Arrow table, dict of columns or 2-D array/tensor."""
+    """(name, array) pairs for a DataFrame, Arrow table, dict of columns, list of row dicts or 2-D array."""
     from flightlog.query.slices import _columns_of
 
     features = _to_numpy_if_tensor(features)
     if isinstance(features, dict):
         return [(str(k), _as_array(v, f"feature {k!r}")) for k, v in features.items()]
+    if isinstance(features, (list, tuple)) and features and all(isinstance(r, dict) for r in features):
+        features = pa.Table.from_pylist([{str(k): v for k, v in r.items()} for r in features])  # records
     if isinstance(features, np.ndarray) and features.ndim == 1:
         features = features.reshape(-1, 1)
     elif not isinstance(features, np.ndarray) and _module(features) not in ("pandas", "polars", "pyarrow"):
@@ -312,8 +314,8 @@ def build_batch(run: Any, features: Any, y_true: Any, y_pred: Any, loss: Any = N
 def log_predictions(features: Any, y_true: Any, y_pred: Any, loss: Any = None, ids: Any = None) -> None:
     """Record one row per example (labels, loss, features) for slice finding; never raises.
 
-    ``features``: pandas/polars DataFrame, pyarrow Table, dict of columns, or a
-    2-D numpy array / tensor (columns ``f0``, ``f1``, …). ``y_true``/``y_pred``:
+    ``features``: pandas/polars DataFrame, pyarrow Table, dict of columns, list
+    of row dicts, or a 2-D numpy array / tensor (columns ``f0``, ``f1``, …). ``y_true``/``y_pred``:
     arrays, lists, Series or tensors, one label per example (ints and integral
     floats are stored alike, ``1``). ``loss``: optional per-example loss (NaN
     means unknown). ``ids``: optional example ids; by default the row's

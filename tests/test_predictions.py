@@ -96,6 +96,12 @@ def test_round_trip_arrow_table_and_dict_of_columns(store):
     assert feats == ['{"x":1.5,"s":"a"}', '{"x":null,"s":null}'] * 2
 
 
+def test_round_trip_list_of_row_dicts(store):
+    """A list of row dicts (records) is a feature table; keys missing in a row are null."""
+    rows = _log_and_read(store, [{"a": 1.5, "b": "x"}, {"a": 2.0}], [0, 1], [1, 1])
+    assert [json.loads(r["features"]) for r in rows] == [{"a": 1.5, "b": "x"}, {"a": 2.0, "b": None}]
+
+
 def test_round_trip_polars_and_series_labels(store):
     """A polars DataFrame and pandas Series labels are accepted."""
     pl = pytest.importorskip("polars")
@@ -315,6 +321,7 @@ def test_slices_sql_path(store, planted_run, capsys):
     (["--sql", "DELETE FROM predictions"], "only read-only queries"),
     (["--sql", "SELECT * FROM read_csv('/etc/passwd')", "--error-column", "x"], "refused"),
     (["--sql", "SELECT 1 AS error", "--run", "latest"], "--run selects logged predictions"),
+    (["--sql", "SELECT features, loss AS error FROM predictions WHERE false"], "returned no rows"),
 ])
 def test_slices_errors_are_one_line_exit_2(store, planted_run, capsys, argv, message):
     """Bad arguments and queries print one 'flightlog: error:' line and exit 2."""
