@@ -221,10 +221,11 @@ def connect(store: str | os.PathLike | None = None, *, sandbox: bool = True,
     if must_exist and not os.path.isdir(root):
         raise StoreError(f"no flightlog store at {root} (set FLIGHTLOG_HOME or pass --store)")
     con = duckdb.connect(":memory:")
-    try:
-        con.execute("SET TimeZone='UTC'")
-    except duckdb.Error:
-        pass
+    for setting in ("SET TimeZone='UTC'", "SET enable_progress_bar=false"):
+        try:
+            con.execute(setting)
+        except duckdb.Error:
+            pass
     _create_runs(con, root)
     for table in _schema.TABLES:
         if table == "runs":

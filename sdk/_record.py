@@ -95,6 +95,7 @@ class Recorder:
         self._old: list | None = None  # last swapped-out buffer and how much of it was taken
         self._old_taken = 0
         self._rows: dict[str, list[dict]] = {}
+        self._tables: list[tuple[str, pa.Table]] = []
         self._rows_lock = threading.Lock()
         self._pending: list[tuple[str, pa.Table]] = []
         self._pending_rows = 0
@@ -120,8 +121,9 @@ class Recorder:
         self._wake.set()
 
     def emit_table(self, table: str, data: pa.Table) -> None:
-        with self._flush_lock:
-            self._queue(table, data)
+        """Queue a ready Arrow batch; never waits for a write in progress."""
+        with self._rows_lock:
+            self._tables.append((table, data))
 
     # -- thread -------------------------------------------------------------
 
@@ -182,6 +184,9 @@ class Recorder:
                     self._queue("metrics", metric_batch(rows, run.run_id, run.source, run.writer))
                 with self._rows_lock:
                     other, self._rows = self._rows, {}
+                    tables, self._tables = self._tables, []
+                for table, data in tables:
+                    self._queue(table, data)
                 for table, dict_rows in other.items():
                     self._queue(table, pa.Table.from_pylist(dict_rows, schema=_schema.schema(table)))
             except Exception as e:
@@ -229,6 +234,7 @@ class Recorder:
         self._old = None
         self._old_taken = 0
         self._rows = {}
+        self._tables = []
         self._rows_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._pending = []
