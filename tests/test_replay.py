@@ -222,3 +222,22 @@ def test_all_runs_propagates_into_older_code(tmp_path):
     n = db.run_sql("SELECT count(DISTINCT run_id) AS r, count(*) AS n FROM metrics WHERE name='weight_norm'",
                    store=store).to_pylist()[0]
     assert n == {"r": 2, "n": 10}
+
+
+def test_failed_worker_is_reported_and_others_kept(recorded):
+    """A worker that fails is reported with its segment and traceback; the other segment's values are kept."""
+    tmp = recorded["tmp"]
+    mod = tmp / "fails.py"
+    mod.write_text(script(epoch='fl.log("risky", 1.0 / (3 - epoch))'))  # ZeroDivisionError in epoch 3
+    res = runner.run(str(mod), run="latest", store=recorded["store"], workers=2)
+    assert not res.ok
+    bad = [s for s in res.segments if s.status == "failed"]
+    good = [s for s in res.segments if s.status == "ok"]
+    assert len(bad) == 1 and bad[0].segment == "3:5" and "ZeroDivisionError" in bad[0].error
+    assert len(good) == 1 and good[0].segment == "0:3" and good[0].fidelity == "exact"
+    vals = db.run_sql("SELECT epoch, value FROM metrics WHERE name = 'risky' ORDER BY epoch",
+                      store=recorded["store"]).to_pylist()
+    assert [v["epoch"] for v in vals] == [0, 1, 2]
+    st = db.run_sql("SELECT status, error FROM replays WHERE segment = '3:5' ORDER BY started_at DESC LIMIT 1",
+                    store=recorded["store"]).to_pylist()[0]
+    assert st["status"] == "failed" and "ZeroDivisionError" in st["error"]
