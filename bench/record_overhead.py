@@ -90,7 +90,7 @@ def main() -> None:
                 if v == "flightlog":
                     import flightlog as fl
 
-                    t = fl.query("SELECT count(*) AS n, sum(bytes) AS bytes, median(copy_ms) AS med, "
+                    t = fl.query("SELECT count(*) AS n, sum(bytes)::DOUBLE AS bytes, median(copy_ms) AS med, "
                                  "max(copy_ms) AS mx, count(DISTINCT iteration) AS its FROM checkpoints",
                                  store=store).to_pylist()[0]
                     ck_stats.append(t)
@@ -117,7 +117,7 @@ def main() -> None:
         print(f"{v:<10} {w:8.2f} {c or 0:8.2f} {lo or 0:8.2f} {fmt(w, base_w)} {fmt(c, base_c)} {fmt(lo, base_l)}")
     if ck_stats:
         n = statistics.median(s["n"] for s in ck_stats)
-        b = statistics.median(s["bytes"] or 0 for s in ck_stats)
+        b = statistics.median(float(s["bytes"] or 0) for s in ck_stats)
         print(f"\nflightlog checkpoints per run: {n:.0f} (epochs covered {ck_stats[0]['its']} incl. loop start), "
               f"{b / 1e6:.2f} MB per run; training-thread stall per checkpoint: median "
               f"{statistics.median(s['med'] for s in ck_stats):.2f} ms, max "

@@ -115,7 +115,8 @@ def main() -> None:
                ("grad_norm", None), 1)
         flor_rows = []
         if not a.no_flor:
-            flor_rows = run_flor(a)
+            flor_rows = run_flor(a, {"weight_norm": values(full, "weight_norm"), "grad_norm": values(full, "grad_norm"),
+                                     "grad_norm_one": values(full, "grad_norm", [one])}, one)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = res["(a) full re-run of the modified script"][0]
@@ -135,7 +136,8 @@ def main() -> None:
         print(row)
 
 
-def run_flor(a) -> list[str]:
+def run_flor(a, truth: dict, one: int) -> list[str]:
+    """FlorDB 4.0.1 recording and replaying the same statements; values checked against the full re-run."""
     try:
         sys.path.insert(0, HERE)
         import _flordb as flor
@@ -149,16 +151,21 @@ def run_flor(a) -> list[str]:
     rec = flor.flor_record(**kw)
     if not rec.get("ok", True) or not rec.get("repo"):
         return [f"FlorDB record failed: {rec.get('error')}"]
-    rows = [f"FlorDB record: {rec.get('wall_s', float('nan')):.1f}s"]
+    rows = [f"\nFlorDB 4.0.1 side by side (bench/_flordb.py): record {rec.get('wall_s', float('nan')):.1f}s"]
     try:
-        for level in ("epoch", "batch"):
-            r = flor.flor_replay(rec["repo"], level)
+        for label, level, epochs, key in (("(b) epoch-level statement, all epochs", "epoch", None, "weight_norm"),
+                                          (f"(d) batch-level statement, --epochs {one}", "batch", str(one),
+                                           "grad_norm_one"),
+                                          ("(c) batch-level statement, all epochs", "batch", None, "grad_norm")):
+            r = flor.flor_replay(rec["repo"], level, epochs=epochs)
             if r.get("ok", True) and "wall_s" in r:
-                rows.append(f"FlorDB replay ({level}-level statement): {r['wall_s']:.2f}s, "
-                            f"{r.get('n_values', len(r.get('values') or []))} values"
+                got = [float(v) for v in (r.get("values") or [])]
+                want = truth[key]
+                same = len(got) == len(want) and all(x == y for x, y in zip(got, want))
+                rows.append(f"FlorDB {label}: {r['wall_s']:.2f}s, {len(got)} values, equal to full re-run: {same}"
                             + (" (re-ran from iteration 0)" if r.get("from_scratch") else ""))
             else:
-                rows.append(f"FlorDB replay ({level}) failed: {r.get('error')}")
+                rows.append(f"FlorDB {label} failed: {r.get('error')}")
     finally:
         flor.cleanup(rec["repo"])
     return rows
