@@ -529,7 +529,7 @@ def main(argv=None) -> int:
         print("  calls: slow peers log fewer points (µs/call does not depend on the count).")
         print("  CPU µs/pt: CPU seconds of the process and its helpers over loop + close, per point.")
 
-        if not a.skip_10m:
+        if not a.skip_10m and "flightlog" in tools:
             big_section(py, root, big, keep, raw)
     finally:
         shutil.rmtree(root, ignore_errors=True)
