@@ -189,13 +189,15 @@ def schema(table: str) -> pa.Schema:
         raise KeyError(f"unknown table {table!r}; known: {', '.join(TABLES)}") from None
 
 
-def conform(table: str, data: pa.Table) -> pa.Table:
+def conform(table: str, data: pa.Table, keep_dictionary: bool = False) -> pa.Table:
     """Cast ``data`` to the table's schema: missing columns become nulls, extras are an error.
 
     Used by every writer so that parts written by different processes always
-    union cleanly.
+    union cleanly. ``keep_dictionary`` lets dictionary-encoded string columns
+    through as they are (Parquet stores them as dictionaries either way).
     """
     target = schema(table)
+    fields: list[pa.Field] = []
     extra = [n for n in data.column_names if target.get_field_index(n) < 0]
     if extra:
         raise ValueError(f"table {table!r} has no column(s) {', '.join(extra)}")
@@ -203,9 +205,14 @@ def conform(table: str, data: pa.Table) -> pa.Table:
     for field in target:
         if field.name in data.column_names:
             col = data.column(field.name)
+            if keep_dictionary and pa.types.is_dictionary(col.type) and col.type.value_type.equals(field.type):
+                cols.append(col)
+                fields.append(pa.field(field.name, col.type))
+                continue
             if not col.type.equals(field.type):
                 col = col.cast(field.type)
             cols.append(col)
         else:
             cols.append(pa.nulls(data.num_rows, field.type))
-    return pa.Table.from_arrays(cols, schema=target)
+        fields.append(field)
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))

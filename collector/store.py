@@ -124,8 +124,10 @@ class LocalSink:
         """Write one batch (rows of possibly several runs) as one part per run."""
         if data.num_rows == 0:
             return
-        data = _schema.conform(table, data)
+        data = _schema.conform(table, data, keep_dictionary=True)
         runs = data.column("run_id")
+        if pa.types.is_dictionary(runs.type):
+            runs = runs.cast(pa.string())
         uniq = pc.unique(runs).to_pylist()
         for run_id in uniq:
             if run_id is None:
@@ -185,7 +187,7 @@ def compact_dir(d: Path, table: str, writer: str, fsync: bool = False) -> Path |
                 except Exception as e:  # a torn or foreign file: leave it where it is
                     log.warning("flightlog: not compacting unreadable file %s: %s", f, e)
                     raise
-                w.write_table(_schema.conform(table, t))
+                w.write_table(_schema.conform(table, t).cast(sch))
         os.replace(tmp, target)
         if fsync:
             _fsync_dir(d)

@@ -21,7 +21,7 @@ HEARTBEAT_SECONDS = 2.0
 # A running run whose heartbeat is older than this reads as crashed.
 STALE_SECONDS = 30.0
 # Metric rows buffered before the flush thread writes early (bounds memory).
-FLUSH_ROWS = 200_000
+FLUSH_ROWS = 100_000
 # Rows waiting for the sink (e.g. while the disk is full) before the oldest are dropped.
 MAX_PENDING_ROWS = 2_000_000
 

@@ -33,6 +33,7 @@ _HOOKS_INSTALLED = False
 _START_LOCK = threading.RLock()
 _EXC: tuple[str, str, str] | None = None  # (status, type, message) of an uncaught exception
 _time = time.time
+_HARD_CAP = _config.FLUSH_ROWS  # rows buffered before the logging thread encodes them itself
 
 
 def _now() -> _dt.datetime:
@@ -426,7 +427,10 @@ def log(name: str, value: Any, step: int | None = None) -> Any:
                 c = r.steps
                 step = c.get(name, 0)
                 c[name] = step + 1
-            r.rec.buf.append((name, v, step, _time(), r.ctx))
+            b = r.rec.buf
+            b.append((name, v, step, _time(), r.ctx))
+            if len(b) > _HARD_CAP:
+                r.rec.relieve()
             return value
     _log_slow(name, value, step)
     return value

@@ -203,3 +203,26 @@ def test_import_is_light():
             "print(threading.active_count(), 'duckdb' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split()
     assert out == ["1", "False", "False"]
+
+
+def test_hot_loop_relief_and_threads_keep_every_row(store, monkeypatch):
+    """With a tiny buffer cap the logging threads encode batches themselves; no row is lost or doubled."""
+    from flightlog import _config
+
+    monkeypatch.setattr(_config, "FLUSH_ROWS", 2000)
+    monkeypatch.setattr(_run, "_HARD_CAP", 2000)
+    fl.init(project="relief", flush_interval=0.05)
+
+    def work(k):
+        for i in range(50000):
+            fl.log(f"t{k}", 1.0, step=i)
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in ts:
+        t.start()
+    work(3)
+    for t in ts:
+        t.join()
+    fl.finish()
+    rows = fl.query("SELECT name, count(*) AS n, count(DISTINCT step) AS s FROM metrics GROUP BY 1").to_pylist()
+    assert sorted((r["n"], r["s"]) for r in rows) == [(50000, 50000)] * 4
