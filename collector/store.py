@@ -183,7 +183,7 @@ def compact_dir(d: Path, table: str, writer: str, fsync: bool = False) -> Path |
         ) as w:
             for f in files:
                 try:
-                    t = pq.read_table(f)
+                    t = pq.ParquetFile(f).read()  # (read_table imports pyarrow.dataset and pandas)
                 except Exception as e:  # a torn or foreign file: leave it where it is
                     log.warning("flightlog: not compacting unreadable file %s: %s", f, e)
                     raise

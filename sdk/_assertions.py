@@ -653,7 +653,7 @@ class Watch:
         step, ctx = rec["step"], rec["ctx"]
         if r.fast:
             now = time.time()
-            buf = r.rec.buf
+            buf = r.buf
             for n, v in zip(names, values):
                 buf.append((n, v, step, now, ctx))
         else:

@@ -276,12 +276,15 @@ class Checkpointer:
 
     def _write(self, payload, loop_name, index, copy_ms, loop_ms, skipped, position) -> None:
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         data = serialize(payload)
         h = digest(data)
         path, _new = _store.put_blob(self.run.store, h, data)
         write_ms = (time.perf_counter() - t0) * 1000.0
         self.last_write_ms = write_ms
-        cost = copy_ms + write_ms
+        # The policy charges what the write costs the process: this thread's CPU time, not
+        # its wall time (which includes waiting for the GIL while training runs).
+        cost = copy_ms + (time.thread_time() - c0) * 1000.0
         self.cost_ms = cost if self.cost_ms is None else 0.7 * self.cost_ms + 0.3 * cost
         self.taken += 1
         self.run.rec.emit("checkpoints", {

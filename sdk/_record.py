@@ -90,6 +90,50 @@ def _dict_column(codes: np.ndarray, uniques: list) -> pa.Array:
     return pa.DictionaryArray.from_arrays(idx, _strings(uniques))
 
 
+def _valid_bits(valid: np.ndarray):
+    if valid.all():
+        return None, 0
+    return pa.py_buffer(np.packbits(valid.astype(np.uint8), bitorder="little")), int(len(valid) - valid.sum())
+
+
+def _column(values: list, typ: pa.DataType) -> pa.Array:
+    """One column from Python values, built from buffers (no pandas import, unlike pa.array)."""
+    n = len(values)
+    if pa.types.is_string(typ):
+        return _strings([v if v is None or isinstance(v, str) else str(v) for v in values])
+    valid = np.array([v is not None for v in values], dtype=bool)
+    bits, nulls = _valid_bits(valid)
+    if pa.types.is_floating(typ):
+        data = np.array([float(v) if v is not None else 0.0 for v in values], dtype=np.float64)
+    elif pa.types.is_timestamp(typ):
+        data = np.array([_micros(v) if v is not None else 0 for v in values], dtype=np.int64)
+    elif pa.types.is_boolean(typ):
+        b = np.packbits(np.array([bool(v) for v in values], dtype=np.uint8), bitorder="little")
+        return pa.Array.from_buffers(typ, n, [bits, pa.py_buffer(b)], null_count=nulls)
+    elif pa.types.is_integer(typ):
+        data = np.array([int(v) if v is not None else 0 for v in values], dtype=np.int64)
+    else:
+        return pa.array(values, typ)
+    return pa.Array.from_buffers(typ, n, [bits, pa.py_buffer(data)], null_count=nulls)
+
+
+def _micros(v) -> int:
+    if isinstance(v, (int, float)):
+        return int(v * 1e6) if isinstance(v, float) else int(v)
+    ts = v.timestamp()  # aware datetimes; naive ones are taken as UTC below
+    if v.tzinfo is None:
+        import calendar
+
+        ts = calendar.timegm(v.timetuple()) + v.microsecond / 1e6
+    return int(round(ts * 1e6))
+
+
+def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """A table of ``schema`` from dict rows (missing keys are nulls)."""
+    cols = [_column([r.get(f.name) for r in rows], f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
 def metric_batch(rows: list, run_id: str, source: str, writer: str) -> pa.Table:
     """Turn buffered ``(name, value, step, time, ctx)`` tuples into a metrics batch.
 
@@ -166,7 +210,7 @@ class Recorder:
         self.sink = sink
         self.interval = float(_config.resolve(flush_interval, _config.ENV_FLUSH_INTERVAL,
                                               _config.DEFAULT_FLUSH_INTERVAL, float))
-        self.buf: list = []  # metric tuples; swapped out whole by the flush thread
+        run.buf = []  # metric tuples, on the Run for the hot path; swapped out whole by the flush thread
         self._old: list | None = None  # last swapped-out buffer and how much of it was taken
         self._old_taken = 0
         self._rows: dict[str, list[dict]] = {}
@@ -184,6 +228,11 @@ class Recorder:
         self._force = False
         self._sink_ok = True
         self.on_flush: list = []  # callables run on the flush thread after each flush
+
+    @property
+    def buf(self) -> list:
+        """The metric buffer (it lives on the Run so that fl.log reaches it in one step)."""
+        return self.run.buf
 
     # -- producer side ------------------------------------------------------
 
@@ -219,7 +268,7 @@ class Recorder:
                 break
             try:
                 now = time.monotonic()
-                if self._force or len(self.buf) >= _config.FLUSH_ROWS or now - self._last_flush >= self.interval:
+                if self._force or len(self.run.buf) >= _config.FLUSH_ROWS or now - self._last_flush >= self.interval:
                     self._force = False
                     self.flush()
                 if now - self._last_beat >= _config.HEARTBEAT_SECONDS:
@@ -242,13 +291,14 @@ class Recorder:
         rows: list = []
         old = self._old
         if old is not None:
-            # A thread preempted between reading self.buf and appending to it may have
+            # A thread preempted between reading run.buf and appending to it may have
             # added rows to the previous buffer after the swap: pick them up now.
             k = len(old)
             if k > self._old_taken:
                 rows.extend(old[self._old_taken:k])
                 self._old_taken = k
-        buf, self.buf = self.buf, []
+        run = self.run
+        buf, run.buf = run.buf, []
         k = len(buf)  # read once: rows appended after this are taken next time
         rows.extend(buf[:k])
         self._old, self._old_taken = buf, k
@@ -316,7 +366,7 @@ class Recorder:
                 for table, data in tables:
                     self._queue(table, data)
                 for table, dict_rows in other.items():
-                    self._queue(table, pa.Table.from_pylist(dict_rows, schema=_schema.schema(table)))
+                    self._queue(table, rows_table(dict_rows, _schema.schema(table)))
             except Exception as e:
                 _warn.problem("encode_error", f"could not encode buffered rows: {e!r}")
             self._drain()
@@ -361,7 +411,7 @@ class Recorder:
         return lost
 
     def reset_after_fork(self) -> None:
-        self.buf = []
+        self.run.buf = []
         self._old = None
         self._old_taken = 0
         self._rows = {}
