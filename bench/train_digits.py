@@ -103,10 +103,12 @@ def accuracy():
 
 
 t_loop = None
+t_loop_unix = None
 with fl.checkpointing(model=net, optimizer=opt):
     for epoch in fl.loop("epoch", range(cli.epochs)):
         if t_loop is None:
             t_loop = time.perf_counter()
+            t_loop_unix = time.time()
         for xb, yb in fl.loop("batch", loader):
             opt.zero_grad()
             loss = F.cross_entropy(net(xb), yb)
@@ -118,7 +120,7 @@ with fl.checkpointing(model=net, optimizer=opt):
 t_train = time.perf_counter()
 if cli.mode == "flightlog":
     fl.finish()
-out = {"mode": cli.mode, "wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time() - c_start,
+out = {"loop_start_unix": t_loop_unix, "mode": cli.mode, "wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time() - c_start,
        "loop_s": t_train - (t_loop or t_train), "startup_s": (t_loop or t_train) - t_start,
        "finish_s": time.perf_counter() - t_train}
 print(json.dumps(out))
