@@ -271,10 +271,10 @@ def blob_path(root: str | os.PathLike, digest: str) -> Path:
     return Path(root) / "blobs" / digest[:2] / digest
 
 
-def put_blob(root: str | os.PathLike, digest: str, data: bytes | memoryview, fsync: bool = False) -> tuple[Path, bool]:
-    """Store ``data`` under its content hash; identical blobs are stored once.
+def put_blob(root: str | os.PathLike, digest: str, data, fsync: bool = False) -> tuple[Path, bool]:
+    """Store ``data`` (bytes, or a list of buffers written one after another) under its content hash.
 
-    Returns the path and whether a new file was written.
+    Identical blobs are stored once. Returns the path and whether a new file was written.
     """
     path = blob_path(root, digest)
     if path.exists():
@@ -283,7 +283,11 @@ def put_blob(root: str | os.PathLike, digest: str, data: bytes | memoryview, fsy
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            if isinstance(data, (list, tuple)):
+                for part in data:
+                    fh.write(part)
+            else:
+                fh.write(data)
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -149,18 +149,105 @@ def set_rng_state(st: dict) -> None:
 
 # -- serialising -----------------------------------------------------------------------
 
-def serialize(payload: dict) -> bytes:
+class _Tensor:
+    """A tensor in a checkpoint: dtype, shape, device and its raw bytes (an out-of-band buffer)."""
+
+    __slots__ = ("dtype", "shape", "device", "data")
+
+    def __init__(self, dtype: str, shape: tuple, device: str, data) -> None:
+        self.dtype, self.shape, self.device, self.data = dtype, shape, device, data
+
+    def __reduce__(self):
+        return (_Tensor, (self.dtype, self.shape, self.device, self.data))
+
+
+def _portable(obj: Any) -> Any:
+    """Tensors become raw-byte numpy views (no copy), so pickle protocol 5 ships them out of band."""
+    torch = _torch()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        dev = str(t.device)
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+        return _Tensor(str(t.dtype).split(".")[-1], tuple(t.shape), dev, raw)
+    if isinstance(obj, dict):
+        return type(obj)((k, _portable(v)) for k, v in obj.items()) if type(obj) is not dict else \
+            {k: _portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_portable(v) for v in obj]
+    if isinstance(obj, tuple) and type(obj) is tuple:
+        return tuple(_portable(v) for v in obj)
+    return obj
+
+
+def _restore_tree(obj: Any) -> Any:
+    if isinstance(obj, _Tensor):
+        import torch
+
+        dtype = getattr(torch, obj.dtype)
+        t = torch.from_numpy(np.array(obj.data, dtype=np.uint8, copy=True))
+        t = t.view(dtype).reshape(obj.shape) if t.numel() else torch.empty(obj.shape, dtype=dtype)
+        if obj.device != "cpu":
+            try:
+                t = t.to(obj.device)
+            except Exception:
+                pass  # no such device here: keep it on the CPU
+        return t
+    if isinstance(obj, np.ndarray):
+        return obj if obj.flags.writeable else obj.copy()
+    if isinstance(obj, dict):
+        return type(obj)((k, _restore_tree(v)) for k, v in obj.items()) if type(obj) is not dict else \
+            {k: _restore_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_restore_tree(v) for v in obj]
+    if isinstance(obj, tuple) and type(obj) is tuple:
+        return tuple(_restore_tree(v) for v in obj)
+    return obj
+
+
+_MAGIC = b"FLC2"
+
+
+def serialize_parts(payload: dict) -> list:
+    """The checkpoint as a list of buffers: a header, the pickle, then each array's raw bytes.
+
+    Arrays never get copied into one big bytes object: the parts are hashed and
+    written as they are (pickle protocol 5, out-of-band buffers).
+    """
+    import struct
+
     import cloudpickle
 
-    torch = _torch()
-    if torch is not None:
-        buf = io.BytesIO()
-        torch.save(payload, buf, pickle_module=cloudpickle)
-        return buf.getvalue()
-    return b"FLCP" + cloudpickle.dumps(payload, protocol=5)
+    bufs: list = []
+    body = cloudpickle.dumps(_portable(payload), protocol=5, buffer_callback=bufs.append)
+    raws = [b.raw() for b in bufs]
+    head = struct.pack(f"<4sIQ{len(raws)}Q", _MAGIC, len(raws), len(body), *[r.nbytes for r in raws])
+    return [head, body, *raws]
+
+
+def serialize(payload: dict) -> bytes:
+    return b"".join(bytes(p) for p in serialize_parts(payload))
 
 
 def deserialize(data: bytes) -> dict:
+    if data[:4] == _MAGIC:
+        import struct
+
+        import cloudpickle
+
+        n, blen = struct.unpack_from("<IQ", data, 4)
+        sizes = struct.unpack_from(f"<{n}Q", data, 16)
+        off = 16 + 8 * n
+        mv = memoryview(data)
+        body = mv[off:off + blen]
+        off += blen
+        bufs = []
+        for size in sizes:
+            bufs.append(mv[off:off + size])
+            off += size
+        return _restore_tree(cloudpickle.loads(body, buffers=bufs))
     if data[:4] == b"FLCP":
         import cloudpickle
 
@@ -170,10 +257,20 @@ def deserialize(data: bytes) -> dict:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def digest(data: bytes) -> str:
+def digest(data) -> str:
     import xxhash
 
     return xxhash.xxh3_128_hexdigest(data)
+
+
+def digest_parts(parts: list) -> str:
+    """The digest of the concatenated parts, without concatenating them."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
 
 
 # -- the checkpointer ----------------------------------------------------------------------
@@ -277,9 +374,10 @@ class Checkpointer:
     def _write(self, payload, loop_name, index, copy_ms, loop_ms, skipped, position) -> None:
         t0 = time.perf_counter()
         c0 = time.thread_time()
-        data = serialize(payload)
-        h = digest(data)
-        path, _new = _store.put_blob(self.run.store, h, data)
+        parts = serialize_parts(payload)
+        h = digest_parts(parts)
+        path, _new = _store.put_blob(self.run.store, h, parts)
+        nbytes = sum(memoryview(p).nbytes for p in parts)
         write_ms = (time.perf_counter() - t0) * 1000.0
         self.last_write_ms = write_ms
         # The policy charges what the write costs the process: this thread's CPU time, not
@@ -293,7 +391,7 @@ class Checkpointer:
             "iteration": index,
             "position": position,
             "path": f"blobs/{h[:2]}/{h}",
-            "bytes": len(data),
+            "bytes": nbytes,
             "content_hash": h,
             "copy_ms": copy_ms,
             "write_ms": write_ms,
