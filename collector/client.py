@@ -28,7 +28,6 @@ import random
 import re
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from flightlog import _config, _warn
+from flightlog.collector import store as _store
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 DEFAULT_TIMEOUT = 2.0
@@ -175,21 +175,7 @@ class CollectorSink:
     # -- spool -------------------------------------------------------------------------
 
     def _spool_write(self, table: str, payload: bytes, batch_id: str) -> None:
-        self.spool.mkdir(parents=True, exist_ok=True)
-        path = self.spool / f"{batch_id}.{table}.arrows"
-        tmp = self.spool / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise
+        _store.write_bytes_atomic(self.spool / f"{batch_id}.{table}.arrows", payload, fsync=True)
         self._spooled = True
         self.spooled += 1
 

@@ -271,23 +271,14 @@ def blob_path(root: str | os.PathLike, digest: str) -> Path:
     return Path(root) / "blobs" / digest[:2] / digest
 
 
-def put_blob(root: str | os.PathLike, digest: str, data, fsync: bool = False) -> tuple[Path, bool]:
-    """Store ``data`` (bytes, or a list of buffers written one after another) under its content hash.
-
-    Identical blobs are stored once. Returns the path and whether a new file was written.
-    """
-    path = blob_path(root, digest)
-    if path.exists():
-        return path, False
+def write_bytes_atomic(path: Path, data, fsync: bool = False) -> None:
+    """Write ``data`` (bytes, or a list of buffers written one after another) via a temp name + rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            if isinstance(data, (list, tuple)):
-                for part in data:
-                    fh.write(part)
-            else:
-                fh.write(data)
+            for part in data if isinstance(data, (list, tuple)) else (data,):
+                fh.write(part)
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -298,6 +289,17 @@ def put_blob(root: str | os.PathLike, digest: str, data, fsync: bool = False) ->
         except OSError:
             pass
         raise
+
+
+def put_blob(root: str | os.PathLike, digest: str, data, fsync: bool = False) -> tuple[Path, bool]:
+    """Store ``data`` (bytes, or a list of buffers written one after another) under its content hash.
+
+    Identical blobs are stored once. Returns the path and whether a new file was written.
+    """
+    path = blob_path(root, digest)
+    if path.exists():
+        return path, False
+    write_bytes_atomic(path, data, fsync=fsync)
     return path, True
 
 

@@ -333,17 +333,10 @@ def health(run: str = "latest", *, store: str | os.PathLike | None = None, check
     is the run drift/schema compare against (default: the previous finished run
     of the same project that called the same step).
     """
-    from flightlog import _run
+    from flightlog._read import active_store
     from flightlog.query import db
 
-    active = _run.ACTIVE
-    if active is not None:
-        try:
-            active.rec.flush()
-        except Exception:
-            pass
-        if store is None:
-            store = active.store
+    store = active_store(store)
     available = load_checks(checks_dir)
     chosen = list(available) if not checks else list(dict.fromkeys(checks))
     unknown = [c for c in chosen if c not in available]

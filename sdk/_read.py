@@ -5,6 +5,7 @@ Both flush the active run first so that a script can query what it just logged.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Sequence
 
 import pyarrow as pa
@@ -12,13 +13,24 @@ import pyarrow as pa
 from flightlog import _run
 
 
-def _flush_active(store) -> None:
+def active_store(store=None):
+    """Flush what the active run holds (metrics, step rows) and return the store to read.
+
+    Readers in the same process then see what the script logged a moment ago;
+    without an explicit ``store`` the active run's store is used.
+    """
     r = _run.ACTIVE
-    if r is not None:
-        try:
+    if r is None:
+        return store
+    try:
+        steps = sys.modules.get("flightlog._steps")
+        if steps is not None:
+            steps.flush()  # step rows wait in their own queue before the recorder's
+        else:
             r.rec.flush()
-        except Exception:
-            pass
+    except Exception:
+        pass
+    return r.store if store is None else store
 
 
 def _query(sql: str, params: Any = None, *, store: str | os.PathLike | None = None) -> pa.Table:
@@ -29,9 +41,7 @@ def _query(sql: str, params: Any = None, *, store: str | os.PathLike | None = No
     """
     from flightlog.query import db
 
-    _flush_active(store)
-    if store is None and _run.ACTIVE is not None:
-        store = _run.ACTIVE.store
+    store = active_store(store)
     return db.run_sql(sql, params, store=store)
 
 
@@ -46,9 +56,7 @@ def dataframe(*names: str, run: str | Sequence[str] | None = None, store: str | 
     """
     from flightlog.query import db
 
-    _flush_active(store)
-    if store is None and _run.ACTIVE is not None:
-        store = _run.ACTIVE.store
+    store = active_store(store)
     if not names:
         raise ValueError("dataframe() needs at least one metric name")
     con = db.connect(store)

@@ -226,3 +226,14 @@ def test_hot_loop_relief_and_threads_keep_every_row(store, monkeypatch):
     fl.finish()
     rows = fl.query("SELECT name, count(*) AS n, count(DISTINCT step) AS s FROM metrics GROUP BY 1").to_pylist()
     assert sorted((r["n"], r["s"]) for r in rows) == [(50000, 50000)] * 4
+
+
+def test_query_mid_run_sees_step_calls(store):
+    """fl.query in the running script sees step calls made a moment ago (their queue is flushed first)."""
+    @fl.step
+    def double(x):
+        return 2 * x
+
+    fl.init(project="mid", flush_interval=60)
+    double(3)
+    assert fl.query("SELECT count(*) AS n FROM spans WHERE name LIKE '%double%'").column("n")[0].as_py() == 1
