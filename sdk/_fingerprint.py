@@ -147,9 +147,10 @@ def numeric_stats(x: np.ndarray) -> dict:
         fin = v if v.dtype.kind != "f" else v[np.isfinite(v)]
         out["min"] = _num(v.min())
         out["max"] = _num(v.max())
-        out["mean"] = _num(fin.mean(dtype=np.float64)) if fin.shape[0] else None
-        if fin.shape[0]:
-            out["hist"] = _hist(fin)
+        with np.errstate(over="ignore", invalid="ignore"):  # huge values: an inf mean, not a warning in user code
+            out["mean"] = _num(fin.mean(dtype=np.float64)) if fin.shape[0] else None
+            if fin.shape[0]:
+                out["hist"] = _hist(fin)
     return out
 
 
