@@ -169,6 +169,30 @@ REPLAYS = pa.schema(
     ]
 )
 
+GATES = pa.schema(
+    [
+        # One row per `flightlog gate` evaluation, written under the candidate run's partition.
+        ("run_id", pa.string()),  # the candidate run
+        ("baseline_run_id", pa.string()),
+        ("condition", pa.string()),  # canonical text, e.g. "n - o > 0.02 +/- 0.01"
+        ("result", pa.string()),  # pass | fail | insufficient
+        ("mode", pa.string()),  # fp-free | fn-free
+        ("adaptivity", pa.string()),  # none | full | firstChange
+        ("reliability", pa.float64()),
+        ("steps", pa.int64()),  # the test set's budget of evaluations
+        ("testset", pa.string()),  # --testset, or "ids-<hash of the joined item ids>"
+        ("step", pa.int64()),  # 1-based index of this evaluation on (testset, condition)
+        ("examples", pa.int64()),  # items both runs predicted
+        ("labelled", pa.int64()),  # of those, items with a label
+        ("needed", pa.int64()),  # examples the bound asks for (max over clauses)
+        ("n", pa.float64()),  # accuracy of the candidate on the labelled items
+        ("o", pa.float64()),  # accuracy of the baseline
+        ("d", pa.float64()),  # fraction of items where the predictions differ
+        ("details", pa.string()),  # JSON: per-clause estimates, bounds, epochs, dropped items
+        ("time", TS),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
     "metrics": METRICS,
@@ -178,6 +202,7 @@ TABLES: dict[str, pa.Schema] = {
     "assertions": ASSERTIONS,
     "predictions": PREDICTIONS,
     "replays": REPLAYS,
+    "gates": GATES,
 }
 
 
