@@ -206,6 +206,7 @@ def metric_batch(rows: list, run_id: str, source: str, writer: str) -> pa.Table:
         _i64(times, typ=_schema.TS),
         _dict_column(zeros, [source]),
         _dict_column(zeros, [writer]),
+        pa.nulls(n, pa.string()),  # replay_id: replay rows are built by the replay mode
     ]
     # String columns stay dictionary-encoded (20 bytes a row in memory instead of ~130);
     # Parquet stores them as dictionaries anyway and readers see strings.
@@ -223,8 +224,10 @@ class Recorder:
         run.buf = []  # metric tuples, on the Run for the hot path; swapped out whole by the flush thread
         self._old: list | None = None  # last swapped-out buffer and how much of it was taken
         self._old_taken = 0
-        self._rows: dict[str, list[dict]] = {}
-        self._tables: list[tuple[str, pa.Table]] = []
+        # Everything waiting to be encoded, in the order it was produced: [table, payload, kind]
+        # with kind "rows" (dict rows), "table" (a ready batch) or "slot" (metric rows taken from
+        # the buffer and being encoded by some thread; the flush stops there until it is filled).
+        self._inbox: list[list] = []
         self._rows_lock = threading.Lock()
         self._pending: list[tuple[str, pa.Table]] = []
         self._pending_rows = 0
@@ -249,7 +252,12 @@ class Recorder:
     def emit(self, table: str, row: dict) -> None:
         """Queue one row of any table (checkpoints index, spans, io, ...)."""
         with self._rows_lock:
-            self._rows.setdefault(table, []).append(row)
+            inbox = self._inbox
+            last = inbox[-1] if inbox else None
+            if last is not None and last[2] == "rows" and last[0] == table:
+                last[1].append(row)
+            else:
+                inbox.append([table, [row], "rows"])
 
     def request_flush(self) -> None:
         """Ask the flush thread to write soon (e.g. a checkpoint index row)."""
@@ -259,7 +267,7 @@ class Recorder:
     def emit_table(self, table: str, data: pa.Table) -> None:
         """Queue a ready Arrow batch; never waits for a write in progress."""
         with self._rows_lock:
-            self._tables.append((table, data))
+            self._inbox.append([table, data, "table"])
 
     # -- thread -------------------------------------------------------------
 
@@ -323,60 +331,93 @@ class Recorder:
                 del old[:k]
                 self._old_taken = 0
 
+    def _take_slot(self) -> tuple[list, list | None]:
+        """Take the buffered metric rows and reserve their place in the write order (take lock held)."""
+        rows = self._take_metrics()
+        if not rows:
+            return rows, None
+        slot = ["metrics", None, "slot"]
+        with self._rows_lock:
+            self._inbox.append(slot)
+        return rows, slot
+
+    def _fill(self, slot: list, rows: list) -> None:
+        """Encode taken metric rows into their reserved slot; a failure is counted, never raised."""
+        run = self.run
+        try:
+            slot[1] = metric_batch(rows, run.run_id, run.source, run.writer)
+            slot[2] = "table"
+        except Exception as e:
+            run.dropped_rows += len(rows)
+            _warn.problem("encode_error", f"could not encode {len(rows)} buffered rows: {e!r}", len(rows))
+            slot[2] = "lost"
+
     def relieve(self) -> None:
         """Called by the logging thread when the buffer is over its hard cap.
 
         In a loop that logs faster than the flush thread can encode (it gets only part
         of the GIL), the logging thread encodes the batch itself: a few ms now and then,
-        in exchange for bounded memory. The disk write stays on the flush thread.
+        in exchange for bounded memory. The batch keeps the place in the write order it
+        got when its rows were taken; the disk write stays on the flush thread.
         """
         if not self._take_lock.acquire(blocking=False):
             return
         try:
-            rows = self._take_metrics()
+            rows, slot = self._take_slot()
         finally:
             self._take_lock.release()
-        if rows:
-            run = self.run
-            try:
-                t = metric_batch(rows, run.run_id, run.source, run.writer)
-            except Exception as e:
-                _warn.problem("encode_error", f"could not encode buffered rows: {e!r}")
-                return
-            del rows
-            self._release_old()
-            with self._rows_lock:
-                self._tables.append(("metrics", t))
-                waiting = sum(d.num_rows for _, d in self._tables)
-            self.request_flush()
-            # Encoded batches waiting for a healthy writer: yield the GIL briefly so it can
-            # write them (memory stays bounded); never wait for a failing sink.
-            deadline = time.monotonic() + 0.05
-            while (self._sink_ok and waiting + self._pending_rows > 2 * _config.FLUSH_ROWS
-                   and time.monotonic() < deadline):
-                time.sleep(0.0005)
-                with self._rows_lock:
-                    waiting = sum(d.num_rows for _, d in self._tables)
+        if slot is None:
+            return
+        self._fill(slot, rows)
+        del rows
+        self._release_old()
+        self.request_flush()
+        # Encoded batches waiting for a healthy writer: yield the GIL briefly so it can
+        # write them (memory stays bounded); never wait for a failing sink.
+        deadline = time.monotonic() + 0.05
+        waiting = self._inbox_rows()
+        while (self._sink_ok and waiting + self._pending_rows > 2 * _config.FLUSH_ROWS
+               and time.monotonic() < deadline):
+            time.sleep(0.0005)
+            waiting = self._inbox_rows()
+
+    def _inbox_rows(self) -> int:
+        with self._rows_lock:
+            return sum(e[1].num_rows for e in self._inbox if e[2] == "table")
 
     def flush(self) -> None:
-        """Turn buffered rows into batches and write them; never raises."""
+        """Turn buffered rows into batches and write them in the order they were produced; never raises.
+
+        Order matters for crashes: batches of a table reach the sink strictly in the
+        order their rows were logged, so a process killed at any moment leaves a
+        prefix of what it logged, never a hole.
+        """
         with self._flush_lock:
             self._last_flush = time.monotonic()
-            run = self.run
             try:
                 with self._take_lock:
-                    rows = self._take_metrics()
-                if rows:
-                    self._queue("metrics", metric_batch(rows, run.run_id, run.source, run.writer))
+                    rows, slot = self._take_slot()
+                if slot is not None:
+                    self._fill(slot, rows)
                     del rows
                     self._release_old()
                 with self._rows_lock:
-                    other, self._rows = self._rows, {}
-                    tables, self._tables = self._tables, []
-                for table, data in tables:
-                    self._queue(table, data)
-                for table, dict_rows in other.items():
-                    self._queue(table, dict_batch(dict_rows, _schema.schema(table)))
+                    inbox = self._inbox
+                    k = 0
+                    while k < len(inbox) and inbox[k][2] != "slot":
+                        k += 1  # a slot still being encoded by the logging thread: the rest waits
+                    ready = inbox[:k]
+                    del inbox[:k]
+                for table, payload, kind in ready:
+                    if kind == "table":
+                        self._queue(table, payload)
+                    elif kind == "rows":
+                        try:
+                            self._queue(table, dict_batch(payload, _schema.schema(table)))
+                        except Exception as e:
+                            self.run.dropped_rows += len(payload)
+                            _warn.problem("encode_error", f"could not encode {len(payload)} {table} rows: {e!r}",
+                                          len(payload))
             except Exception as e:
                 _warn.problem("encode_error", f"could not encode buffered rows: {e!r}")
             self._drain()
@@ -396,17 +437,22 @@ class Recorder:
             _warn.problem("dropped_rows", f"write backlog full: dropped {d.num_rows} {t} rows", d.num_rows)
 
     def _drain(self) -> None:
-        # Each batch on its own: a table whose writes fail must not hold up the others.
+        # Strictly in order within a table: once a batch of a table fails, the later batches of
+        # that table wait behind it (a later batch stored before an earlier one would leave a hole
+        # if the process died now). A table whose writes fail does not hold up the others.
         kept = []
-        ok = True
+        failed: set[str] = set()
         for table, data in self._pending:
+            if table in failed:
+                kept.append((table, data))
+                continue
             try:
                 self.sink.write(table, data)
             except Exception as e:
                 _warn.problem("write_failed", f"could not write {table} rows ({e}); will retry")
                 kept.append((table, data))
-                ok = False
-        self._sink_ok = ok
+                failed.add(table)
+        self._sink_ok = not failed
         self._pending = kept
         self._pending_rows = sum(d.num_rows for _, d in kept)
 
@@ -424,8 +470,7 @@ class Recorder:
         self.run.buf = []
         self._old = None
         self._old_taken = 0
-        self._rows = {}
-        self._tables = []
+        self._inbox = []
         self._rows_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._take_lock = threading.Lock()
