@@ -4,7 +4,11 @@ Layout: ``<root>/<table>/run_id=<id>/<file>.parquet`` where ``<file>`` is
 
 * ``part-<seq>-<writer>``: one flush of one writer (a process, or a server
   request), ``seq`` increasing per writer;
-* ``compact-<writer>-<lo>-<hi>``: the merge of that writer's parts lo..hi.
+* ``compact-<writer>-<lo>-<hi>``: the merge of some of that writer's parts
+  between lo and hi. The exact batch numbers it holds are in its footer
+  (key ``flightlog.batches``, sorted ``[a, b]`` ranges): a batch spooled by a
+  remote client and delivered after the merge falls inside lo..hi without
+  being in the file, so membership, never the range, decides what it covers.
 
 Every file is written under a dot-prefixed temporary name and renamed, so a
 reader never sees a torn file. Compaction renames the merged file in first and
@@ -14,6 +18,8 @@ crash between the two steps never shows a row twice. Blobs live in
 """
 from __future__ import annotations
 
+import bisect
+import json
 import logging
 import os
 import re
@@ -160,18 +166,21 @@ def compact_dir(d: Path, table: str, writer: str, fsync: bool = False) -> Path |
     files = [f for f in visible_files(d) if _file_writer(f.name) == writer]
     if len(files) < 2:
         return None
-    seqs = []
+    spans: list[tuple[int, int]] = []
     for f in files:
         m = _PART.match(f.name)
         if m:
-            seqs.append(int(m.group(1)))
+            spans.append((int(m.group(1)), int(m.group(1))))
         else:
-            m = _COMPACT.match(f.name)
-            seqs += [int(m.group(2)), int(m.group(3))]
-    lo, hi = min(seqs), max(seqs)
+            got = compact_members(f)
+            if got is None:  # unreadable: leave this writer's files as they are
+                return None
+            spans.extend(got)
+    members = _merge_spans(spans)
+    lo, hi = members[0][0], members[-1][1]
     target = d / f"compact-{writer}-{lo:08d}-{hi:08d}.parquet"
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    sch = _schema.schema(table)
+    sch = _schema.schema(table).with_metadata({MEMBERS_KEY: json.dumps(members, separators=(",", ":")).encode()})
     enc = {"value": "BYTE_STREAM_SPLIT"} if table == "metrics" else {}
     try:
         with pq.ParquetWriter(
@@ -198,11 +207,98 @@ def compact_dir(d: Path, table: str, writer: str, fsync: bool = False) -> Path |
             pass
         return None
     for f in files:
+        if f.name == target.name:  # an earlier merge with the same range, replaced just now
+            continue
         try:
             f.unlink()
         except OSError:
             pass
     return target
+
+
+MEMBERS_KEY = b"flightlog.batches"
+_MAX_SPANS = 1_000_000
+_members_cache: dict[str, tuple[tuple[int, int, int], tuple[tuple[int, int], ...]]] = {}
+_members_lock = threading.Lock()
+
+
+def _merge_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping ``(a, b)`` ranges covering exactly the given ones."""
+    out: list[list[int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def compact_members(path: Path) -> tuple[tuple[int, int], ...] | None:
+    """The batch numbers a compact file holds, as sorted ``(a, b)`` ranges; None if it cannot be read.
+
+    Files written before the numbers were recorded hold their whole name range.
+    Cached by inode, mtime and size: a compact file never changes once renamed in.
+    """
+    m = _COMPACT.match(path.name)
+    if not m:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    with _members_lock:
+        hit = _members_cache.get(str(path))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    lo, hi = int(m.group(2)), int(m.group(3))
+    try:
+        meta = pq.read_metadata(path).metadata or {}
+    except Exception:
+        return None
+    raw = meta.get(MEMBERS_KEY)
+    spans: tuple[tuple[int, int], ...] = ((lo, hi),)
+    if raw is not None:
+        try:
+            got = json.loads(raw)
+            if not isinstance(got, list) or len(got) > _MAX_SPANS:
+                raise ValueError("not a list of ranges")
+            parsed = []
+            for a, b in got:
+                if type(a) is not int or type(b) is not int or not lo <= a <= b <= hi:
+                    raise ValueError(f"range {a!r}-{b!r} outside {lo}-{hi}")
+                parsed.append((a, b))
+            spans = tuple(_merge_spans(parsed)) or spans
+        except (ValueError, TypeError) as e:
+            log.warning("flightlog: %s has an unreadable batch list (%s); taking its whole range", path, e)
+    with _members_lock:
+        if len(_members_cache) > 4096:
+            _members_cache.clear()
+        _members_cache[str(path)] = (key, spans)
+    return spans
+
+
+def _in_spans(spans: tuple[tuple[int, int], ...], seq: int) -> bool:
+    i = bisect.bisect_right(spans, (seq, float("inf"))) - 1
+    return i >= 0 and spans[i][0] <= seq <= spans[i][1]
+
+
+def compact_holds(d: Path, writer: str, seq: int) -> bool:
+    """True when a compact file of ``writer`` in partition ``d`` holds batch ``seq`` (not just spans it)."""
+    prefix = f"compact-{writer}-"
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return False
+    for n in names:
+        m = _COMPACT.match(n)
+        if not m or m.group(1) != writer or not n.startswith(prefix):
+            continue
+        if int(m.group(2)) <= seq <= int(m.group(3)):
+            spans = compact_members(d / n)
+            if spans is not None and _in_spans(spans, seq):
+                return True
+    return False
 
 
 def _file_writer(name: str) -> str | None:
@@ -236,13 +332,28 @@ def visible_files(d: Path) -> list[Path]:
         elif n.endswith(".parquet") and not n.startswith("."):
             others.append(n)  # foreign file: the reader validates it
     out = []
+
+    def members(w: str, lo: int, hi: int):
+        # Only read (cached) when a file falls inside a compact range: the moment between a
+        # merge's rename and its deletes, or a batch delivered after the merge.
+        return compact_members(d / f"compact-{w}-{lo:08d}-{hi:08d}.parquet")
+
+    def holds(w: str, lo: int, hi: int, spans) -> bool:
+        got = members(w, lo, hi)
+        if got is None:  # vanished or unreadable: its range, as before membership was recorded
+            got = ((lo, hi),)
+        return all(any(a <= x and y <= b for a, b in got) for x, y in spans)
+
     for w, ranges in compacts.items():
         for lo, hi in ranges:
-            covered = any(a <= lo and hi <= b and (a, b) != (lo, hi) for a, b in ranges)
-            if not covered:
-                out.append((lo, d / f"compact-{w}-{lo:08d}-{hi:08d}.parquet"))
+            outer = [(a, b) for a, b in ranges if a <= lo and hi <= b and (a, b) != (lo, hi)]
+            if outer:
+                mine = members(w, lo, hi) or ((lo, hi),)
+                if any(holds(w, a, b, mine) for a, b in outer):
+                    continue
+            out.append((lo, d / f"compact-{w}-{lo:08d}-{hi:08d}.parquet"))
     for seq, w, n in parts:
-        if any(lo <= seq <= hi for lo, hi in compacts.get(w, ())):
+        if any(lo <= seq <= hi and holds(w, lo, hi, ((seq, seq),)) for lo, hi in compacts.get(w, ())):
             continue
         out.append((seq, d / n))
     out.sort(key=lambda x: (x[0], x[1].name))
