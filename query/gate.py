@@ -42,8 +42,8 @@ for a tolerance ``eps'`` on ``n − o`` (Bernstein's closed form
 ``N = ln(1/δ)·(2v + 2b·eps'/3)/eps'²`` is a little looser and is reported next to
 it). ``n − o`` is then one variable instead of two, and only the items where the
 predictions differ need a label: the agreeing ones contribute 0 whatever their
-label. The assumption ``d ≤ p`` is checked on the data, at confidence, with one
-more share of δ (so ``δ = (1 − reliability)/((r' + 1) · clauses · steps)``);
+label. The assumption ``d ≤ p`` is checked on the data, at confidence (Chernoff's
+bound in KL form: ``n·KL(d̂‖p) ≥ ln(1/δ)``), with one more share of δ (so ``δ = (1 − reliability)/((r' + 1) · clauses · steps)``);
 when the check does not pass, the clause falls back to the Hoeffding rule.
 
 Decisions. With ``ĝ`` the estimate of ``LHS − RHS`` (a ``<`` clause is negated)
@@ -348,6 +348,27 @@ def bennett_halfwidth(n: Any, variance: float, bound: float, log_delta_: float) 
     return np.where(finite, hi * variance / bound, np.inf)
 
 
+def _kl(a: np.ndarray, b: float) -> np.ndarray:
+    """KL divergence between Bernoulli(a) and Bernoulli(b)."""
+    a = np.clip(a, 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1 = np.where(a > 0, a * np.log(a / b), 0.0)
+        t2 = np.where(a < 1, (1 - a) * np.log((1 - a) / (1 - b)), 0.0)
+    return t1 + t2
+
+
+def d_below(d_hat: Any, n: Any, p: float, log_delta_: float) -> np.ndarray:
+    """True where the data show d <= p at confidence 1 − δ (Chernoff's bound in KL form).
+
+    For a true d > p, P(d̂ ≤ a) ≤ exp(−n·KL(a‖p)) for every a < p, so accepting only when
+    d̂ < p and n·KL(d̂‖p) ≥ ln(1/δ) wrongly accepts with probability at most δ.
+    """
+    d_hat = np.asarray(d_hat, dtype=float)
+    n = np.asarray(n, dtype=float)
+    ok = np.isfinite(d_hat) & (d_hat < p) & (n > 0)
+    return ok & (n * _kl(np.nan_to_num(d_hat), p) >= -log_delta_)
+
+
 # -- planning -------------------------------------------------------------------------------
 
 
@@ -516,8 +537,7 @@ def decide(condition: Condition | str, stats: dict, reliability: float = 0.999, 
         if vp is not None:
             p, b, ld2 = float(max_disagreement), vp["range"], vp["log_delta"]
             # the assumption d <= p, checked at confidence with its own share of δ
-            d_upper = d_hat + hoeffding_halfwidth(N, ld2)
-            ok = np.nan_to_num(d_upper, nan=np.inf) <= p
+            ok = d_below(d_hat, N, p, ld2)
             complete = dif_unl == 0
             w_size = np.where(complete, N, L)
             with np.errstate(divide="ignore", invalid="ignore"):

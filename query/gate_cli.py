@@ -279,10 +279,10 @@ def run_gate(args: argparse.Namespace) -> int:
     cond = _g.parse_condition(args.condition) if args.condition is not None else None
     if cond is None:
         raise QueryError("--condition is required, e.g. --condition 'n - o > 0.02 +/- 0.01'")
+    pl = _g.plan(cond, args.reliability, args.adaptivity, args.steps, args.max_disagreement)  # validates
     if args.plan:
         if args.candidate or args.baseline or args.testset or args.epoch:
             raise QueryError("--plan reads no runs; drop --candidate/--baseline/--testset/--epoch")
-        pl = _g.plan(cond, args.reliability, args.adaptivity, args.steps, args.max_disagreement)
         if args.format == "json":
             _write(json.dumps(pl.as_dict(), indent=2) + "\n")
         else:
@@ -290,7 +290,6 @@ def run_gate(args: argparse.Namespace) -> int:
         return 0
     if not args.candidate or not args.baseline:
         raise QueryError("--candidate and --baseline are required (or --plan for the sample size alone)")
-    _g.plan(cond, args.reliability, args.adaptivity, args.steps, args.max_disagreement)  # validates the budget
     if args.testset is not None and (not args.testset.strip() or len(args.testset) > 200):
         raise QueryError("--testset must be a non-empty name of at most 200 characters")
     epoch = _epoch_arg(args.epoch)
