@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "slices": ("flightlog.query.slices_cli", "find the data slices where the model fails"),
     "gate": ("flightlog.query.gate_cli", "pass/fail a candidate model against a baseline with a statistical guarantee (ease.ml/ci)"),
     "serve": ("flightlog.collector.server", "run the collector server (OTLP/HTTP + Arrow ingest + SQL)"),
+    "ui": ("flightlog.ui", "web UI: runs, charts, replays, health, steps, lineage, SQL"),
     "sync": ("flightlog.collector.client", "push a spool of unsent batches to a collector"),
     "compact": ("flightlog._cli_core", "merge small Parquet parts of finished runs"),
 }

@@ -1,0 +1,443 @@
+"""What the UI reads from a store: a cached runs index, run-scoped DuckDB views, downsampled series.
+
+Why not ``db.connect`` for every request: it builds views over every file of
+every table, which costs seconds on a store with thousands of runs. The UI
+keeps an incrementally refreshed index of the runs table (one directory
+``stat`` per run per refresh, a file is parsed again only when its size or
+mtime changed) and opens, per request, a sandboxed DuckDB connection whose
+views cover only the runs the page shows. Files are validated with the query
+side's own checks (``db._file_ok``) and views are built with its SELECT
+(``db._files_select``), so the UI reads exactly what ``flightlog sql`` reads.
+Whole-store pages (SQL box, lineage, health) use ``db.connect`` itself.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flightlog._errors import FlightlogError, QueryError
+from flightlog.collector import schema as _schema
+from flightlog.collector import store as _store
+from flightlog.query import db
+
+X_AXES = ("step", "epoch", "time")
+MAX_POINTS = 20_000
+_DIGEST = re.compile(r"^[0-9a-f]{32}$")
+
+
+class NotFound(FlightlogError):
+    """A run, metric or blob the request names is not in the store (HTTP 404)."""
+
+
+class BadInput(FlightlogError):
+    """A request parameter is malformed (HTTP 400)."""
+
+
+# -- the runs index ---------------------------------------------------------------------
+
+class RunsIndex:
+    """The runs table (newest row per run, ``crashed`` derived), refreshed at most every ``ttl`` seconds."""
+
+    def __init__(self, root: str, ttl: float = 1.0) -> None:
+        self.root = root
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._dirs: dict[str, int] = {}  # run dir name -> mtime_ns when last listed
+        self._files: dict[str, tuple[int, int, list[dict]]] = {}  # path -> (size, mtime_ns, rows)
+        self._by_dir: dict[str, list[str]] = {}
+        self._latest: dict[str, dict] = {}
+        self._table: pa.Table = _schema.RUNS.empty_table()
+        self._checked = 0.0
+
+    def table(self) -> pa.Table:
+        """The runs as Arrow, oldest first (status derived now for running runs)."""
+        with self._lock:
+            if time.monotonic() - self._checked >= self.ttl:
+                self._refresh()
+                self._checked = time.monotonic()
+            return self._table
+
+    def ids(self) -> set[str]:
+        return set(self.table().column("run_id").to_pylist())
+
+    def _refresh(self) -> None:
+        tdir = Path(self.root) / "runs"
+        try:
+            names = [n for n in os.listdir(tdir) if n.startswith("run_id=")]
+        except OSError:
+            names = []
+        changed = False
+        live = set(names)
+        for gone in [d for d in self._dirs if d not in live]:
+            self._dirs.pop(gone, None)
+            for f in self._by_dir.pop(gone, []):
+                self._files.pop(f, None)
+            changed = True
+        for n in names:
+            d = tdir / n
+            try:
+                m = d.stat().st_mtime_ns
+            except OSError:
+                continue
+            if self._dirs.get(n) == m:
+                continue
+            self._dirs[n] = m
+            files = [str(f) for f in _store.visible_files(d)]
+            for old in self._by_dir.get(n, []):
+                if old not in files:
+                    self._files.pop(old, None)
+            self._by_dir[n] = files
+            for f in files:
+                try:
+                    st = os.stat(f)
+                except OSError:
+                    continue
+                hit = self._files.get(f)
+                if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+                    continue
+                if not db._file_ok(Path(f), "runs"):
+                    rows: list[dict] = []
+                else:
+                    try:
+                        rows = _schema.conform("runs", pq.ParquetFile(f).read()).to_pylist()
+                    except Exception:  # a file the validator accepted but cannot be read: skip it
+                        rows = []
+                self._files[f] = (st.st_size, st.st_mtime_ns, rows)
+            changed = True
+        if changed:
+            latest: dict[str, dict] = {}
+            for _size, _m, rows in self._files.values():
+                for r in rows:
+                    cur = latest.get(r["run_id"])
+                    if cur is None or _rank(r) >= _rank(cur):
+                        latest[r["run_id"]] = r
+            self._latest = latest
+        now, host = time.time(), socket.gethostname()
+        out = []
+        for r in self._latest.values():
+            if r["status"] == "running" and db._looks_dead(self.root, r, now, host):
+                r = dict(r, status="crashed")
+            out.append(r)
+        if changed or any(r["status"] in ("running", "crashed") for r in out):
+            out.sort(key=lambda r: (r["started_at"] is None, r["started_at"] or 0, r["run_id"]))
+            self._table = pa.Table.from_pylist(out, schema=_schema.RUNS)
+
+    def get(self, run: str) -> dict:
+        """One run's row by full id or unique prefix; NotFound otherwise."""
+        if not isinstance(run, str) or not run or len(run) > 128:
+            raise NotFound(f"no run {str(run)[:80]!r} in the store")
+        t = self.table()
+        ids = t.column("run_id").to_pylist()
+        if run in ids:
+            return t.slice(ids.index(run), 1).to_pylist()[0]
+        hits = [i for i, r in enumerate(ids) if r.startswith(run)]
+        if not hits:
+            raise NotFound(f"no run {run!r} in the store")
+        if len(hits) > 1:
+            raise NotFound(f"run id {run!r} is ambiguous: {', '.join(ids[i] for i in hits[:5])}")
+        return t.slice(hits[0], 1).to_pylist()[0]
+
+
+def _rank(r: dict):
+    return (r["status"] != "running", r["updated_at"] or r["started_at"] or 0)
+
+
+# -- scoped, sandboxed connections ----------------------------------------------------------
+
+def _lock(con: duckdb.DuckDBPyConnection, root: str) -> None:
+    real = os.path.realpath(root)
+    dirs = sorted({root.rstrip(os.sep) + os.sep, real.rstrip(os.sep) + os.sep})
+    con.execute(f"SET allowed_directories=[{', '.join(db._sql_str(d) for d in dirs)}]")
+    con.execute("SET enable_external_access=false")
+    con.execute("SET lock_configuration=true")
+
+
+def _new_con() -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(":memory:")
+    for s in ("SET TimeZone='UTC'", "SET enable_progress_bar=false"):
+        con.execute(s)
+    return con
+
+
+def scoped(root: str, runs: pa.Table, run_ids: Iterable[str],
+           tables: Iterable[str] | None = None) -> duckdb.DuckDBPyConnection:
+    """A read-only connection: ``runs`` from the index, other tables over ``run_ids``' files only."""
+    ids = [_store.check_run_id(r) for r in dict.fromkeys(run_ids)]
+    con = _new_con()
+    con.register("_runs_arrow", runs)
+    con.execute("CREATE TABLE runs AS SELECT * FROM _runs_arrow")
+    con.unregister("_runs_arrow")
+    for table in (tables if tables is not None else [t for t in _schema.TABLES if t != "runs"]):
+        files = [f for f in _store.table_files(root, table, ids) if db._file_ok(f, table)]
+        body = db._files_select(table, files) if files else db._empty_select(table)
+        con.execute(f"CREATE VIEW {table} AS {body}")
+    _lock(con, root)
+    return con
+
+
+def rows(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> list[dict]:
+    return db.sql_arrow(con, sql, params).to_pylist()
+
+
+# -- series -------------------------------------------------------------------------------
+
+def _num(v: Any, what: str) -> float | None:
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise BadInput(f"{what} must be a number, got {str(v)[:40]!r}") from None
+    if not math.isfinite(f):
+        raise BadInput(f"{what} must be finite, got {v!r}")
+    return f
+
+
+def parse_series_args(points: Any, x: Any, lo: Any, hi: Any) -> tuple[int, str, float | None, float | None]:
+    """Validated ``(points, x, lo, hi)``; BadInput names the bad one."""
+    try:
+        n = int(points)
+    except (TypeError, ValueError):
+        raise BadInput(f"points must be an integer, got {str(points)[:40]!r}") from None
+    if not 4 <= n <= MAX_POINTS:
+        raise BadInput(f"points must be between 4 and {MAX_POINTS}, got {n}")
+    if x not in X_AXES:
+        raise BadInput(f"x must be one of {', '.join(X_AXES)}, got {str(x)[:40]!r}")
+    a, b = _num(lo, "lo"), _num(hi, "hi")
+    if a is not None and b is not None and a > b:
+        raise BadInput(f"lo ({a:g}) is greater than hi ({b:g})")
+    return n, x, a, b
+
+
+_X_EXPR = {"step": "CAST(step AS DOUBLE)", "epoch": "CAST(epoch AS DOUBLE)",
+           "time": "epoch_us(wall_time) / 1e6"}
+
+
+def series(root: str, run_id: str, name: str, points: int, x: str = "step",
+           lo: float | None = None, hi: float | None = None) -> dict:
+    """One metric of one run, at most ``points`` points, every local extreme kept.
+
+    M4 aggregation in DuckDB: the range [lo, hi] is cut into ``points // 4``
+    equal-width buckets per source; each bucket contributes its first, last,
+    lowest and highest point, so a line drawn through them has the same
+    envelope as the full series at any pixel width down to one bucket. When the
+    range holds at most ``points`` values they are all returned (zooming in
+    re-queries the visible range at full resolution). Values that are NaN,
+    infinite or null cannot be drawn: they are counted in ``n_nonfinite`` and
+    the first one's x is given, not dropped silently.
+    """
+    if not isinstance(name, str) or not name or len(name) > 1000:
+        raise BadInput("name must be a metric name (1 to 1000 characters)")
+    files = [f for f in _store.table_files(root, "metrics", [_store.check_run_id(run_id)])
+             if db._file_ok(f, "metrics")]
+    if not files:
+        raise NotFound(f"run {run_id} has no metrics")
+    con = _new_con()
+    try:
+        con.execute(f"CREATE VIEW m AS {db._files_select('metrics', files)}")
+        _lock(con, root)
+        xe = _X_EXPR[x]
+        where = ["name = $name", f"{xe} IS NOT NULL"]
+        params: dict[str, Any] = {"name": name}
+        if lo is not None:
+            where.append(f"{xe} >= $lo")
+            params["lo"] = lo
+        if hi is not None:
+            where.append(f"{xe} <= $hi")
+            params["hi"] = hi
+        base = (f"SELECT {xe} AS x, value AS y, coalesce(source, 'record') AS src "
+                f"FROM m WHERE {' AND '.join(where)}")
+        st = con.execute(f"""SELECT count(*), count(*) FILTER (WHERE y IS NULL OR NOT isfinite(y)),
+                                    min(x) FILTER (WHERE isfinite(y)), max(x) FILTER (WHERE isfinite(y)),
+                                    count(DISTINCT src), min(x) FILTER (WHERE y IS NULL OR NOT isfinite(y))
+                             FROM ({base})""", params).fetchone()
+        n_total, n_bad, xmin, xmax, nsrc, bad_x = st
+        if n_total == 0:
+            known = con.execute("SELECT count(*) FROM m WHERE name = $name", {"name": name}).fetchone()[0]
+            if not known:
+                raise NotFound(f"run {run_id} has no metric {name!r}")
+        out: dict[str, Any] = {"run": run_id, "name": name, "x_axis": x, "n_total": int(n_total),
+                               "n_nonfinite": int(n_bad), "first_nonfinite_x": bad_x,
+                               "lo": lo, "hi": hi, "downsampled": False, "x": [], "y": [], "source": []}
+        n_fin = n_total - n_bad
+        if n_fin == 0:
+            return out
+        if n_fin <= points:
+            res = con.execute(f"SELECT x, y, src FROM ({base}) WHERE isfinite(y) ORDER BY x, src",
+                              params).fetchall()
+            pts = res
+        else:
+            nb = max(1, points // (4 * max(1, nsrc)))
+            width = (xmax - xmin) or 1.0
+            params.update(nb=nb, xmin=xmin, scale=nb / width)
+            res = con.execute(f"""
+                SELECT src, min(x), arg_min(y, x), max(x), arg_max(y, x),
+                       arg_min(x, y), min(y), arg_max(x, y), max(y)
+                FROM (SELECT src, x, y, least($nb - 1, CAST(floor((x - $xmin) * $scale) AS BIGINT)) AS b
+                      FROM ({base}) WHERE isfinite(y))
+                GROUP BY src, b""", params).fetchall()
+            seen: set = set()
+            pts = []
+            for src, x0, y0, x1, y1, xl, yl, xh, yh in res:
+                for p in ((x0, y0), (xl, yl), (xh, yh), (x1, y1)):
+                    k = (src, p[0], p[1])
+                    if k not in seen:
+                        seen.add(k)
+                        pts.append((p[0], p[1], src))
+            pts.sort(key=lambda p: (p[0], p[2]))
+            out["downsampled"] = True
+        if x != "time":  # steps and epochs are integers (the SQL cast them for bucketing)
+            pts = [(int(p[0]), p[1], p[2]) for p in pts]
+        out["x"] = [p[0] for p in pts]
+        out["y"] = [p[1] for p in pts]
+        out["source"] = [p[2] for p in pts]
+        return out
+    finally:
+        con.close()
+
+
+# -- runs listing -----------------------------------------------------------------------------
+
+def filter_runs(runs: pa.Table, project: str | None = None, tag: str | None = None, status: str | None = None,
+                where: str | None = None) -> pa.Table:
+    """Runs matching the filters, newest first. ``where`` is a SQL predicate over the runs table.
+
+    The predicate runs in a sandboxed DuckDB connection that holds only the
+    runs table, with external access off and the configuration locked.
+    """
+    con = _new_con()
+    try:
+        con.register("_runs_arrow", runs)
+        con.execute("CREATE TABLE runs AS SELECT * FROM _runs_arrow")
+        con.unregister("_runs_arrow")
+        con.execute("SET enable_external_access=false")
+        con.execute("SET lock_configuration=true")
+        conds, params = ["kind IS DISTINCT FROM 'replay'"], []
+        if project:
+            conds.append("project = ?")
+            params.append(project)
+        if status:
+            conds.append("status = ?")
+            params.append(status)
+        if tag:
+            conds.append("(kind = ? OR host = ? OR project = ? OR starts_with(git_commit, ?) "
+                         "OR (? = 'dirty' AND git_dirty))")
+            params += [tag, tag, tag, tag, tag]
+        sql = f"SELECT * FROM runs WHERE {' AND '.join(conds)}"
+        if where and where.strip():
+            pred = where.strip()
+            db.check_read_only(con, f"SELECT 1 FROM runs WHERE ({pred})")
+            if len(con.extract_statements(f"SELECT 1 FROM runs WHERE ({pred})")) != 1:
+                raise QueryError("the filter must be one SQL predicate")
+            sql += f" AND ({pred})"
+        sql += " ORDER BY started_at DESC NULLS LAST, run_id"
+        try:
+            return db.sql_arrow(con, sql, params)
+        except duckdb.Error as e:
+            raise QueryError(f"bad filter: {db._clean(e)}") from None
+    finally:
+        con.close()
+
+
+def differing_params(param_dicts: list[dict]) -> list[str]:
+    """Param names whose values are not the same in every run given (missing counts as different)."""
+    keys: dict[str, None] = {}
+    for p in param_dicts:
+        keys.update(dict.fromkeys(p))
+    out = []
+    for k in keys:
+        vals = {json.dumps(p.get(k, "\0missing"), sort_keys=True, default=str) for p in param_dicts}
+        if len(vals) > 1:
+            out.append(k)
+    return out
+
+
+def params_of(row: dict) -> dict:
+    try:
+        v = json.loads(row.get("params") or "{}")
+        return v if isinstance(v, dict) else {"params": v}
+    except (TypeError, ValueError):
+        return {"params (unparsable)": row.get("params")}
+
+
+def last_metrics(root: str, runs: pa.Table, run_ids: list[str], limit_names: int = 4) -> dict[str, dict]:
+    """{run_id: {metric: last value by step}} for a page of runs (their files only)."""
+    if not run_ids:
+        return {}
+    con = scoped(root, runs, run_ids, tables=["metrics"])
+    try:
+        res = con.execute("SELECT run_id, name, arg_max(value, step) FROM metrics "
+                          "WHERE source IS DISTINCT FROM 'replay' GROUP BY ALL ORDER BY run_id, name").fetchall()
+    finally:
+        con.close()
+    out: dict[str, dict] = {}
+    for rid, name, v in res:
+        d = out.setdefault(rid, {})
+        if len(d) < limit_names:
+            d[name] = v
+    return out
+
+
+# -- code snapshots -----------------------------------------------------------------------------
+
+def read_blob_verified(root: str, digest: str) -> bytes:
+    """A blob's bytes, refused unless its name is a digest and its content hashes to it."""
+    from flightlog import _snapshot
+
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise NotFound(f"not a blob digest: {str(digest)[:80]!r}")
+    try:
+        data = _store.read_blob(root, digest)
+    except OSError:
+        raise NotFound(f"blob {digest} is missing from the store") from None
+    if _snapshot.digest(data) != digest:
+        raise NotFound(f"blob {digest} is corrupt (its content does not match its digest)")
+    return data
+
+
+def snapshot(root: str, snapshot_id: str | None) -> dict:
+    """{"script", "files": {rel: text or None}, "errors": {rel: why}} of a code snapshot."""
+    if not snapshot_id:
+        raise NotFound("the run has no code snapshot")
+    try:
+        man = json.loads(read_blob_verified(root, snapshot_id))
+        files = man["files"]
+        if not isinstance(files, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise NotFound(f"snapshot {snapshot_id} is not a manifest") from None
+    out: dict[str, Any] = {"script": str(man.get("script") or ""), "root": str(man.get("root") or ""),
+                           "files": {}, "errors": {}}
+    for rel, d in sorted(files.items())[:1000]:
+        try:
+            out["files"][str(rel)] = read_blob_verified(root, d).decode("utf-8", errors="replace")
+        except NotFound as e:
+            out["files"][str(rel)] = None
+            out["errors"][str(rel)] = str(e)
+    return out
+
+
+def code_diff(a: dict, b: dict, a_label: str, b_label: str) -> list[dict]:
+    """Per-file unified diff lines from snapshot ``b`` (the other run) to ``a`` (this run)."""
+    out = []
+    for rel in sorted(set(a["files"]) | set(b["files"])):
+        ta, tb = a["files"].get(rel), b["files"].get(rel)
+        if ta == tb:
+            continue
+        lines = list(difflib.unified_diff((tb or "").splitlines(), (ta or "").splitlines(),
+                                          f"{b_label}/{rel}", f"{a_label}/{rel}", lineterm="", n=3))
+        out.append({"file": rel, "status": "added" if tb is None else "removed" if ta is None else "changed",
+                    "lines": lines})
+    return out
