@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import struct
 import threading
 import time
 import uuid
@@ -56,6 +57,13 @@ DEFAULT_PORT = 4318
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 DEFAULT_QUERY_TIMEOUT = 30.0
 DEFAULT_MAX_ROWS = 100_000
+DEFAULT_READ_TIMEOUT = 60.0  # a client has this long to send a whole request (headers + body)
+HEADER_TIMEOUT = 10.0  # ... and at most this long (or the read timeout, if shorter) for its headers
+DEFAULT_QUERY_MEMORY = 1 << 30  # bytes one /v1/query may allocate (its process's data segment)
+DEFAULT_MAX_RESPONSE = 128 << 20  # bytes one /v1/query may return
+DEFAULT_MAX_QUERIES = 4  # queries running at once; more wait for a slot within their time limit
+DECODED_FACTOR = 4  # rows of one request may take this many times the body limit once converted
+JSON_BODY_LIMIT = 4 << 20  # bodies of the JSON endpoints (/v1/query, /v1/heartbeat, /v1/compact)
 _BATCH_RE = re.compile(r"^([A-Za-z0-9]{1,64})-(\d{1,15})$")
 _WRITER_RE = re.compile(r"^[A-Za-z0-9]{1,64}$")
 
@@ -397,6 +405,12 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
         return {"status": "ok", "version": __version__, "uptime_s": round(time.time() - stats.started, 1),
                 **stats.snapshot()}
 
+    try:  # the web UI (flightlog.ui) under /ui: same store, same token
+        from flightlog.ui import create_app as _ui_app
+    except ImportError:
+        pass
+    else:
+        app.mount("/ui", _ui_app(root, token))
     return app
 
 
