@@ -178,8 +178,12 @@ def _budget_lock(root: str):
     import fcntl
 
     d = os.path.join(root, "gates")
-    os.makedirs(d, exist_ok=True)
-    fh = open(os.path.join(d, ".lock"), "a")
+    try:
+        os.makedirs(d, exist_ok=True)
+        fh = open(os.path.join(d, ".lock"), "a")
+    except OSError as e:
+        raise StoreError(f"cannot record the evaluation in {d} ({e.strerror or e}); the gate needs a writable "
+                         "store to keep the test set's budget") from None
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         yield
@@ -209,10 +213,15 @@ def _spent(history: list[str], adaptivity: str, steps: int) -> str | None:
 
 
 def _record(root: str, row: dict) -> None:
+    """Write the row with the store's atomic part writer, under the candidate run's partition."""
     from flightlog.collector import schema, store
 
     t = pa.Table.from_pylist([row], schema=schema.GATES)
-    store.LocalSink(root).write("gates", t)
+    try:
+        store.LocalSink(root).write("gates", t)
+    except OSError as e:
+        raise StoreError(f"cannot record the evaluation in {root}/gates ({e.strerror or e}); the gate needs a "
+                         "writable store to keep the test set's budget (no result is given unrecorded)") from None
 
 
 # -- output --------------------------------------------------------------------------------------
