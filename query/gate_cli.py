@@ -254,7 +254,7 @@ def _plan_text(pl: _g.Plan) -> str:
                 lines.append(f"    N = b²·ln(1/δ)/(v·h(b·eps/v)) = {v['examples']:,} examples "
                              f"(Bernstein: {v['bernstein_examples']:,}); only items where the predictions differ "
                              f"need a label: about {v['labels']:,} at d = {pl.max_disagreement:g}")
-    lines.append(f"total: {pl.examples:,} labelled examples by Hoeffding")
+    lines.append(f"total: {pl.examples:,} examples by Hoeffding, {pl.labels:,} of them labelled")
     if pl.max_disagreement is not None:
         ve, vl = pl.variance_examples, pl.variance_labels
         saved = pl.labels - vl
