@@ -16,6 +16,19 @@ process using the same spool, and by ``flightlog sync``. Batches the
 collector rejects for good (bad rows: 400, 404, 413, 415, 422) move to
 ``spool/rejected`` with a warning instead of being retried forever.
 
+Order: a batch never overtakes an older batch of the same writer. While any
+of this sink's batches waits in the spool, newer ones join the spool behind
+it, and the spool is resent in batch-number order per writer; so the
+collector holds a prefix of each writer's batches, plus the spool, at all
+times. Every reply is checked: the collector must account for every row of
+the batch (written now, or already stored); a batch it does not fully confirm
+moves to ``spool/unconfirmed`` and ``flightlog sync`` exits 1 naming it.
+
+At finish (``finishing()``) the sink gets ``FINISH_SECONDS`` of network time
+in all, whatever the collector does (down, refusing, accepting and stalling):
+each request's timeouts shrink to what is left, and what is not delivered by
+then stays in the spool.
+
 Heartbeat: a tiny ``POST /v1/heartbeat`` every few seconds makes the server
 touch the run's heartbeat file, exactly what readers look at to tell a live
 run from a crashed one.
@@ -39,6 +52,7 @@ from flightlog.collector import store as _store
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 DEFAULT_TIMEOUT = 2.0
+FINISH_SECONDS = 5.0  # network time fl.finish() may spend in remote mode; the rest is spooled
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 _SPOOL_RE = re.compile(r"^([A-Za-z0-9]{1,64})-(\d{1,15})\.([a-z_]{1,32})\.arrows$")
@@ -60,7 +74,7 @@ def encode(data: pa.Table) -> bytes:
 
 
 def spool_files(spool: str | os.PathLike) -> list[Path]:
-    """Spooled batches waiting to be sent, oldest first."""
+    """Spooled batches waiting to be sent: oldest first, each writer's in batch-number order."""
     d = Path(spool)
     try:
         names = [n for n in os.listdir(d) if _SPOOL_RE.match(n)]
@@ -72,7 +86,25 @@ def spool_files(spool: str | os.PathLike) -> list[Path]:
             out.append((os.stat(d / n).st_mtime_ns, n))
         except OSError:
             continue
-    return [d / n for _, n in sorted(out)]
+    out.sort()
+    # Writers interleave by age; within a writer, batch numbers decide (equal or skewed mtimes
+    # must never send a later batch first).
+    by_writer: dict[str, list[tuple[int, str]]] = {}
+    for _, n in out:
+        m = _SPOOL_RE.match(n)
+        by_writer.setdefault(m.group(1), []).append((int(m.group(2)), n))
+    for v in by_writer.values():
+        v.sort(reverse=True)
+    return [d / by_writer[_SPOOL_RE.match(n).group(1)].pop()[1] for _, n in out]
+
+
+def _batch_rows(payload: bytes) -> int | None:
+    """Rows in a spooled Arrow IPC stream; None when it cannot be read."""
+    try:
+        with ipc.open_stream(pa.py_buffer(payload)) as r:
+            return sum(b.num_rows for b in r)
+    except Exception:
+        return None
 
 
 class CollectorSink:
@@ -93,7 +125,9 @@ class CollectorSink:
         self.timeout = float(timeout)
         self.writer = writer or _new_writer()
         self._seq = 0
-        self._retry: tuple[pa.Table, str] | None = None  # a batch that could be neither sent nor spooled
+        self._retry: list[tuple[pa.Table, str]] = []  # batches that could be neither sent nor spooled
+        self._mine: set[str] = set()  # our batch ids in the spool: newer batches queue behind them
+        self._deadline: float | None = None  # set by finishing(): no network after it
         self._lock = threading.RLock()  # one network exchange at a time per sink
         self._client = None
         self._pid = os.getpid()  # the process that owns the lock, the seq and the HTTP connections
@@ -104,6 +138,7 @@ class CollectorSink:
         self.duplicates = 0
         self.spooled = 0
         self.rejected = 0
+        self.unconfirmed = 0
         self.last_error = ""
 
     # -- HTTP --------------------------------------------------------------------------
@@ -116,6 +151,8 @@ class CollectorSink:
             self._client = None  # never share the parent's sockets
             self.writer = _new_writer()
             self._seq = 0
+            self._retry = []
+            self._mine = set()
 
     def _http(self):
         if self._client is None:
@@ -128,11 +165,29 @@ class CollectorSink:
                                         headers=headers)
         return self._client
 
+    def _left(self) -> float | None:
+        """Seconds of network time left before the finish deadline (None: no deadline)."""
+        return None if self._deadline is None else self._deadline - time.monotonic()
+
     def _post(self, path: str, timeout: float | None = None, **kw: Any):
         c = self._http()
+        left = self._left()
+        if left is not None:
+            if left <= 0.01:
+                raise TimeoutError("finish deadline reached")
+            # every phase (connect, each read, each write) fits in what is left
+            timeout = min(timeout if timeout is not None else self.timeout, left)
         if timeout is not None:
             kw["timeout"] = timeout
         return c.post(self.url + path, **kw)
+
+    def finishing(self, seconds: float = FINISH_SECONDS) -> None:
+        """The run is finishing: allow ``seconds`` of network time from now on, then spool only."""
+        self._deadline = time.monotonic() + seconds
+
+    def past_deadline(self) -> bool:
+        left = self._left()
+        return left is not None and left <= 0.01
 
     def _ok(self) -> None:
         self._delay = 0.0
@@ -146,8 +201,12 @@ class CollectorSink:
         """True while the sink waits before talking to the collector again."""
         return time.monotonic() < self._backoff_until
 
-    def _send(self, table: str, payload: bytes, batch_id: str, attempt: int) -> str:
-        """One POST of one batch: ``ok`` | ``later`` (spool, back off) | ``rejected`` (never retry)."""
+    def _send(self, table: str, payload: bytes, batch_id: str, attempt: int, rows: int | None = None) -> str:
+        """One POST of one batch: ``ok`` | ``later`` (spool, back off) | ``rejected`` (never retry)
+        | ``unconfirmed`` (the reply does not account for all ``rows``)."""
+        if self.past_deadline():
+            self.last_error = "finish deadline reached"
+            return "later"
         try:
             r = self._post(f"/v1/ingest/{table}", content=payload,
                            headers={"Content-Type": ARROW_STREAM, "X-Flightlog-Batch": batch_id,
@@ -159,9 +218,14 @@ class CollectorSink:
         if r.status_code < 300:
             self._ok()
             try:
-                self.duplicates += 1 if r.json().get("duplicate_rows") else 0
-            except Exception:
-                pass
+                reply = r.json()
+                got = int(reply["rows"]) + int(reply["duplicate_rows"])
+            except Exception:  # a collector that does not count: nothing to check
+                return "ok"
+            self.duplicates += 1 if reply.get("duplicate_rows") else 0
+            if rows is not None and got != rows:
+                self.last_error = f"collector confirmed {got} of {rows} rows of batch {batch_id}"
+                return "unconfirmed"
             return "ok"
         self.last_error = f"HTTP {r.status_code}: {r.text[:200]}"
         if r.status_code in _RETRY_LATER or r.status_code >= 500:
@@ -177,7 +241,24 @@ class CollectorSink:
     def _spool_write(self, table: str, payload: bytes, batch_id: str) -> None:
         _store.write_bytes_atomic(self.spool / f"{batch_id}.{table}.arrows", payload, fsync=True)
         self._spooled = True
+        self._mine.add(batch_id)
         self.spooled += 1
+
+    def _set_aside(self, path: Path | None, table: str, payload: bytes, batch_id: str) -> None:
+        """A batch the collector did not fully confirm: kept in spool/unconfirmed, loudly."""
+        self.unconfirmed += 1
+        d = self.spool / "unconfirmed"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            target = d / f"{batch_id}.{table}.arrows"
+            if path is not None:
+                os.replace(path, target)
+            else:
+                _store.write_bytes_atomic(target, payload, fsync=True)
+        except OSError:
+            pass
+        _warn.problem("collector_unconfirmed", f"collector {self.url} did not confirm every row "
+                                               f"({self.last_error}); batch kept in {d}")
 
     def _reject(self, path: Path | None, table: str, payload: bytes, batch_id: str) -> None:
         self.rejected += 1
@@ -203,18 +284,24 @@ class CollectorSink:
         with self._lock:
             files = spool_files(self.spool)
             for f in files:
-                if deadline is not None and time.monotonic() > deadline:
+                if (deadline is not None and time.monotonic() > deadline) or self.past_deadline():
                     return sent
                 m = _SPOOL_RE.match(f.name)
+                batch_id, table = f"{m.group(1)}-{m.group(2)}", m.group(3)
                 try:
                     payload = f.read_bytes()
                 except FileNotFoundError:  # another process sent it
+                    self._mine.discard(batch_id)
                     continue
-                res = self._send(m.group(3), payload, f"{m.group(1)}-{m.group(2)}", attempt=2)
+                res = self._send(table, payload, batch_id, attempt=2, rows=_batch_rows(payload))
                 if res == "later":
                     return sent
+                self._mine.discard(batch_id)
                 if res == "rejected":
-                    self._reject(f, m.group(3), payload, f"{m.group(1)}-{m.group(2)}")
+                    self._reject(f, table, payload, batch_id)
+                    continue
+                if res == "unconfirmed":
+                    self._set_aside(f, table, payload, batch_id)
                     continue
                 sent += 1
                 self.sent += 1
@@ -223,42 +310,50 @@ class CollectorSink:
                 except FileNotFoundError:
                     pass
             self._spooled = bool(spool_files(self.spool))
+            if not self._spooled:
+                self._mine.clear()
         return sent
 
     # -- the Sink protocol --------------------------------------------------------------
 
     def write(self, table: str, data: pa.Table) -> None:
-        """Send one batch, or spool it; never waits longer than the timeout."""
+        """Send one batch, or spool it behind our older spooled ones; never waits longer than the timeout."""
         if data.num_rows == 0:
             return
         payload = encode(data)
         self._check_fork()
         with self._lock:
-            if self._retry is not None and self._retry[0] is data:
-                batch_id = self._retry[1]  # the recorder retries a batch we could not spool: same id
+            known = next((i for i, (t, _) in enumerate(self._retry) if t is data), None)
+            if known is not None:
+                batch_id = self._retry.pop(known)[1]  # the recorder retries a batch we could not spool: same id
+                first = False  # it may have reached the collector before its reply was lost
             else:
                 self._seq += 1
                 batch_id = f"{self.writer}-{self._seq}"
-            self._retry = (data, batch_id)
+                first = True
             if not self.backing_off():
                 self.drain(time.monotonic() + 2 * self.timeout)
-            if not self.backing_off():
-                res = self._send(table, payload, batch_id, attempt=1)
+            if not self.backing_off() and not self._mine:  # never overtake our own spooled batches
+                res = self._send(table, payload, batch_id, attempt=1 if first else 2, rows=data.num_rows)
                 if res == "ok":
                     self.sent += 1
-                    self._retry = None
                     return
                 if res == "rejected":
                     self._reject(None, table, payload, batch_id)
-                    self._retry = None
                     return
-            self._spool_write(table, payload, batch_id)  # raises when the disk is full: the recorder retries
-            self._retry = None
+                if res == "unconfirmed":
+                    self._set_aside(None, table, payload, batch_id)
+                    return
+            try:
+                self._spool_write(table, payload, batch_id)
+            except BaseException:  # disk full: the recorder hands the same table again later
+                self._retry = (self._retry + [(data, batch_id)])[-64:]
+                raise
 
     def heartbeat(self, run_id: str) -> None:
         """Tell the collector the run is alive (and resend spooled batches); silent on failure."""
         self._check_fork()
-        if self.backing_off():
+        if self.backing_off() or self.past_deadline():
             return
         with self._lock:
             if self._spooled:
@@ -282,7 +377,8 @@ class CollectorSink:
         A spooled batch sent after a merge would look like a resend of a merged one.
         """
         with self._lock:
-            if self.backing_off() or any(f.name.startswith(self.writer + "-") for f in spool_files(self.spool)):
+            if (self.backing_off() or self.past_deadline() or self._mine
+                    or any(f.name.startswith(self.writer + "-") for f in spool_files(self.spool))):
                 return
             try:
                 self._post("/v1/compact", json={"run_id": run_id, "writer": self.writer},
@@ -291,9 +387,10 @@ class CollectorSink:
                 pass  # optional: `flightlog compact` can do it later
 
     def close(self) -> None:
-        """Last try to empty the spool (a few seconds at most), then say what is left."""
+        """Last try to empty the spool (until the finish deadline, else 5 s), then say what is left."""
         try:
-            self.drain(time.monotonic() + 5.0, force=True)
+            self.drain(self._deadline if self._deadline is not None else time.monotonic() + FINISH_SECONDS,
+                       force=True)
         except Exception:
             pass
         n = self.pending()
@@ -324,7 +421,8 @@ def configure_sync(p: argparse.ArgumentParser) -> None:
 
 
 def run_sync(args: argparse.Namespace) -> int:
-    """Push every spooled batch; exit 1 when some are left."""
+    """Push every spooled batch, checking the collector accounts for every row; exit 1 when some are
+    left or were not confirmed."""
     from flightlog._errors import StoreError
 
     url = _config.resolve(args.collector, _config.ENV_COLLECTOR, None)
@@ -346,14 +444,21 @@ def run_sync(args: argparse.Namespace) -> int:
         raise StoreError(str(e)) from None
     before = sink.pending()
     sent = sink.drain(force=True)
-    left = sink.pending()
+    left = spool_files(spool)
     c = sink._client
     if c is not None:
         c.close()
     msg = f"sent {sent} of {before} spooled batch(es) to {url}"
+    if sink.duplicates:
+        msg += f" ({sink.duplicates} already stored there)"
     if sink.rejected:
         msg += f"; {sink.rejected} rejected (kept in {spool / 'rejected'})"
     if left:
-        msg += f"; {left} left ({sink.last_error or 'collector unreachable'})"
+        msg += f"; {len(left)} left ({sink.last_error or 'collector unreachable'})"
+    unconfirmed = sorted(f.name for f in (spool / "unconfirmed").glob("*.arrows")) \
+        if (spool / "unconfirmed").is_dir() else []
+    if unconfirmed:
+        msg += (f"; {len(unconfirmed)} batch(es) NOT confirmed by the collector, kept in "
+                f"{spool / 'unconfirmed'}: {', '.join(unconfirmed[:10])}{' ...' if len(unconfirmed) > 10 else ''}")
     print(msg)
-    return 1 if left else 0
+    return 1 if left or unconfirmed else 0

@@ -296,6 +296,13 @@ class Recorder:
                 _warn.problem("flush_error", f"background flush failed: {e!r}")
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop the flush thread (the run is finishing): a remote sink starts its finish deadline now."""
+        fin = getattr(self.sink, "finishing", None)
+        if fin is not None:
+            try:
+                fin()
+            except Exception:
+                pass
         self._stop = True
         self._wake.set()
         t = self._thread

@@ -418,7 +418,7 @@ def test_unspoolable_batch_keeps_its_id_when_retried(tmp_path):
     data = _rows("r1", [1.0])
     with pytest.raises(OSError):
         sink.write("metrics", data)
-    first = sink._retry[1]
+    first = sink._retry[0][1]
     blocker.unlink()
     sink._ok()
     sink.write("metrics", data)  # the recorder hands the same table again
