@@ -5,8 +5,13 @@ OTLP data model onto flightlog's columns:
 
 * ``run_id``: the first of the span attribute ``flightlog.run_id``, the
   resource attribute ``flightlog.run_id``, then ``ml.run_id`` (span, then
-  resource), then the resource's ``service.name``, else ``"otel"``. Characters
-  a run id may not hold become ``_`` (it names a directory of the store).
+  resource), then the resource's ``service.name``, else ``"otel"``. A run id
+  names a directory of the store, so an explicit one (``flightlog.run_id`` /
+  ``ml.run_id``) must already be valid (letters, digits and ``_.:@+=-``, at
+  most 128): a span naming an invalid one is rejected, never filed under a
+  look-alike. A service name that is not a valid run id is made one, with a
+  hash of the exact name appended (``"etl job/1"`` → ``etl_job_1-<8 hex>``),
+  so two names that differ only in such characters stay two runs.
 * ``epoch`` / ``batch``: integer attributes ``ml.epoch`` / ``ml.batch`` (or
   ``flightlog.epoch`` / ``flightlog.batch``); ``ctx``: ``ml.ctx``/``flightlog.ctx``.
 * ``writer``: resource ``flightlog.writer``, else ``host.name:process.pid``
@@ -136,10 +141,32 @@ def _attrs(kvs) -> dict:
     return out
 
 
+_VALID_RUN = re.compile(r"[A-Za-z0-9_.:@+=-]{1,128}")
+
+
+def valid_run_id(raw: Any) -> str | None:
+    """``raw`` as a run id when it is one exactly (no trailing newline, no ``.``/``..``), else None."""
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+        return None
+    s = str(raw)
+    return s if _VALID_RUN.fullmatch(s) and s not in (".", "..") else None
+
+
 def safe_run_id(raw: Any) -> str:
-    """``raw`` as a store-safe run id (it names a directory)."""
-    s = _BAD_RUN_CHARS.sub("_", str(raw))[:128]
-    return s if s and s not in (".", "..") else "otel"
+    """``raw`` (a service name) as a store-safe run id that no other name maps to.
+
+    A valid id is kept as it is; otherwise disallowed characters become ``_``
+    and ``-`` plus 8 hex digits of the name's SHA-256 are appended, so that
+    ``a/b`` and ``a_b`` (or two long names sharing 128 characters) stay apart.
+    """
+    s = str(raw)
+    ok = valid_run_id(s)
+    if ok is not None:
+        return ok
+    import hashlib
+
+    digest = hashlib.sha256(s.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{_BAD_RUN_CHARS.sub('_', s)[:119]}-{digest}"
 
 
 def _int_or_none(v: Any) -> int | None:
@@ -199,7 +226,7 @@ def spans_table(req, default_writer: str | None = None) -> tuple[pa.Table, int, 
         svc = res.get("service.name")
         svc = str(svc) if svc is not None else None
         res_run = _first(res, _RUN_KEYS)
-        default_run = safe_run_id(res_run if res_run is not None else (svc or "otel"))
+        default_run = valid_run_id(res_run) if res_run is not None else safe_run_id(svc or "otel")
         writer = _writer(res) or default_writer
         for ss in rs.scope_spans:
             for sp in ss.spans:
@@ -214,7 +241,14 @@ def spans_table(req, default_writer: str | None = None) -> tuple[pa.Table, int, 
                 run = a.get("flightlog.run_id")
                 if run is None:
                     run = a.get("ml.run_id")
-                c_run.append(default_run if run is None else safe_run_id(run))
+                run_id = default_run if run is None else valid_run_id(run)
+                if run_id is None:
+                    bad = run if run is not None else res_run
+                    rejected += 1
+                    why = why or (f"span {sp.name[:60]!r}: run id {str(bad)[:80]!r} is not a valid run id "
+                                  "(letters, digits and _.:@+=- only, at most 128 characters)")
+                    continue
+                c_run.append(run_id)
                 c_tid.append(tid.hex())
                 c_sid.append(sid.hex())
                 c_par.append(par.hex() if par and par != _ZERO_SPAN else None)
@@ -253,7 +287,9 @@ def spans_table(req, default_writer: str | None = None) -> tuple[pa.Table, int, 
                     c_attr.append(None)
                 c_svc.append(svc)
                 c_wr.append(writer)
-    arrays = [pa.array(cols[f.name], f.type) for f in _schema.SPANS]
+    n = len(c_run)  # columns added to the schema later that OTLP does not fill stay null
+    arrays = [pa.array(cols[f.name], f.type) if len(cols[f.name]) == n else pa.nulls(n, f.type)
+              for f in _schema.SPANS]
     return pa.Table.from_arrays(arrays, schema=_schema.SPANS), rejected, why
 
 

@@ -94,23 +94,112 @@ def _covered_by_compact(d: Path, writer: str, seq: int) -> bool:
     return _store.compact_holds(d, writer, seq)
 
 
+def _string_like(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or \
+        pa.types.is_large_binary(t)
+
+
+def _flat(t: pa.DataType) -> bool:
+    """Types whose converted size is bounded by their row count (no views, run-ends or nesting)."""
+    return (pa.types.is_null(t) or pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t)
+            or pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_decimal(t) or _string_like(t))
+
+
+def check_column_types(sch: pa.Schema) -> None:
+    """Refuse column types that could make a small body expand without bound when converted.
+
+    Plain scalars, strings/binaries and dictionaries of those are accepted;
+    string views, run-end encoding, lists, structs, maps, unions and extension
+    types are not (no flightlog table has such a column).
+    """
+    for f in sch:
+        t = f.type
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        if not _flat(t):
+            raise BadRequest(400, f"column {f.name[:80]!r} has type {str(f.type)[:80]}, which no flightlog table "
+                                  "takes: send plain scalar, string or dictionary-encoded columns")
+
+
+def decoded_size(table: str, data: pa.Table) -> int:
+    """Bytes that converting ``data`` to ``table``'s schema would allocate (an upper estimate).
+
+    Counted before converting, because a few bytes on the wire can stand for
+    many rows: a dictionary of one long string, an absent column (nulls for
+    every row), a batch that declares rows but sends no columns.
+    """
+    rows = data.num_rows
+    total = 0
+    for field in _schema.schema(table):
+        target = field.type
+        width = 4 if pa.types.is_string(target) else 1 if pa.types.is_boolean(target) else 8
+        base = rows * width + rows // 8 + 64
+        if field.name not in data.column_names:
+            total += base
+            continue
+        col = data.column(field.name)
+        t = col.type
+        if field.name == "run_id":  # decoded to find the runs and to split the batch per run
+            total += base + (col.nbytes if _string_like(t) else 0)
+        if t.equals(target) or (pa.types.is_dictionary(t) and t.value_type.equals(target)):
+            if field.name == "run_id" and pa.types.is_dictionary(t):
+                total += _dictionary_string_bytes(col)
+            continue  # kept as it is
+        total += base
+        if not pa.types.is_string(target):
+            continue
+        if pa.types.is_dictionary(t) and _string_like(t.value_type):
+            total += _dictionary_string_bytes(col)
+        elif _string_like(t):
+            total += col.nbytes
+        else:
+            total += rows * 48  # a number, date or time written out as text
+    return total
+
+
+def _dictionary_string_bytes(col: pa.ChunkedArray) -> int:
+    """Bytes of the strings a dictionary column stands for, once decoded."""
+    n = 0
+    for chunk in col.chunks:
+        lengths = pc.binary_length(chunk.dictionary)
+        s = pc.sum(pc.take(lengths, chunk.indices)).as_py()
+        n += s or 0
+    return n
+
+
 def write_batch(root: str | os.PathLike, table: str, data: pa.Table, writer: str, seq: int,
-                retry: bool = True, fsync: bool = True) -> tuple[int, int]:
+                retry: bool = True, fsync: bool = True, max_decoded: int | None = None) -> tuple[int, int]:
     """Write one batch as ``part-<seq>-<writer>`` in each run partition it touches.
 
     Returns ``(rows written, rows already stored)``. Raises BadRequest for rows
     that do not fit the table. ``retry=False`` (a batch's first transmission)
-    skips the scan for compact files that may already hold it.
+    skips the scan for compact files that may already hold it. ``max_decoded``
+    refuses (413) a batch whose conversion to the table's types would allocate
+    more bytes than that. ``data`` must have passed full validation
+    (``Table.validate(full=True)``): nothing here reads unvalidated buffers.
     """
     try:
-        data = _schema.conform(table, data)
+        _schema.schema(table)
     except KeyError as e:
         raise BadRequest(404, str(e.args[0])) from None
+    extra = [n for n in data.column_names if _schema.schema(table).get_field_index(n) < 0]
+    if extra:
+        raise BadRequest(400, f"rows do not fit table {table!r}: no column(s) {', '.join(extra)[:300]}")
+    if max_decoded is not None:
+        check_column_types(data.schema)
+        need = decoded_size(table, data)
+        if need > max_decoded:
+            raise BadRequest(413, f"{data.num_rows} {table} row(s) would take {need} bytes once converted to the "
+                                  f"table's types, more than the limit of {max_decoded} bytes: send smaller batches")
+    try:
+        data = _schema.conform(table, data, keep_dictionary=True)
     except (ValueError, TypeError, pa.ArrowException) as e:
         raise BadRequest(400, f"rows do not fit table {table!r}: {str(e).splitlines()[0][:300]}") from None
     if data.num_rows == 0:
         return 0, 0
     runs = data.column("run_id")
+    if pa.types.is_dictionary(runs.type):
+        runs = runs.cast(pa.string())
     if runs.null_count:
         raise BadRequest(400, f"{runs.null_count} {table} row(s) have no run_id")
     uniq = pc.unique(runs).to_pylist()
@@ -127,35 +216,155 @@ def write_batch(root: str | os.PathLike, table: str, data: pa.Table, writer: str
         if path.exists() or (retry and _covered_by_compact(d, writer, seq)):
             dup += sub.num_rows
             continue
-        _store.write_parquet_atomic(path, sub, table, fsync=fsync)
+        existed = d.is_dir()
+        try:
+            _store.write_parquet_atomic(path, sub, table, fsync=fsync)
+        except BaseException:
+            if not existed:  # a failed request leaves no empty partition behind
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+            raise
         written += sub.num_rows
     return written, dup
 
 
-def read_arrow_stream(body: bytes) -> pa.Table:
-    """The table in an Arrow IPC stream; BadRequest when it is not one."""
+def read_arrow_stream(body: bytes, max_decompressed: int | None = None) -> pa.Table:
+    """The table in an Arrow IPC stream, fully validated; BadRequest when it is not one.
+
+    pyarrow's reader checks only what is cheap (buffer sizes, first and last
+    offsets); a crafted body whose inner string offsets point elsewhere passes
+    that and crashes the process later, on a cast or a write. So every batch
+    gets ``validate(full=True)`` before anything reads its values.
+
+    IPC buffer compression (LZ4/ZSTD) is accepted, but the uncompressed sizes
+    the stream declares are summed first and a stream declaring more than
+    ``max_decompressed`` bytes is refused (413) before anything is inflated;
+    Arrow inflates a buffer into exactly its declared size, so the declared
+    sum bounds the memory. Column types that could expand without bound on
+    conversion (views, run-end encoding, nested types) are refused (400).
+    """
     if not body:
         raise BadRequest(400, "empty body: expected an Arrow IPC stream")
+    buf = pa.py_buffer(body)
     try:
-        with ipc.open_stream(pa.py_buffer(body)) as reader:
-            return reader.read_all()
-    except (pa.ArrowException, OSError, ValueError) as e:
+        if max_decompressed is not None:
+            declared = ipc_decompressed_size(buf)
+            if declared > max_decompressed:
+                raise BadRequest(413, f"the Arrow stream's compressed buffers declare {declared} bytes uncompressed, "
+                                      f"more than the limit of {max_decompressed} bytes")
+        with ipc.open_stream(buf) as reader:
+            check_column_types(reader.schema)
+            table = reader.read_all()
+        table.validate(full=True)
+        return table
+    except (pa.ArrowException, OSError, ValueError, struct.error) as e:
         raise BadRequest(400, f"malformed Arrow IPC stream: {str(e).splitlines()[0][:300]}") from None
 
 
+# Arrow IPC metadata is a FlatBuffer (format/Message.fbs). Only what bounds decompression is read:
+# Message.header_type (field 1) and header (2); DictionaryBatch.data (1); RecordBatch.buffers (2)
+# and compression (3). Every read is bounds-checked: the bytes are the client's.
+_HEADER_DICTIONARY, _HEADER_RECORD_BATCH = 2, 3
+
+
+def _fb_read(fmt: str, buf, pos: int):
+    size = struct.calcsize(fmt)
+    if pos < 0 or pos + size > len(buf):
+        raise ValueError("IPC metadata points outside itself")
+    return struct.unpack_from(fmt, buf, pos)[0]
+
+
+def _fb_field(buf, table: int, index: int) -> int | None:
+    """Absolute position of field ``index`` of the FlatBuffer table at ``table``; None when absent."""
+    vtable = table - _fb_read("<i", buf, table)
+    vsize = _fb_read("<H", buf, vtable)
+    slot = 4 + 2 * index
+    if slot + 2 > vsize:
+        return None
+    off = _fb_read("<H", buf, vtable + slot)
+    return table + off if off else None
+
+
+def _fb_deref(buf, pos: int) -> int:
+    return pos + _fb_read("<I", buf, pos)
+
+
+def ipc_decompressed_size(stream: pa.Buffer) -> int:
+    """Sum of the uncompressed sizes that the compressed buffers of an IPC stream declare.
+
+    Uncompressed buffers count nothing (they are read in place). Reading the
+    messages does not inflate anything.
+    """
+    total = 0
+    reader = ipc.MessageReader.open_stream(stream)
+    while True:
+        try:
+            msg = reader.read_next_message()
+        except StopIteration:
+            return total
+        if msg.type not in ("record batch", "dictionary"):
+            continue
+        md = memoryview(msg.metadata)
+        root = _fb_deref(md, 0)
+        kind_at = _fb_field(md, root, 1)
+        header_at = _fb_field(md, root, 2)
+        if kind_at is None or header_at is None:
+            continue
+        kind = _fb_read("<B", md, kind_at)
+        batch = _fb_deref(md, header_at)
+        if kind == _HEADER_DICTIONARY:
+            data_at = _fb_field(md, batch, 1)
+            if data_at is None:
+                continue
+            batch = _fb_deref(md, data_at)
+        elif kind != _HEADER_RECORD_BATCH:
+            continue
+        if _fb_field(md, batch, 3) is None:  # no BodyCompression: buffers are stored as they are
+            continue
+        buffers_at = _fb_field(md, batch, 2)
+        if buffers_at is None:
+            continue
+        vec = _fb_deref(md, buffers_at)
+        n = _fb_read("<I", md, vec)
+        if vec + 4 + 16 * n > len(md):
+            raise ValueError("IPC metadata lists more buffers than it holds")
+        body = memoryview(msg.body) if msg.body is not None else memoryview(b"")
+        for offset, length in struct.iter_unpack("<qq", md[vec + 4: vec + 4 + 16 * n]):
+            if length == 0:
+                continue
+            if offset < 0 or length < 8 or offset + length > len(body):
+                raise ValueError("a compressed IPC buffer lies outside the message body")
+            size = struct.unpack_from("<q", body, offset)[0]  # Arrow's prefix: uncompressed length, -1 = stored
+            if size < -1:
+                raise ValueError("a compressed IPC buffer declares a negative length")
+            total += length - 8 if size == -1 else size
+
+
 def gunzip(body: bytes, limit: int) -> bytes:
-    """Inflate a gzip body, refusing to grow past ``limit`` bytes (zip bombs)."""
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    """Inflate a gzip body, every member of it, refusing to grow past ``limit`` bytes (zip bombs).
+
+    A gzip file may be several members one after another (``cat a.gz b.gz``);
+    all are read, as ``gzip -d`` does. Bytes after the last member that are
+    not another member are an error, not silently dropped.
+    """
+    parts, total, rest = [], 0, body
     try:
-        out = d.decompress(body, limit + 1)
-        if len(out) > limit or d.unconsumed_tail:
-            raise BadRequest(413, f"decompressed body is larger than the limit of {limit} bytes")
-        out += d.flush()
+        while True:
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out = d.decompress(rest, limit - total + 1)
+            total += len(out)
+            if total > limit:
+                raise BadRequest(413, f"decompressed body is larger than the limit of {limit} bytes")
+            parts.append(out)
+            if not d.eof:
+                raise BadRequest(400, "truncated gzip body")
+            rest = d.unused_data
+            if not rest:
+                return b"".join(parts)
     except zlib.error as e:
         raise BadRequest(400, f"malformed gzip body: {e}") from None
-    if not d.eof:
-        raise BadRequest(400, "truncated gzip body")
-    return out
 
 
 class Stats:
@@ -183,21 +392,99 @@ def _media_type(value: str | None) -> str:
     return (value or "").split(";")[0].strip().lower()
 
 
+def check_token(token: str | None) -> str | None:
+    """``token`` when it can protect the server, None for no token; ValueError for one that cannot.
+
+    An empty token is what ``--token "$TOKEN"`` gives when TOKEN is unset; taking
+    it as "no token" would silently open the server, so it is refused instead.
+    """
+    if token is None:
+        return None
+    if not isinstance(token, str) or token == "":
+        raise ValueError("the token is empty (is the variable you passed unset?); give a real token, or none "
+                         "at all to serve without one")
+    if not all("!" <= c <= "~" for c in token):
+        raise ValueError("the token may hold only visible ASCII characters (no spaces, newlines or control "
+                         "characters): a bearer header could never carry it")
+    return token
+
+
+class _JsonBodyLimit:
+    """Bounds the bodies FastAPI reads whole before any handler runs (the JSON endpoints).
+
+    The ingest endpoints read their bodies themselves, under ``max_body``.
+    """
+
+    def __init__(self, app: Any, limit: int, own_paths: tuple[str, ...]) -> None:
+        self.app, self.limit, self.own_paths = app, limit, own_paths
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(self.own_paths):
+            return await self.app(scope, receive, send)
+        from starlette.exceptions import HTTPException
+
+        limit = self.limit
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                try:
+                    n = int(v)
+                except ValueError:
+                    n = -1
+                if n < 0 or n > limit:
+                    msg = "bad Content-Length header" if n < 0 else \
+                        f"body of {n} bytes is larger than the limit of {limit} bytes for this endpoint"
+                    status = 400 if n < 0 else 413
+                    body = json.dumps({"detail": msg}).encode()
+                    await send({"type": "http.response.start", "status": status,
+                                "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                            (b"content-length", str(len(body)).encode())]})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+        seen = 0
+
+        async def bounded() -> dict:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:  # FastAPI lets an HTTPException from here through as it is
+                    raise HTTPException(413, f"body is larger than the limit of {limit} bytes for this endpoint")
+            return msg
+
+        await self.app(scope, bounded, send)
+
+
 def create_app(store: str | os.PathLike | None = None, token: str | None = None, *,
                max_body: int = DEFAULT_MAX_BODY, query_timeout: float = DEFAULT_QUERY_TIMEOUT,
-               max_rows: int = DEFAULT_MAX_ROWS):
-    """Build the FastAPI app over ``store`` (created if missing)."""
+               max_rows: int = DEFAULT_MAX_ROWS, query_memory: int = DEFAULT_QUERY_MEMORY,
+               max_response: int = DEFAULT_MAX_RESPONSE, max_queries: int = DEFAULT_MAX_QUERIES):
+    """Build the FastAPI app over ``store`` (created if missing).
+
+    Limits (each refusal is a 4xx saying which limit): ``max_body`` bytes per
+    request body, decompressed (gzip, Arrow IPC compression) included, and
+    ``DECODED_FACTOR`` times that once rows are converted; ``/v1/query`` runs
+    in its own process, killed at ``query_timeout`` seconds, with
+    ``query_memory`` bytes of memory, ``max_response`` bytes of reply and at
+    most ``max_queries`` at once. Slow senders are cut off by the protocol
+    (``ServerThread``/``flightlog serve`` set it up, see ``guarded_protocol``).
+    """
+    import asyncio
+
     from fastapi import Depends, FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse, Response
     from pydantic import BaseModel, Field
     from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect
 
     from flightlog import __version__
 
+    token = check_token(token)
     root = _config.store_home(os.fspath(store) if store is not None else None)
     os.makedirs(root, exist_ok=True)
     stats = Stats()
     tok = token.encode() if token else None
+    max_decoded = DECODED_FACTOR * max_body
+    query_slots = asyncio.Semaphore(max(1, max_queries))
 
     def auth(request: Request) -> None:
         if tok is None:
@@ -212,6 +499,7 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
                   description="OTLP/HTTP traces, Arrow ingest of flightlog tables, read-only SQL over the store.")
     app.state.store = root
     app.state.stats = stats
+    app.add_middleware(_JsonBodyLimit, limit=min(max_body, JSON_BODY_LIMIT), own_paths=("/v1/ingest/", "/v1/traces"))
     secured = [Depends(auth)]
 
     async def read_body(request: Request) -> bytes:
@@ -224,11 +512,14 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
             if n > max_body:
                 raise BadRequest(413, f"body of {n} bytes is larger than the limit of {max_body} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body:
-                raise BadRequest(413, f"body is larger than the limit of {max_body} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body:
+                    raise BadRequest(413, f"body is larger than the limit of {max_body} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:  # gone, or cut off by the read timeout: nobody reads the reply
+            raise BadRequest(408, "the request body did not arrive in time") from None
         return b"".join(chunks)
 
     def decode_encoding(request: Request, body: bytes) -> bytes:
@@ -290,12 +581,12 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
     def ingest_arrow(table: str, body: bytes, request: Request, batch: tuple[str, int] | None,
                      attempt: int) -> tuple[int, int]:
         body = decode_encoding(request, body)
-        data = read_arrow_stream(body)
+        data = read_arrow_stream(body, max_decompressed=max_body)
         if batch is None:
             writer, seq, retry = "s" + uuid.uuid4().hex[:16], 0, False
         else:
             (writer, seq), retry = batch, attempt > 1
-        return write_batch(root, table, data, writer, seq, retry=retry)
+        return write_batch(root, table, data, writer, seq, retry=retry, max_decoded=max_decoded)
 
     @app.post("/v1/ingest/{table}", dependencies=secured, tags=["ingest"],
               summary="Append rows of a flightlog table (Arrow IPC stream)",
@@ -369,25 +660,27 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
 
     @app.post("/v1/query", dependencies=secured, tags=["query"],
               summary="Read-only SQL over the store (JSON or Arrow IPC stream)")
-    def query(body: QueryRequest, request: Request):
+    async def query(body: QueryRequest, request: Request):
         limit = min(body.max_rows or max_rows, max_rows)
         timeout = min(body.timeout_s or query_timeout, query_timeout)
         fmt = body.format
         if ARROW_STREAM in (request.headers.get("accept") or ""):
             fmt = "arrow"
-        table, truncated = run_query(root, body.sql, body.params, limit, timeout)
-        if fmt == "arrow":
-            sink = pa.BufferOutputStream()
-            with ipc.new_stream(sink, table.schema) as w:
-                w.write_table(table)
-            return Response(sink.getvalue().to_pybytes(), media_type=ARROW_STREAM,
-                            headers={"X-Flightlog-Truncated": "true" if truncated else "false"})
-        from flightlog import _format
-
-        cols = json.dumps([{"name": f.name, "type": str(f.type)} for f in table.schema])
-        text = (f'{{"columns": {cols}, "row_count": {table.num_rows}, '
-                f'"truncated": {"true" if truncated else "false"}, "rows": {_format.to_json(table)}}}')
-        return Response(text, media_type="application/json")
+        t0 = time.monotonic()
+        try:  # waiting for a slot is part of the query's time, and holds no thread
+            await asyncio.wait_for(query_slots.acquire(), timeout)
+        except asyncio.TimeoutError:
+            raise BadRequest(503, f"{max_queries} queries are already running; none finished within the time "
+                                  f"limit of {timeout:g} s (retry later)") from None
+        try:
+            left = max(0.05, timeout - (time.monotonic() - t0))
+            out, truncated, _ = await run_in_threadpool(
+                query_in_process, root, body.sql, body.params, limit, left, fmt,
+                memory=query_memory, max_bytes=max_response, timeout_label=timeout)
+        finally:
+            query_slots.release()
+        flag = {"X-Flightlog-Truncated": "true" if truncated else "false"}
+        return Response(out, media_type=ARROW_STREAM if fmt == "arrow" else "application/json", headers=flag)
 
     @app.get("/v1/runs", dependencies=secured, tags=["query"], summary="Runs in the store, newest first")
     def runs(project: str | None = None, limit: int = 100):
@@ -401,7 +694,7 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
         return Response(_format.to_json(t), media_type="application/json")
 
     @app.get("/healthz", tags=["health"], summary="Liveness and counters (no token needed)")
-    def healthz() -> dict:
+    async def healthz() -> dict:  # on the event loop: no worker thread needed, so busy threads never stall it
         return {"status": "ok", "version": __version__, "uptime_s": round(time.time() - stats.started, 1),
                 **stats.snapshot()}
 
@@ -414,8 +707,9 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
     return app
 
 
-def run_query(root: str, sql: str, params: Any, limit: int, timeout: float) -> tuple[pa.Table, bool]:
-    """Run read-only SQL in the CLI's sandbox; stop at ``limit`` rows and ``timeout`` seconds."""
+def _query_result(root: str, sql: str, params: Any, limit: int, timeout: float, fmt: str,
+                  max_bytes: int | None) -> tuple[bytes, bool, int]:
+    """Run read-only SQL in the CLI's sandbox and render the reply body (``fmt``: json or arrow)."""
     import duckdb
 
     from flightlog._errors import FlightlogError, QueryError
@@ -425,7 +719,7 @@ def run_query(root: str, sql: str, params: Any, limit: int, timeout: float) -> t
         con = db.connect(root)
     except FlightlogError as e:
         raise BadRequest(400, str(e)) from None
-    timer = threading.Timer(timeout, con.interrupt)
+    timer = threading.Timer(timeout, con.interrupt)  # the polite stop; the caller kills the process at the limit
     timer.daemon = True
     timer.start()
     try:
@@ -434,24 +728,268 @@ def run_query(root: str, sql: str, params: Any, limit: int, timeout: float) -> t
         for s in stmts[:-1]:
             con.execute(s)
         rel = con.sql(stmts[-1] if len(stmts) > 1 else sql, params=params)
-        if rel is None:
-            return pa.table({}), False
-        table = db._arrow(rel.limit(limit + 1))  # DuckDB stops producing rows at the limit
-        truncated = table.num_rows > limit
-        return (table.slice(0, limit) if truncated else table), truncated
+        table = pa.table({}) if rel is None else db._arrow(rel.limit(limit + 1))  # DuckDB stops at the limit
     except QueryError as e:
         raise BadRequest(400, str(e)) from None
     except duckdb.InterruptException:
         raise BadRequest(408, f"query exceeded the time limit of {timeout:g} s") from None
     except duckdb.PermissionException as e:
         raise BadRequest(403, f"refused: {db._clean(e)} (queries may only read the store)") from None
-    except (duckdb.Error, pa.ArrowException) as e:
+    except duckdb.OutOfMemoryException:
+        raise MemoryError from None
+    except (duckdb.Error, pa.ArrowException, TypeError, ValueError, OverflowError) as e:
         if "interrupt" in str(e).lower():
             raise BadRequest(408, f"query exceeded the time limit of {timeout:g} s") from None
         raise BadRequest(400, f"SQL error: {db._clean(e)}") from None
     finally:
         timer.cancel()
         con.close()
+    truncated = table.num_rows > limit
+    if truncated:
+        table = table.slice(0, limit)
+    too_big = (f"the result is larger than the limit of {max_bytes} bytes for a reply: select fewer rows "
+               "or columns (max_rows), or aggregate")
+    if max_bytes is not None and table.nbytes > 4 * max_bytes:
+        raise BadRequest(422, too_big)
+    if fmt == "arrow":
+        sink = pa.BufferOutputStream()
+        with ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        out = sink.getvalue().to_pybytes()
+    else:
+        from flightlog import _format
+
+        cols = json.dumps([{"name": f.name, "type": str(f.type)} for f in table.schema])
+        try:
+            rows = _format.to_json(table)
+        except (TypeError, ValueError, OverflowError, pa.ArrowException) as e:
+            raise BadRequest(422, f"the result cannot be written as JSON ({str(e)[:200]}): ask for format "
+                                  "'arrow' or cast the column") from None
+        out = (f'{{"columns": {cols}, "row_count": {table.num_rows}, '
+               f'"truncated": {"true" if truncated else "false"}, "rows": {rows}}}').encode()
+    if max_bytes is not None and len(out) > max_bytes:
+        raise BadRequest(422, too_big)
+    return out, truncated, table.num_rows
+
+
+# -- /v1/query in its own process ----------------------------------------------------------
+# DuckDB checks its interrupt flag between vectors, not inside one long expression
+# (repeat('ab', 10^9) ran 53 s past a 1 s interrupt here), and a thread cannot be killed.
+# So each query runs in a process forked from a forkserver that has DuckDB, pyarrow and the
+# views module loaded (~10 ms per fork): killed at the time limit, its data segment capped
+# (RLIMIT_DATA) at the memory limit, and a crash of DuckDB takes down only that process.
+
+_PRELOAD = ["duckdb", "pyarrow", "flightlog.query.db", "flightlog.query.lineage", "flightlog._format",
+            "flightlog.collector.server"]
+_mp_lock = threading.Lock()
+_mp_ctx = None
+
+
+def _forkserver():
+    global _mp_ctx
+    with _mp_lock:
+        if _mp_ctx is None:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(_PRELOAD)
+            _mp_ctx = ctx
+        return _mp_ctx
+
+
+def _cap_memory(limit: int) -> None:
+    """Let this process allocate ``limit`` more bytes of data segment than it holds now (Linux)."""
+    import resource
+
+    held = 0
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmData:"):
+                    held = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    cap = held + limit
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard != resource.RLIM_INFINITY:
+            cap = min(cap, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    except (ValueError, OSError, AttributeError):
+        pass
+
+
+def _query_child(conn, root: str, sql: str, params: Any, limit: int, timeout: float, fmt: str,
+                 memory: int | None, max_bytes: int | None) -> None:
+    """Body of the query process: one query, its reply sent back over ``conn``."""
+    try:
+        if memory:
+            _cap_memory(memory)
+        out, truncated, rows = _query_result(root, sql, params, limit, timeout, fmt, max_bytes)
+        conn.send(("ok", truncated, rows))
+        conn.send_bytes(out)
+    except BadRequest as e:
+        conn.send(("error", e.status, e.message))
+    except MemoryError:
+        conn.send(("error", 422, f"query exceeded the memory limit of {(memory or 0) >> 20} MiB"))
+    except BaseException as e:  # a bug: say what it was, the server stays up
+        conn.send(("error", 500, f"query failed: {type(e).__name__}: {str(e)[:300]}"))
+    finally:
+        conn.close()
+
+
+def query_in_process(root: str, sql: str, params: Any, limit: int, timeout: float, fmt: str = "json", *,
+                     memory: int | None = DEFAULT_QUERY_MEMORY, max_bytes: int | None = DEFAULT_MAX_RESPONSE,
+                     timeout_label: float | None = None) -> tuple[bytes, bool, int]:
+    """Run one query in a fresh process with hard time and memory limits; ``(body, truncated, rows)``.
+
+    BadRequest: 400 bad SQL, 403 refused, 408 past ``timeout`` (the process is
+    killed), 422 past ``memory`` or ``max_bytes``, 503 when no process can start.
+    """
+    label = timeout_label if timeout_label is not None else timeout
+    ctx = _forkserver()
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_query_child, name="flightlog-query", daemon=True,
+                    args=(send, os.fspath(root), sql, params, limit, timeout, fmt, memory, max_bytes))
+    try:
+        try:
+            p.start()
+        except (OSError, RuntimeError) as e:
+            raise BadRequest(503, f"cannot start a query process: {e}") from None
+        finally:
+            send.close()
+        if not recv.poll(timeout + 0.5):  # the child's own interrupt fires at `timeout`; this is the hard stop
+            raise BadRequest(408, f"query exceeded the time limit of {label:g} s")
+        try:
+            head = recv.recv()
+            if head[0] == "ok":
+                return recv.recv_bytes(), head[1], head[2]
+        except EOFError:  # the process died without a word: killed by the kernel or a crash in DuckDB
+            p.join(2)
+            code = p.exitcode
+            why = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+            mem = f" (likely past the memory limit of {memory >> 20} MiB)" if memory else ""
+            raise BadRequest(422, f"the query's process died with {why}{mem}") from None
+        raise BadRequest(head[1], head[2])
+    finally:
+        recv.close()
+        if p.is_alive():
+            p.kill()
+        if p.pid is not None:
+            p.join(5)
+
+
+def run_query(root: str, sql: str, params: Any, limit: int, timeout: float, *,
+              memory: int | None = DEFAULT_QUERY_MEMORY,
+              max_bytes: int | None = DEFAULT_MAX_RESPONSE) -> tuple[pa.Table, bool]:
+    """Run read-only SQL in the CLI's sandbox, in its own process; stop at ``limit`` rows and ``timeout`` s."""
+    out, truncated, _ = query_in_process(root, sql, params, limit, timeout, "arrow", memory=memory,
+                                         max_bytes=max_bytes)
+    with ipc.open_stream(pa.py_buffer(out)) as r:
+        return r.read_all(), truncated
+
+
+def guarded_protocol(read_timeout: float = DEFAULT_READ_TIMEOUT, header_timeout: float = HEADER_TIMEOUT) -> type:
+    """uvicorn's h11 protocol, plus deadlines for slow senders.
+
+    uvicorn times out idle keep-alive connections but not a request that is
+    being sent: a client that opens a connection and trickles (or stops
+    sending) its headers or body holds a socket forever, and enough of them
+    exhaust the process's file descriptors, locking every client out. Here a
+    connection must deliver complete headers within ``min(header_timeout,
+    read_timeout)`` seconds of its first byte (or of opening), and the whole
+    body within ``read_timeout`` seconds of the headers; otherwise it gets a
+    408 (when no reply was started) and is closed. A request whose body has
+    arrived is never cut off, however long the server takes to answer it.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    head_s = min(header_timeout, read_timeout)
+    reply = json.dumps({"detail": "request not received in time"}).encode()
+    timeout_reply = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                     b"content-length: " + str(len(reply)).encode() + b"\r\n\r\n" + reply)
+
+    class GuardedH11Protocol(H11Protocol):
+        _timer: Any = None
+        _phase: str | None = None
+        _started = False  # a byte of the current request has arrived
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm("headers", head_s)
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE:
+                self._started = True
+                if self._timer is None:  # the first bytes of a request on a kept-alive connection
+                    self._arm("headers", head_s)
+            super().data_received(data)
+            self._follow()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._follow()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _follow(self) -> None:
+            state = self.conn.their_state
+            if state is h11.SEND_BODY:
+                if self._phase != "body":
+                    self._arm("body", read_timeout)
+            elif state is not h11.IDLE:  # the request is in (or the connection is over): no deadline
+                self._disarm()
+                self._started = False
+
+        def _arm(self, phase: str, seconds: float) -> None:
+            self._disarm()
+            self._phase = phase
+            self._timer = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._phase = None, None
+
+        def _expired(self) -> None:
+            self._timer, self._phase = None, None
+            if self.transport.is_closing() or self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+                return
+            cycle = self.cycle
+            active = cycle is not None and not cycle.response_complete
+            if (active and not cycle.response_started) or (not active and self._started):
+                self.transport.write(timeout_reply)
+            if active:  # the app's receive() now reports a disconnect and its reply is dropped
+                cycle.disconnected = True
+                cycle.message_event.set()
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def _uvicorn_config(app: Any, host: str, port: int, read_timeout: float, **kw: Any):
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(read_timeout), timeout_keep_alive=5,
+                          access_log=False, **kw)
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (more sockets before accept() fails)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return want
+        return soft
+    except (ImportError, ValueError, OSError):
+        return -1
 
 
 class ServerThread:
@@ -461,7 +999,7 @@ class ServerThread:
     """
 
     def __init__(self, store: str | os.PathLike, token: str | None = None, host: str = "127.0.0.1",
-                 port: int = 0, **app_kw: Any) -> None:
+                 port: int = 0, read_timeout: float = DEFAULT_READ_TIMEOUT, **app_kw: Any) -> None:
         import socket
 
         import uvicorn
@@ -474,8 +1012,8 @@ class ServerThread:
         self.host, self.port = host, port
         self.url = f"http://{host}:{port}"
         # uvicorn binds itself: handing it a pre-bound socket made every reply ~40 ms slower here
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="critical",
-                                                     access_log=False, lifespan="off"))
+        self._server = uvicorn.Server(_uvicorn_config(self.app, host, port, read_timeout, log_level="critical",
+                                                      lifespan="off"))
         self._thread = threading.Thread(target=self._run, name="flightlog-collector", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 20
@@ -518,6 +1056,15 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-timeout", type=float, default=DEFAULT_QUERY_TIMEOUT,
                    help="seconds a /v1/query may run (default 30)")
     p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows a /v1/query returns at most")
+    p.add_argument("--query-memory-mb", type=float, default=DEFAULT_QUERY_MEMORY / 2**20,
+                   help="memory one /v1/query may use, MiB (default 1024; its process is capped)")
+    p.add_argument("--max-response-mb", type=float, default=DEFAULT_MAX_RESPONSE / 2**20,
+                   help="largest /v1/query reply, MiB (default 128)")
+    p.add_argument("--max-queries", type=int, default=DEFAULT_MAX_QUERIES,
+                   help=f"queries run at once; more wait (default {DEFAULT_MAX_QUERIES})")
+    p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+                   help=f"seconds a client has to send a request body (headers: at most {HEADER_TIMEOUT:g}); "
+                        f"slower senders get 408 and are disconnected (default {DEFAULT_READ_TIMEOUT:g})")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
 
 
@@ -526,13 +1073,30 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    token = args.token if args.token is not None else (os.environ.get(_config.ENV_TOKEN) or None)
+    from flightlog._errors import FlightlogError
+
+    if args.token is not None:
+        token, where = args.token, "--token"
+    else:
+        token, where = os.environ.get(_config.ENV_TOKEN), f"${_config.ENV_TOKEN}"
+    try:
+        token = check_token(token)
+    except ValueError as e:
+        raise FlightlogError(f"{where}: {e}") from None
+    for name in ("max_body_mb", "query_timeout", "query_memory_mb", "max_response_mb", "read_timeout"):
+        if not getattr(args, name) > 0:
+            raise FlightlogError(f"--{name.replace('_', '-')} must be a positive number")
+    if args.max_rows < 1 or args.max_queries < 1:
+        raise FlightlogError("--max-rows and --max-queries must be at least 1")
     app = create_app(args.store, token, max_body=int(args.max_body_mb * 2**20),
-                     query_timeout=args.query_timeout, max_rows=args.max_rows)
+                     query_timeout=args.query_timeout, max_rows=args.max_rows,
+                     query_memory=int(args.query_memory_mb * 2**20), max_response=int(args.max_response_mb * 2**20),
+                     max_queries=args.max_queries)
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"flightlog: warning: serving on {args.host} without --token: anyone who can reach it "
               "can write and read the store", file=sys.stderr)
+    raise_fd_limit()
     print(f"flightlog collector on http://{args.host}:{args.port}  store {app.state.store}"
           f"{'  (token required)' if token else ''}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    uvicorn.Server(_uvicorn_config(app, args.host, args.port, args.read_timeout, log_level=args.log_level)).run()
     return 0

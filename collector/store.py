@@ -51,7 +51,7 @@ def new_writer_id() -> str:
 
 
 def check_run_id(run_id: str) -> str:
-    if not isinstance(run_id, str) or not _SAFE_RUN.match(run_id) or run_id in (".", ".."):
+    if not isinstance(run_id, str) or not _SAFE_RUN.fullmatch(run_id) or run_id in (".", ".."):
         raise ValueError(f"invalid run id {run_id!r}")
     return run_id
 

@@ -84,7 +84,10 @@ def test_stock_exporter_spans_arrive_with_parent_links(server, store, capsys):
 
 
 def test_gzip_exporter_and_run_id_fallback(server, store, capsys):
-    """The exporter's gzip compression works; without a run id attribute the service name is the run id."""
+    """The exporter's gzip compression works; without a run id attribute the service name is the run id.
+
+    A service name that is not a valid run id gets a hash of the exact name appended (no look-alike collisions).
+    """
     from opentelemetry.exporter.otlp.proto.http import Compression
 
     tp, mem = _tracer(server.url, {"service.name": "etl job/1"}, compression=Compression.Gzip)
@@ -94,7 +97,10 @@ def test_gzip_exporter_and_run_id_fallback(server, store, capsys):
             b.set_attribute("ml.run_id", "explicit-run")
     tp.shutdown()
     rows = _sql(capsys, store, "SELECT name, run_id FROM spans ORDER BY name")
-    assert rows == [{"name": "a", "run_id": "etl_job_1"}, {"name": "b", "run_id": "explicit-run"}]
+    import hashlib
+
+    tail = hashlib.sha256(b"etl job/1").hexdigest()[:8]
+    assert rows == [{"name": "a", "run_id": f"etl_job_1-{tail}"}, {"name": "b", "run_id": "explicit-run"}]
 
 
 def _otlp_json(spans: list[dict], resource: dict | None = None) -> bytes:
