@@ -30,6 +30,7 @@ __all__ = [
     "watch",
     "health",
     "log_predictions",
+    "inspect",
     "FlightlogError",
 ]
 
@@ -43,6 +44,7 @@ _LAZY = {
     "watch": ("flightlog._assertions", "watch"),
     "health": ("flightlog.query.health", "health"),
     "log_predictions": ("flightlog._predictions", "log_predictions"),
+    "inspect": ("flightlog._inspect", "inspect"),
 }
 
 
