@@ -42,6 +42,11 @@ RUNS = pa.schema(
         ("error_message", pa.string()),
         ("dropped_rows", pa.int64()),
         ("counters", pa.string()),  # JSON object: warnings / drops by kind
+        ("tags", pa.string()),  # JSON list of strings (fl.init(tags=), flightlog tag)
+        ("notes", pa.string()),  # free text (fl.init(notes=), flightlog note)
+        # when tags/notes were last set: readers take tags and notes from the row with the newest
+        # annotated_at, so `flightlog tag` on a live run is not undone by the run's next heartbeat row
+        ("annotated_at", TS),
     ]
 )
 
@@ -57,6 +62,7 @@ METRICS = pa.schema(
         ("wall_time", TS),
         ("source", pa.string()),  # record | replay
         ("writer", pa.string()),  # host:pid[:rank] of the process that logged it
+        ("replay_id", pa.string()),  # the replay that wrote it (source='replay'), else null
     ]
 )
 
@@ -80,6 +86,7 @@ SPANS = pa.schema(
         ("attributes", pa.string()),  # JSON
         ("service_name", pa.string()),
         ("writer", pa.string()),
+        ("replay_id", pa.string()),  # set on rows a replay worker wrote
     ]
 )
 
@@ -99,6 +106,7 @@ IO = pa.schema(
         ("path", pa.string()),  # file artifacts
         ("payload", pa.string()),  # blob reference of a captured value
         ("time", TS),
+        ("replay_id", pa.string()),  # set on rows a replay worker wrote
     ]
 )
 
@@ -119,6 +127,9 @@ CHECKPOINTS = pa.schema(
         ("time", TS),
         ("status", pa.string()),  # ok | failed
         ("error", pa.string()),
+        # JSON {"vars": [loop variables saved besides the registered objects],
+        #       "uncaptured": {name: why}}; null for checkpoints written before this column
+        ("captured", pa.string()),
     ]
 )
 
@@ -149,6 +160,7 @@ PREDICTIONS = pa.schema(
         ("epoch", pa.int64()),
         ("batch", pa.int64()),
         ("time", TS),
+        ("replay_id", pa.string()),  # set on rows a replay worker wrote
     ]
 )
 
@@ -158,7 +170,7 @@ REPLAYS = pa.schema(
         ("replay_id", pa.string()),
         ("segment", pa.string()),  # e.g. "3:7"
         ("status", pa.string()),  # ok | failed
-        ("fidelity", pa.string()),  # exact | within tolerance | diverged | unchecked
+        ("fidelity", pa.string()),  # exact | within tolerance | diverged | failed | unchecked
         ("compared", pa.int64()),
         ("max_abs_diff", pa.float64()),
         ("first_divergence", pa.string()),  # JSON
@@ -166,6 +178,9 @@ REPLAYS = pa.schema(
         ("started_at", TS),
         ("ended_at", TS),
         ("error", pa.string()),
+        ("verified", pa.int64()),  # new values checked against a full re-execution of one epoch
+        ("plan", pa.string()),  # fast | full | from_start (exact re-execution from the start)
+        ("scratch", pa.string()),  # folder holding the files the script wrote during the replay
     ]
 )
 
@@ -193,6 +208,60 @@ GATES = pa.schema(
     ]
 )
 
+HISTOGRAMS = pa.schema(
+    [
+        # fl.log_histogram: one row per call; bins as JSON lists (edges has one more entry than counts)
+        ("run_id", pa.string()),
+        ("name", pa.string()),
+        ("step", pa.int64()),
+        ("epoch", pa.int64()),
+        ("batch", pa.int64()),
+        ("ctx", pa.string()),
+        ("edges", pa.string()),  # JSON list of bin edges, ascending
+        ("counts", pa.string()),  # JSON list of counts per bin
+        ("count", pa.int64()),  # finite values binned
+        ("nonfinite", pa.int64()),  # NaN/inf values left out of the bins
+        ("min", pa.float64()),
+        ("max", pa.float64()),
+        ("mean", pa.float64()),
+        ("wall_time", TS),
+        ("source", pa.string()),  # record | replay
+        ("writer", pa.string()),
+        ("replay_id", pa.string()),
+    ]
+)
+
+# one row per transformation per feasibility study (fl.feasibility / flightlog feasibility);
+# the call-level fields (target, verdict, minimal bound) repeat on each row of the same analysis_id
+FEASIBILITY = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("analysis_id", pa.string()),  # one id per study
+        ("source", pa.string()),  # sdk (fl.feasibility) | cli (flightlog feasibility)
+        ("input", pa.string()),  # what was analysed, e.g. "fl.feasibility", "predictions epoch 3"
+        ("transform", pa.string()),
+        ("dims", pa.int64()),  # feature count after the transformation
+        ("n_train", pa.int64()),
+        ("n_test", pa.int64()),
+        ("classes", pa.int64()),
+        ("rows_skipped", pa.int64()),  # rows left out for missing labels / non-finite features
+        ("r1", pa.float64()),  # exact 1-NN error on the held-out rows
+        ("r1_se", pa.float64()),
+        ("bound", pa.float64()),  # Cover-Hart lower bound on the Bayes error in this transformation
+        ("slope", pa.float64()),  # change of the bound per doubling of the training rows
+        ("curve", pa.string()),  # JSON [[training rows, R1], ...]
+        ("best", pa.bool_()),  # the transformation with the minimal bound
+        ("bound_min", pa.float64()),
+        ("projected", pa.float64()),
+        ("target_error", pa.float64()),
+        ("verdict", pa.string()),  # feasible | unlikely | undecided | null (no target)
+        ("test_size", pa.float64()),
+        ("seed", pa.int64()),
+        ("seconds", pa.float64()),
+        ("time", TS),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
     "metrics": METRICS,
@@ -203,6 +272,8 @@ TABLES: dict[str, pa.Schema] = {
     "predictions": PREDICTIONS,
     "replays": REPLAYS,
     "gates": GATES,
+    "histograms": HISTOGRAMS,
+    "feasibility": FEASIBILITY,
 }
 
 

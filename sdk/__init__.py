@@ -30,6 +30,7 @@ __all__ = [
     "watch",
     "health",
     "log_predictions",
+    "feasibility",
     "inspect",
     "FlightlogError",
 ]
@@ -44,6 +45,7 @@ _LAZY = {
     "watch": ("flightlog._assertions", "watch"),
     "health": ("flightlog.query.health", "health"),
     "log_predictions": ("flightlog._predictions", "log_predictions"),
+    "feasibility": ("flightlog._feasibility", "feasibility"),
     "inspect": ("flightlog._inspect", "inspect"),
 }
 
