@@ -5,10 +5,17 @@ query opens a fresh one and sees whatever live runs flushed a moment ago.
 Files are validated once (footer + schema, cached by size and mtime); a
 corrupt or foreign file is left out of the views with a warning naming it.
 
-Sandbox: after the views are built, DuckDB's own settings lock the connection
-(``enable_external_access=false`` with the store as the only allowed
-directory, then ``lock_configuration``), and only read statements are
-accepted. We rely on DuckDB for this rather than parsing SQL ourselves.
+Sandbox (``connect(sandbox=True)``, what every reader uses):
+
+* statements are checked by what they are, with DuckDB's own parser
+  (:func:`check_read_only`): one plain query (SELECT/WITH/VALUES/FROM/DESCRIBE/
+  SHOW/SUMMARIZE, or EXPLAIN [ANALYZE] of one) and nothing else;
+* the connection itself cannot touch the file system: DuckDB's local file
+  system is disabled and the store's listed files are read through a
+  read-only file system of our own (``query/_snapshot.py``) that holds each
+  file open from the moment it is listed, so compaction cannot delete a file
+  from under a query; external access, extension loading and temp-file spilling
+  are off and the configuration is locked.
 """
 from __future__ import annotations
 
@@ -24,16 +31,18 @@ from typing import Any, Sequence
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flightlog import _config
+from flightlog import _config, _format
 from flightlog._errors import QueryError, RunNotFound, StoreError
 from flightlog.collector import schema as _schema
 from flightlog.collector import store as _store
+from flightlog.query import _snapshot
 
 log = logging.getLogger("flightlog")
 
-_READ_TYPES = {"SELECT", "EXPLAIN", "PRAGMA"}
+_LIST_TRIES = 8
 _valid_cache: dict[str, tuple[int, int, bool, tuple]] = {}
 _cache_lock = threading.Lock()
 _warned_files: set[str] = set()
@@ -65,19 +74,35 @@ def sql_arrow(con: duckdb.DuckDBPyConnection, sql, params: Any = None) -> pa.Tab
 
 
 def _file_ok(path: Path, table: str) -> bool:
+    """Whether readers use ``path`` (valid Parquet with a compatible schema); False also when it is gone."""
     try:
-        st = path.stat()
-    except OSError:
+        return _check_file(path, table)
+    except FileNotFoundError:
         return False
+
+
+def _check_file(path: Path, table: str, held: _snapshot.Held | None = None) -> bool:
+    """Validate one file (cached by size and mtime); FileNotFoundError when it vanished since listing."""
+    if held is not None:
+        size, mtime_ns = held.stat(str(path))
+    else:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            return False
+        size, mtime_ns = st.st_size, st.st_mtime_ns
     key = str(path)
     with _cache_lock:
         hit = _valid_cache.get(key)
-    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+    if hit and hit[0] == size and hit[1] == mtime_ns:
         return hit[2]
     ok, why = True, ""
     names: tuple = ()
     try:
-        sch = pq.read_schema(path)
+        src = held.reader(key) if held is not None else path
+        sch = pq.read_schema(src)
         names = tuple(sch.names)
         target = _schema.schema(table)
         for f in sch:
@@ -92,14 +117,41 @@ def _file_ok(path: Path, table: str) -> bool:
                 break
         if ok and "run_id" not in sch.names:
             ok, why = False, "no run_id column"
+    except FileNotFoundError:
+        raise
     except Exception as e:
         ok, why = False, f"not a readable Parquet file ({type(e).__name__}: {str(e)[:120]})"
     if not ok and key not in _warned_files:
         _warned_files.add(key)
         warnings.warn(f"flightlog: skipping {path}: {why}", StoreWarning, stacklevel=4)
     with _cache_lock:
-        _valid_cache[key] = (st.st_size, st.st_mtime_ns, ok, names)
+        _valid_cache[key] = (size, mtime_ns, ok, names)
     return ok
+
+
+def _listed(root: str, table: str, held: _snapshot.Held | None) -> list[Path]:
+    """The visible, valid files of ``table``; with ``held``, each one held open as it is listed.
+
+    A file that vanishes between the directory listing and its opening was compacted
+    away, and its rows are now in a file this listing missed: list again.
+    """
+    for _ in range(_LIST_TRIES):
+        files = _store.table_files(root, table)
+        out: list[Path] = []
+        taken: list[str] = []
+        try:
+            for f in files:
+                if held is not None:
+                    held.add(str(f))
+                    taken.append(str(f))
+                if _check_file(f, table, held):
+                    out.append(f)
+            return out
+        except FileNotFoundError:
+            if held is not None:
+                held.drop(taken)
+            time.sleep(0.005)
+    raise StoreError(f"the {table} table kept changing while it was read ({_LIST_TRIES} listings); try again")
 
 
 def _columns_of(path: Path) -> tuple:
@@ -117,64 +169,106 @@ def _empty_select(table: str) -> str:
     return f"SELECT {cols} WHERE false"
 
 
-def _files_select(table: str, files: Sequence[Path]) -> str:
+def _files_select(table: str, files: Sequence[Path], ref=str) -> str:
     # Columns added to a schema later are missing from older files: select NULL for
     # a column no file has (union_by_name fills the ones only some files have).
-    lst = ", ".join(_sql_str(str(f)) for f in files)
+    lst = ", ".join(_sql_str(ref(f)) for f in files)
     present: set[str] = set()
     for f in files:
         present.update(_columns_of(f))
-    cols = ", ".join(f.name if f.name in present else f"CAST(NULL AS {_DUCK_TYPES[f.type]}) AS {f.name}"
+    cols = ", ".join(_column(f) if f.name in present else f"CAST(NULL AS {_DUCK_TYPES[f.type]}) AS {f.name}"
                      for f in _schema.schema(table))
     return f"SELECT {cols} FROM read_parquet([{lst}], union_by_name=true)"
+
+
+# Stored times are untrusted: one outside what every client can represent (years 1-9999)
+# reads as NULL (unknown) instead of making Python conversions of any result raise.
+_TS_RANGE = "TIMESTAMPTZ '0001-01-02 00:00:00+00' AND TIMESTAMPTZ '9999-12-30 00:00:00+00'"
+
+
+def _column(f: pa.Field) -> str:
+    if f.type == _schema.TS:
+        return f"CASE WHEN {f.name} BETWEEN {_TS_RANGE} THEN {f.name} END AS {f.name}"
+    return f.name
 
 
 def read_runs(root: str) -> pa.Table:
     """The runs table with one row per run (newest row wins) and derived status.
 
     A run still ``running`` whose process is gone (same host) or whose
-    heartbeat is older than ``STALE_SECONDS`` reads as ``crashed``.
+    heartbeat is older than ``STALE_SECONDS`` reads as ``crashed``. Every stored
+    value is untrusted: nothing here converts a stored timestamp to a Python
+    datetime or hands a stored pid to the OS unchecked.
     """
-    files = [f for f in _store.table_files(root, "runs") if _file_ok(f, "runs")]
-    if not files:
-        return _schema.RUNS.empty_table()
+    held = _snapshot.Held()
     parts = []
-    for f in files:
-        try:
-            parts.append(_schema.conform("runs", pq.ParquetFile(f).read()))
-        except Exception as e:
-            warnings.warn(f"flightlog: skipping {f}: {e}", StoreWarning, stacklevel=3)
+    try:
+        for f in _listed(root, "runs", held):
+            try:
+                parts.append(_schema.conform("runs", pq.ParquetFile(held.reader(str(f))).read()))
+            except Exception as e:
+                warnings.warn(f"flightlog: skipping {f}: {e}", StoreWarning, stacklevel=3)
+    finally:
+        held.close()
     if not parts:
         return _schema.RUNS.empty_table()
     t = pa.concat_tables(parts)
-    rows = t.to_pylist()
-    latest: dict[str, dict] = {}
-    for r in rows:
-        cur = latest.get(r["run_id"])
-        if cur is None or _rank(r) >= _rank(cur):
-            latest[r["run_id"]] = r
-    now = time.time()
-    host = socket.gethostname()
-    for r in latest.values():
-        if r["status"] == "running" and _looks_dead(root, r, now, host):
-            r["status"] = "crashed"
-    out = sorted(latest.values(), key=lambda r: r["started_at"] or 0)
-    return pa.Table.from_pylist(out, schema=_schema.RUNS)
+    ann: dict[str, tuple] = {}  # run_id -> (annotated_at, tags, notes) of its newest annotation
+    for rid, at, tg, nt in zip(t.column("run_id").to_pylist(),
+                               pc.cast(t.column("annotated_at"), pa.int64()).to_pylist(),
+                               t.column("tags").to_pylist(), t.column("notes").to_pylist()):
+        if at is not None and (rid not in ann or at >= ann[rid][0]):
+            ann[rid] = (at, tg, nt)
+    # newest row per run, in the order the SQL view uses: final rows first, then latest updated_at
+    key = pa.table({
+        "run_id": t.column("run_id"),
+        "final": pc.fill_null(pc.not_equal(t.column("status"), "running"), False),
+        "upd": pc.cast(t.column("updated_at"), pa.int64()),
+        "i": pa.array(range(t.num_rows), pa.int64()),
+    }).sort_by([("run_id", "ascending"), ("final", "descending"), ("upd", "descending"), ("i", "descending")])
+    first: dict[str, int] = {}
+    for rid, i in zip(key.column("run_id").to_pylist(), key.column("i").to_pylist()):
+        if rid is not None and rid not in first:
+            first[rid] = i
+    t = t.take(pa.array(list(first.values()), pa.int64()))
+    if ann:
+        ids = t.column("run_id").to_pylist()
+        for col, k in (("tags", 1), ("notes", 2)):
+            vals = [ann[r][k] if r in ann else v for r, v in zip(ids, t.column(col).to_pylist())]
+            t = t.set_column(t.schema.get_field_index(col), col, pa.array(vals, pa.string()))
+    status = t.column("status").to_pylist()
+    live = [j for j, st in enumerate(status) if st == "running"]
+    if live:
+        now, host = time.time(), socket.gethostname()
+        rid, hosts, pids = (t.column(c).to_pylist() for c in ("run_id", "host", "pid"))
+        upd = pc.cast(t.column("updated_at"), pa.int64()).to_pylist()
+        for j in live:
+            if _looks_dead(root, {"run_id": rid[j], "host": hosts[j], "pid": pids[j], "updated_at": upd[j]},
+                           now, host):
+                status[j] = "crashed"
+        t = t.set_column(t.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+    started = pc.fill_null(pc.cast(t.column("started_at"), pa.int64()), -(2**63))  # unknown start first
+    return t.take(pc.sort_indices(started))
 
 
-def _create_runs(con: duckdb.DuckDBPyConnection, root: str) -> None:
+def _create_runs(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[Path], ref=str) -> None:
     """The runs table: newest row per run, then ``crashed`` for runs whose process is gone.
 
     Built in SQL from the files (no Arrow registration: that makes DuckDB import pandas,
     ~0.2 s of start-up for every CLI command).
     """
-    files = [f for f in _store.table_files(root, "runs") if _file_ok(f, "runs")]
-    body = _files_select("runs", files) if files else _empty_select("runs")
-    con.execute(f"""CREATE TABLE runs AS SELECT * FROM ({body})
-        QUALIFY row_number() OVER (PARTITION BY run_id
-                                   ORDER BY (status <> 'running') DESC, updated_at DESC NULLS LAST) = 1
+    body = _files_select("runs", files, ref) if files else _empty_select("runs")
+    # tags and notes come from the row with the newest annotated_at (flightlog tag/note on a live run)
+    con.execute(f"""CREATE TABLE runs AS SELECT * EXCLUDE (_ann) REPLACE (
+            CASE WHEN _ann IS NULL THEN tags ELSE _ann.t END AS tags,
+            CASE WHEN _ann IS NULL THEN notes ELSE _ann.n END AS notes)
+        FROM (SELECT *, arg_max({{'t': tags, 'n': notes}}, annotated_at) OVER (PARTITION BY run_id) AS _ann
+              FROM ({body})
+              QUALIFY row_number() OVER (PARTITION BY run_id
+                                         ORDER BY (status <> 'running') DESC, updated_at DESC NULLS LAST) = 1)
         ORDER BY started_at""")
-    live = con.execute("SELECT run_id, host, pid, updated_at FROM runs WHERE status = 'running'").fetchall()
+    # epoch_us, not the timestamp: a stored value outside Python's datetime range must not raise here
+    live = con.execute("SELECT run_id, host, pid, epoch_us(updated_at) FROM runs WHERE status = 'running'").fetchall()
     if not live:
         return
     now, host = time.time(), socket.gethostname()
@@ -189,24 +283,51 @@ def _rank(r: dict):
     return (final, r["updated_at"] or r["started_at"])
 
 
+def _epoch_s(v: Any) -> float | None:
+    """Seconds since the epoch of a stored time (datetime, or int microseconds); None when unusable."""
+    try:
+        if v is None or isinstance(v, bool):
+            return None
+        if isinstance(v, int):
+            x = v / 1e6
+        elif hasattr(v, "timestamp"):
+            x = float(v.timestamp())
+        else:
+            return None
+    except (ValueError, OverflowError, OSError, TypeError):
+        return None
+    return x if x == x and abs(x) < 1e11 else None  # NaN or beyond year ~5000: unknown
+
+
 def _looks_dead(root: str, r: dict, now: float, host: str) -> bool:
-    if r.get("host") == host and r.get("pid"):
-        if not _pid_alive(int(r["pid"])):
-            return True
-    age = _store.heartbeat_age(root, r["run_id"], now)
+    """Whether a ``running`` run is gone: its local process died, or its heartbeat is stale."""
+    if r.get("host") == host and _pid_alive(r.get("pid")) is False:
+        return True
+    try:
+        age = _store.heartbeat_age(root, r["run_id"], now)
+    except (ValueError, OSError):  # a run id no partition can have
+        age = None
     if age is None:
-        upd = r["updated_at"]
-        age = now - upd.timestamp() if upd else None
+        upd = _epoch_s(r.get("updated_at"))
+        age = now - upd if upd is not None else None
     return age is not None and age > _config.STALE_SECONDS
 
 
-def _pid_alive(pid: int) -> bool:
+_PID_MAX = 1 << 22  # Linux's largest pid_max; anything above cannot be a process here
+
+
+def _pid_alive(pid: Any) -> bool | None:
+    """True/False for a live/dead local process; None when ``pid`` cannot be a process id (unknown)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid <= _PID_MAX:
+        return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    except (OSError, OverflowError, ValueError):
+        return None
     try:  # a zombie is dead for our purpose
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().split(") ", 1)[1][:1] != "Z"
@@ -216,31 +337,55 @@ def _pid_alive(pid: int) -> bool:
 
 def connect(store: str | os.PathLike | None = None, *, sandbox: bool = True,
             must_exist: bool = True) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with a view per table of ``store``."""
+    """A DuckDB connection with a view per table of ``store`` (sandboxed: see the module docstring)."""
     root = _config.store_home(os.fspath(store) if store is not None else None)
     if must_exist and not os.path.isdir(root):
         raise StoreError(f"no flightlog store at {root} (set FLIGHTLOG_HOME or pass --store)")
     con = duckdb.connect(":memory:")
-    for setting in ("SET TimeZone='UTC'", "SET enable_progress_bar=false"):
-        try:
-            con.execute(setting)
-        except duckdb.Error:
-            pass
-    _create_runs(con, root)
-    for table in _schema.TABLES:
-        if table == "runs":
-            continue
-        files = [f for f in _store.table_files(root, table) if _file_ok(f, table)]
-        body = _files_select(table, files) if files else _empty_select(table)
-        con.execute(f"CREATE VIEW {table} AS {body}")
-    _extra_views(con)
-    if sandbox:
-        real = os.path.realpath(root)
-        dirs = sorted({root.rstrip(os.sep) + os.sep, real.rstrip(os.sep) + os.sep})
-        con.execute(f"SET allowed_directories=[{', '.join(_sql_str(d) for d in dirs)}]")
-        con.execute("SET enable_external_access=false")
-        con.execute("SET lock_configuration=true")
+    try:
+        for setting in ("SET TimeZone='UTC'", "SET enable_progress_bar=false"):
+            try:
+                con.execute(setting)
+            except duckdb.Error:
+                pass
+        held = _snapshot.Held() if sandbox else None
+        ref = str
+        if held is not None:
+            _snapshot.register(con, held)
+            ref = _snapshot.url
+        _create_runs(con, root, _listed(root, "runs", held), ref)
+        for table in _schema.TABLES:
+            if table == "runs":
+                continue
+            files = _listed(root, table, held)
+            body = _files_select(table, files, ref) if files else _empty_select(table)
+            con.execute(f"CREATE VIEW {table} AS {body}")
+        _extra_views(con)
+        if held is not None:
+            _lock(con, [_snapshot.url(p) for p in held.paths()])
+    except BaseException:
+        con.close()
+        raise
     return con
+
+
+def _lock(con: duckdb.DuckDBPyConnection, urls: Sequence[str]) -> None:
+    """Take the file system, external access, extensions and settings away from ``con`` (in this order).
+
+    ``allowed_paths`` names the held files exactly (it is what lets DuckDB read them once
+    external access is off); no directory is allowed, so no new name can be created.
+    """
+    con.execute(f"SET allowed_paths=[{', '.join(_sql_str(u) for u in urls)}]")
+    for setting in (
+        "SET autoinstall_known_extensions=false",
+        "SET autoload_known_extensions=false",
+        "SET allow_community_extensions=false",
+        "SET temp_directory=''",  # no spilling: a query past memory fails instead of writing files
+        "SET enable_external_access=false",
+        "SET disabled_filesystems='LocalFileSystem'",
+        "SET lock_configuration=true",
+    ):
+        con.execute(setting)
 
 
 _EXTRA_VIEWS: list = []
@@ -262,18 +407,94 @@ def _extra_views(con) -> None:
             log.warning("flightlog: view %s failed: %s", getattr(fn, "__name__", fn), e)
 
 
+_ALLOWED_HINT = "a single SELECT/WITH/VALUES/FROM/DESCRIBE/SHOW/SUMMARIZE query, or EXPLAIN [ANALYZE] of one"
+
+
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """Refuse anything but read statements, using DuckDB's own parser."""
-    try:
-        stmts = con.extract_statements(sql)
-    except duckdb.Error as e:
-        raise QueryError(f"SQL error: {_clean(e)}") from e
+    """Accept exactly one plain query, judged by DuckDB's parser (what the statement is, not its first word).
+
+    Refused: more than one statement; every statement type but SELECT (PRAGMA, CALL, COPY,
+    EXPORT/IMPORT, SET, ATTACH, INSTALL/LOAD, DDL, DML, ...); EXPLAIN [ANALYZE] of anything
+    that is not itself one plain query. This is the one statement check: ``flightlog sql``,
+    ``fl.query``, the health checks and the collector's ``/v1/query`` all call it.
+    """
+    if not isinstance(sql, str):
+        raise QueryError("SQL must be a string")
+    stmts = _statements(con, sql)
     if not stmts:
         raise QueryError("empty SQL statement")
-    for s in stmts:
-        kind = str(s.type).split(".")[-1]
-        if kind not in _READ_TYPES:
-            raise QueryError(f"only read-only queries are allowed here ({kind} statements are refused)")
+    if len(stmts) > 1:
+        raise QueryError(f"only one statement per query is allowed ({len(stmts)} given); run them one at a time")
+    kind = _kind(stmts[0])
+    if kind == "SELECT":
+        return
+    if kind == "EXPLAIN":
+        inner = _explained(stmts[0].query)
+        if inner is not None:
+            sub = _statements(con, inner)
+            if len(sub) == 1 and _kind(sub[0]) == "SELECT":
+                return
+            what = _kind(sub[0]) if len(sub) == 1 else "several"
+        else:
+            what = "an unrecognised"
+        raise QueryError(f"only read-only queries are allowed here (EXPLAIN of {what} statement is refused; "
+                         f"allowed: {_ALLOWED_HINT})")
+    raise QueryError(f"only read-only queries are allowed here ({kind} statements are refused; "
+                     f"allowed: {_ALLOWED_HINT})")
+
+
+def _statements(con: duckdb.DuckDBPyConnection, sql: str) -> list:
+    try:
+        return list(con.extract_statements(sql))
+    except duckdb.Error as e:
+        raise QueryError(f"SQL error: {_clean(e)}") from e
+
+
+def _kind(stmt) -> str:
+    return str(stmt.type).split(".")[-1]
+
+
+def _explained(text: str) -> str | None:
+    """The statement an ``EXPLAIN [ANALYZE] [(options)]`` wraps, or None when the prefix is not that."""
+    i, n = 0, len(text)
+
+    def skip(i: int) -> int:
+        while i < n:
+            if text[i].isspace():
+                i += 1
+            elif text.startswith("--", i):
+                j = text.find("\n", i)
+                i = n if j < 0 else j + 1
+            elif text.startswith("/*", i):
+                j = text.find("*/", i + 2)
+                if j < 0:
+                    return n
+                i = j + 2
+            else:
+                break
+        return i
+
+    def word(i: int) -> tuple[str, int]:
+        j = i
+        while j < n and (text[j].isalnum() or text[j] == "_"):
+            j += 1
+        return text[i:j].upper(), j
+
+    i = skip(i)
+    w, j = word(i)
+    if w != "EXPLAIN":
+        return None
+    i = skip(j)
+    w, j = word(i)
+    if w in ("ANALYZE", "ANALYSE"):
+        i = skip(j)
+    if i < n and text[i] == "(":  # EXPLAIN (FORMAT json) ...: plain option words only
+        j = text.find(")", i)
+        if j < 0 or any(c in text[i + 1:j] for c in "'\";(/-"):
+            return None
+        i = skip(j + 1)
+    rest = text[i:]
+    return rest if rest.strip() else None
 
 
 def _clean(e: Exception) -> str:
@@ -290,12 +511,8 @@ def run_sql(sql: str, params: Any = None, store: str | os.PathLike | None = None
     con = con or connect(store)
     try:
         check_read_only(con, sql)
-        stmts = con.extract_statements(sql)
         try:
-            for s in stmts[:-1]:
-                con.execute(s)
-            last = stmts[-1] if len(stmts) > 1 else sql
-            return sql_arrow(con, last, params)
+            return sql_arrow(con, sql, params)
         except duckdb.PermissionException as e:
             raise QueryError(f"refused: {_clean(e)} (queries may only read the store)") from e
         except duckdb.Error as e:
@@ -325,11 +542,21 @@ def resolve_run(con: duckdb.DuckDBPyConnection, run: str | None) -> str:
     exact = [r[0] for r in rows if r[0] == run]
     if exact:
         return exact[0]
-    if not rows:
-        raise RunNotFound(f"no run {run!r} in the store")
-    if len(rows) > 1:
-        raise RunNotFound(f"run id {run!r} is ambiguous: {', '.join(r[0] for r in rows[:5])}")
-    return rows[0][0]
+    # a run name (fl.init(name=...)): replays carry their source's name, so they never match by name
+    named = con.execute("SELECT run_id, status, strftime(started_at, '%Y-%m-%d %H:%M') FROM runs "
+                        "WHERE name = ? AND kind IS DISTINCT FROM 'replay' ORDER BY started_at DESC",
+                        [run]).fetchall()
+    if len(named) == 1 and not rows:
+        return named[0][0]
+    if not rows and not named:
+        raise RunNotFound(f"no run {run!r} in the store (give a run id, a unique prefix, a run name or 'latest')")
+    if len(rows) + len(named) > 1:
+        cands = [f"{r[0]} (name {run!r}, {r[1]}, started {r[2]})" for r in named[:8]]
+        cands += [r[0] for r in rows[:max(0, 8 - len(cands))]]
+        more = len(rows) + len(named) - len(cands)
+        raise RunNotFound(f"run {run!r} is ambiguous: {len(rows) + len(named)} runs match: {'; '.join(cands)}"
+                          + (f"; and {more} more" if more > 0 else "") + " (give more of the run id)")
+    return rows[0][0] if rows else named[0][0]
 
 
 def run_chain(con: duckdb.DuckDBPyConnection, run_id: str) -> list[str]:

@@ -85,21 +85,25 @@ def run_show(args) -> int:
             FROM replays WHERE run_id = ? ORDER BY started_at""", [rid])
         children = db.sql_arrow(con, "SELECT run_id, kind, status FROM runs WHERE parent_run_id = ? "
                                      "ORDER BY started_at", [rid])
+        feas = _feasibility_rows(con, rid)
     finally:
         con.close()
     if args.format == "json":
         out = {"run": run, "metrics": metrics.to_pylist(), "checkpoints": ckpts.to_pylist(),
-               "replays": replays.to_pylist(), "children": children.to_pylist()}
+               "replays": replays.to_pylist(), "children": children.to_pylist(),
+               "feasibility": feas[0].to_pylist()}
         print(json.dumps(_format._clean_float(out), default=_format._json_default, indent=2))
         return 0
-    params = json.loads(run["params"] or "{}")
+    params = _stored_json(run["params"], dict)
+    argv = _stored_json(run["argv"], list)
+    counters = _stored_json(run["counters"], dict)
     lines = [
         f"run        {run['run_id']}   ({run['kind']})",
         f"project    {run['project']}" + (f"   name {run['name']}" if run["name"] else ""),
         f"status     {run['status']}" + (f"   {run['error_type']}: {run['error_message']}" if run["error_type"] else ""),
         f"started    {_format._cell(run['started_at'])}   ended {_format._cell(run['ended_at']) or '-'}",
         f"script     {run['script'] or '-'}",
-        f"argv       {' '.join(json.loads(run['argv'] or '[]'))}",
+        f"argv       {' '.join(map(str, argv)) if isinstance(argv, list) else argv}",
         f"host       {run['host']} pid {run['pid']}   python {run['python_version']}"
         f"   numpy {run['numpy_version'] or '-'}   torch {run['torch_version'] or '-'}",
         f"git        {run['git_commit'] or '-'}" + (" (dirty)" if run["git_dirty"] else ""),
@@ -109,10 +113,11 @@ def run_show(args) -> int:
         lines.append(f"parent     {run['parent_run_id']}")
     if run["dropped_rows"]:
         lines.append(f"dropped    {run['dropped_rows']} rows could not be written")
-    counters = json.loads(run["counters"] or "{}")
-    if counters:
-        lines.append("problems   " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
-    lines.append("params     " + (", ".join(f"{k}={v!r}" for k, v in params.items()) or "-"))
+    if isinstance(counters, str) or counters:
+        lines.append("problems   " + (counters if isinstance(counters, str)
+                                      else ", ".join(f"{k}={v}" for k, v in sorted(counters.items()))))
+    lines.append("params     " + (params if isinstance(params, str)
+                                  else (", ".join(f"{k}={v!r}" for k, v in params.items()) or "-")))
     print("\n".join(lines))
     print("\nmetrics")
     print(_format.text_table(metrics) if metrics.num_rows else "  (none)")
@@ -126,7 +131,54 @@ def run_show(args) -> int:
     if children.num_rows:
         print("\nchild runs")
         print(_format.text_table(children))
+    if feas[0].num_rows:
+        _print_feasibility(*feas)
     return 0
+
+
+def _feasibility_rows(con, rid: str) -> tuple[pa.Table, int]:
+    """(rows of the run's newest feasibility study, number of studies); see flightlog.query.feasibility."""
+    from flightlog.query import db
+
+    t = db.sql_arrow(con, """
+        SELECT transform, dims, n_train, n_test, classes, r1, r1_se, bound, slope, best, bound_min, projected,
+               target_error, verdict, source, input, time
+        FROM feasibility WHERE run_id = ? AND analysis_id =
+             (SELECT arg_max(analysis_id, time) FROM feasibility WHERE run_id = ?)
+        ORDER BY bound, transform""", [rid, rid])
+    n = con.execute("SELECT count(DISTINCT analysis_id) FROM feasibility WHERE run_id = ?", [rid]).fetchall()[0][0]
+    return t, n
+
+
+def _print_feasibility(t: pa.Table, studies: int) -> None:
+    r = t.slice(0, 1).to_pylist()[0]
+    best = next((x for x in t.to_pylist() if x["best"]), r)
+    head = (f"\nfeasibility ({r['input']}, {r['n_train']} train / {r['n_test']} held out, {r['classes']} classes"
+            + (f"; newest of {studies} studies" if studies > 1 else "") + ")")
+    print(head)
+    line = f"  BER lower bound {_fmt4(r['bound_min'])} ({best['transform']})"
+    if r["target_error"] is not None:
+        line += f"   target error {r['target_error']:g}: {r['verdict']}"
+    print(line)
+    shown = t.select(["transform", "dims", "r1", "r1_se", "bound", "slope"])
+    cols = [pa.array([None if v is None else round(v, 4) for v in shown.column(c).to_pylist()], pa.float64())
+            if c in ("r1", "r1_se", "bound", "slope") else shown.column(c) for c in shown.column_names]
+    print(_format.text_table(pa.table(cols, names=shown.column_names)))
+
+
+def _fmt4(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _stored_json(text, kind: type):
+    """A stored JSON column parsed as ``kind``; a marker string when it is not that (the store is untrusted)."""
+    if not text:
+        return kind()
+    try:
+        v = json.loads(text)
+    except (ValueError, RecursionError):
+        return "(unreadable: not JSON)"
+    return v if isinstance(v, kind) else f"(unreadable: a JSON {type(v).__name__}, not a {kind.__name__})"
 
 
 # -- sql --------------------------------------------------------------------------

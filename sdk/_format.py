@@ -12,6 +12,40 @@ import pyarrow as pa
 
 FORMATS = ("table", "csv", "json", "parquet")
 
+# What datetime can hold, a day inside each end (time zones): years 1..9999
+_TS_LO_US = -62135596800_000000 + 86_400_000000
+_TS_HI_US = 253402300799_000000 - 86_400_000000
+_PER_US = {"s": 1e-6, "ms": 1e-3, "us": 1, "ns": 1000}
+
+
+def bounded_times(t: pa.Table) -> pa.Table:
+    """``t`` with timestamps and dates that Python cannot represent (outside years 1-9999) set to null.
+
+    A stored time is untrusted: one absurd value must read as unknown, not make every
+    reader raise (``to_pylist`` raises on it) or print a wrapped-around year.
+    """
+    import pyarrow.compute as pc
+
+    for i, f in enumerate(t.schema):
+        ty = f.type
+        if pa.types.is_timestamp(ty):
+            per = _PER_US[ty.unit]
+            lo, hi = int(_TS_LO_US * per), int(_TS_HI_US * per)
+        elif pa.types.is_date32(ty):
+            lo, hi = _TS_LO_US // 86_400_000000, _TS_HI_US // 86_400_000000
+        elif pa.types.is_date64(ty):
+            lo, hi = _TS_LO_US // 1000, _TS_HI_US // 1000
+        else:
+            continue
+        col = t.column(i)
+        it = pa.int32() if pa.types.is_date32(ty) else pa.int64()
+        raw = pc.cast(col, it)
+        lo, hi = max(lo, -(2**63)), min(hi, 2**63 - 1)
+        bad = pc.or_(pc.less(raw, pa.scalar(lo, it)), pc.greater(raw, pa.scalar(hi, it)))
+        if pc.any(bad).as_py():
+            t = t.set_column(i, f, pc.if_else(bad, pa.scalar(None, ty), col))
+    return t
+
 
 def _cell(v: Any, width: int = 60) -> str:
     if v is None:
@@ -33,7 +67,7 @@ def text_table(t: pa.Table, max_rows: int | None = 200, width: int = 60) -> str:
     cols = t.column_names
     if not cols:
         return "(no columns)"
-    rows = t.slice(0, max_rows).to_pylist() if max_rows else t.to_pylist()
+    rows = bounded_times(t.slice(0, max_rows) if max_rows else t).to_pylist()
     cells = [[_cell(r[c], width) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
     numeric = [pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in t.schema]
@@ -68,7 +102,7 @@ def _clean_float(v: Any) -> Any:
 
 
 def to_json(t: pa.Table) -> str:
-    return json.dumps([_clean_float(r) for r in t.to_pylist()], default=_json_default, indent=None)
+    return json.dumps([_clean_float(r) for r in bounded_times(t).to_pylist()], default=_json_default, indent=None)
 
 
 def write(t: pa.Table, fmt: str = "table", output: str | None = None) -> None:
@@ -86,6 +120,7 @@ def write(t: pa.Table, fmt: str = "table", output: str | None = None) -> None:
     if fmt == "csv":
         import pyarrow.csv as pcsv
 
+        t = bounded_times(t)
         safe = pa.table({n: (c.cast(pa.string()) if not (pa.types.is_primitive(c.type) or pa.types.is_string(c.type)
                                                         or pa.types.is_timestamp(c.type)) else c)
                          for n, c in zip(t.column_names, t.columns)})
