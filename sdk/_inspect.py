@@ -372,13 +372,16 @@ def _record(orig, spec: _Spec, frame, args: tuple, kwargs: dict):
             pre = _Pre(spec, cfg, frame, args, kwargs)
         except Exception as e:
             _warn.problem("inspect_record_failed", f"fl.inspect could not describe the inputs of {spec.op}: {e!r}")
+        t0 = _time_ns()
         try:
             out = orig(*args, **kwargs)
         except BaseException as exc:
             if pre is not None and pre.record:
+                pre.timed(t0, _time_ns())
                 pre.finish(None, exc, args, kwargs)
             raise
         if pre is not None and pre.record:
+            pre.timed(t0, _time_ns())
             pre.finish(out, None, args, kwargs)
         return out
     finally:
@@ -854,6 +857,11 @@ class _Pre:
                 self.objs.append(v)
         self.record = True
 
+    def timed(self, t0: int, t1: int) -> None:
+        """The span covers the original call only; describing inputs/outputs is ``record_ms``."""
+        self.before_ns = t0 - self.t0
+        self.t0, self.t1 = t0, t1
+
     def finish(self, out, exc: BaseException | None, args: tuple, kwargs: dict) -> None:
         try:
             self._finish(out, exc, args, kwargs)
@@ -891,7 +899,7 @@ class _Pre:
                 elif kind == "convert" and self.inputs and self.inputs[0][1].columns is not None:
                     _remember_names(out, self.inputs[0][1].columns)
                 outputs = [("return", _describe(out, cfg.sensitive))]
-        t1 = _time_ns()
+        t1 = self.t1
         path, line, func, mod = self.where
         attrs: dict[str, Any] = {"code.function.name": func, "code.namespace": mod, "code.file.path": path,
                                  "code.line.number": line}
@@ -931,6 +939,7 @@ class _Pre:
             attrs[PREFIX + "illegal"] = json.dumps(list(cfg.illegal))
         if self.note:
             attrs[PREFIX + "note"] = self.note
+        attrs[PREFIX + "record_ms"] = round((self.before_ns + _time_ns() - t1) / 1e6, 3)
         io = [("input", k, d.info) for k, d in self.inputs] + [("output", k, d.info) for k, d in outputs]
         _emit(self.run, self._name(), attrs, self.t0, t1, exc, io)
 
