@@ -65,17 +65,18 @@ def configure_show(p):
 
 
 def run_show(args) -> int:
+    from flightlog._read import GOOD_REPLAY_ROWS
     from flightlog.query import db
 
     con = _con(args)
     try:
         rid = db.resolve_run(con, args.run)
         run = db.sql_arrow(con, "SELECT * FROM runs WHERE run_id = ?", [rid]).to_pylist()[0]
-        metrics = db.sql_arrow(con, """
+        metrics = db.sql_arrow(con, f"""
             SELECT name, count(*) AS n, min(value) AS min, max(value) AS max,
                    arg_max(value, step) AS last, min(step) AS first_step, max(step) AS last_step,
                    count(*) FILTER (WHERE source = 'replay') AS replayed
-            FROM metrics WHERE run_id = ? GROUP BY name ORDER BY name""", [rid])
+            FROM metrics m WHERE run_id = ? AND {GOOD_REPLAY_ROWS} GROUP BY name ORDER BY name""", [rid])
         ckpts = db.sql_arrow(con, """
             SELECT loop, iteration, position, bytes, content_hash, round(copy_ms, 2) AS copy_ms,
                    round(write_ms, 1) AS write_ms, status

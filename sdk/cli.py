@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "health": ("flightlog.query.health", "run the SQL health checks (non-zero exit on failure)"),
     "assertions": ("flightlog.query.assertions", "assertion failure counts and items worth a look"),
     "slices": ("flightlog.query.slices_cli", "find the data slices where the model fails"),
+    "feasibility": ("flightlog.query.feasibility_cli", "is a target error reachable with this data? (Bayes error bound)"),
     "gate": ("flightlog.query.gate_cli", "pass/fail a candidate model against a baseline with a statistical guarantee (ease.ml/ci)"),
     "serve": ("flightlog.collector.server", "run the collector server (OTLP/HTTP + Arrow ingest + SQL)"),
     "ui": ("flightlog.ui", "web UI: runs, charts, replays, health, steps, lineage, SQL"),
