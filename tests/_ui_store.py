@@ -114,3 +114,48 @@ class UIServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(10)
+
+
+PIPELINE = r'''
+import numpy as np
+import flightlog as fl
+
+fl.init(project="ui-test", name="pipeline")
+
+
+@fl.step
+def load(n):
+    return np.arange(n, dtype=float)
+
+
+@fl.step
+def scale(a, k):
+    return a * k
+
+
+@fl.step
+def check(a):
+    if a.max() > 10:
+        raise ValueError("values too large: <script>alert('err')</script>")
+    return a
+
+
+b = scale(load(5), 3.0)
+try:
+    check(b)
+except ValueError:
+    pass
+'''
+
+
+def record_pipeline(tmp, store: str) -> str:
+    """A real @fl.step pipeline run whose last step fails; returns its run id."""
+    before = set(_run_ids(store))
+    env = dict(os.environ, FLIGHTLOG_HOME=store, FLIGHTLOG_PROGRESS="0")
+    env.pop("FLIGHTLOG_COLLECTOR", None)
+    script = tmp / "pipeline.py"
+    script.write_text(PIPELINE)
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=str(tmp))
+    assert p.returncode == 0, p.stderr
+    return [r for r in _run_ids(store) if r not in before][0]

@@ -527,7 +527,7 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
         if n.get("kind") == "ref":
             return f'<div class="node ref">(call {e(n["span_id"][:12])}, shown above)</div>'
         st = n.get("status") or "?"
-        label = (f'<div class="node call"><a href="{e(url(base, "/lineage", target=n["span_id"]))}">'
+        label = (f'<div class="node call"><a class="step" href="{e(url(base, "/lineage", target=n["span_id"]))}">'
                  f'{e(n.get("step") or "?")}</a> <span class="st st-{e(st)}">{e(st)}</span>'
                  f' <span class="sub">{e(fmt(n.get("duration_ms")))} ms · '
                  f'run <a href="{e(base)}/runs/{e(n.get("run_id"))}">{e((n.get("run_id") or "")[:12])}</a>'

@@ -102,7 +102,7 @@
       scales: { x: { time: cfg.x === "time" } },
       series: series,
       legend: { live: true },
-      cursor: { drag: { x: true, y: false } },
+      cursor: { drag: { x: true, y: false, setScale: false } },
       hooks: {
         setSelect: [function (u) {
           if (u.select.width < 3) return;
