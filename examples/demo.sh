@@ -60,3 +60,5 @@ if flightlog health --help >/dev/null 2>&1; then
   flightlog health --run latest || true
 fi
 printf '\nDone. The store is %s — try: flightlog sql "SELECT * FROM checkpoints"\n' "$FLIGHTLOG_HOME"
+printf '\nLook at what it recorded (runs, curves with the replayed values marked, checkpoints, health) in a browser:\n'
+printf '  flightlog ui --store %s    # prints the URL, http://127.0.0.1:8080/\n' "$FLIGHTLOG_HOME"

@@ -78,6 +78,7 @@
       self.draw(merge(parts), series);
       self.setInfo(info.join(" | ") + (lo != null ? " · zoomed (double-click to reset)" : ""));
       self.el.setAttribute("data-ms", String(Math.round(performance.now() - t0)));
+      self.el.setAttribute("data-t-ready", String(Math.round(performance.now())));
       self.el.setAttribute("data-ready", "1");
     }).catch(function (err) {
       self.setInfo("");
