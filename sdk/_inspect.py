@@ -52,7 +52,7 @@ _configs: list["_Config"] = []  # open blocks, innermost last
 _patches: list[tuple] = []  # (kind, owner, name, original, wrapper)
 _cache: dict[int, tuple] = {}  # id(frame) -> (weakref, key, described)
 _names: dict[int, tuple] = {}  # id(array) -> (weakref, feature names) of transformer outputs
-_codes_cache: dict[int, tuple] = {}  # id(pandas Arrow array) -> (weakref, pa array, codes, labels)
+_codes_cache: dict[int, tuple] = {}  # id(Arrow ChunkedArray; immutable) -> (weakref, codes, labels)
 _internal_code: dict[Any, bool] = {}
 _site_calls: dict[tuple, int] = {}  # (code, line) -> calls seen in the open block(s)
 _skip_dirs: tuple[str, ...] = ()
@@ -560,7 +560,7 @@ def _parent_col(parent, name: str):
 
 
 def _codes(col, derive=None):
-    """(codes, labels) of an Arrow-backed column, cached per column array (Arrow arrays are immutable).
+    """(codes, labels) of an Arrow-backed column, cached per Arrow array (immutable: never stale).
 
     ``derive``: (input column, positions) when this column holds the input's rows at those
     positions; its codes are then a take of the input's, not a new hash of every string.
@@ -571,9 +571,9 @@ def _codes(col, derive=None):
     pa_arr = getattr(ea, "_pa_array", None)
     if pa_arr is None:
         return None
-    hit = _codes_cache.get(id(ea))
-    if hit is not None and hit[0]() is ea and hit[1] is pa_arr:
-        return hit[2], hit[3]
+    hit = _codes_cache.get(id(pa_arr))
+    if hit is not None and hit[0]() is pa_arr:
+        return hit[1], hit[2]
     got = None
     if derive is not None:
         src = _codes(derive[0])
@@ -590,8 +590,8 @@ def _codes(col, derive=None):
             ind = pc.fill_null(ind, len(labels))
         got = (np.asarray(ind.to_numpy(zero_copy_only=False), dtype=np.int64), labels + [None])
     try:
-        oid = id(ea)
-        _codes_cache[oid] = (weakref.ref(ea, lambda _r, oid=oid: _codes_cache.pop(oid, None)), pa_arr) + got
+        oid = id(pa_arr)
+        _codes_cache[oid] = (weakref.ref(pa_arr, lambda _r, oid=oid: _codes_cache.pop(oid, None)),) + got
     except TypeError:
         pass
     return got
@@ -972,15 +972,7 @@ def _positions(src, out, key=None):
         if si.step <= 0:
             return None
         pos = (ov - si.start) // si.step
-    elif si.dtype == oi.dtype and si.is_monotonic_increasing and si.is_unique:
-        sv = si.to_numpy()
-        pos = np.searchsorted(sv, ov)
-        if pos.shape[0] and pos.max(initial=0) >= sv.shape[0]:
-            return None
-        if not np.array_equal(sv[pos], ov):
-            return None
-        return pos
-    else:
+    else:  # a search over a general index costs more than counting the output's values afresh
         return None
     if pos.shape[0] and (pos.min() < 0 or pos.max() >= src.shape[0]):
         return None
