@@ -78,7 +78,7 @@ def cover_hart_bound(r1: float, n_classes: int) -> float:
 
 
 def _bound_se(r1: float, se: float, n_classes: int) -> float:
-    """Standard error of the bound from that of R₁ (delta method; capped where the slope is infinite)."""
+    """Standard error of the bound from that of R₁ (delta method; NaN where R₁ is at chance and it is infinite)."""
     k = (n_classes - 1) / n_classes
     inner = 1.0 - r1 / k
     if inner <= 1e-12:
@@ -398,12 +398,13 @@ class TransformResult:
     bound_se: float
     curve: list[tuple[int, float]]  # (training subset size, R₁)
     slope: float | None  # change of the bound per doubling of the training set (None: < 3 points)
+    slope_se: float | None  # its standard error (the larger of the fit residuals' and the R₁ noise's)
     seconds: float
 
     def to_dict(self) -> dict:
         return {"name": self.name, "dims": self.dims, "r1": self.r1, "r1_se": self.r1_se, "bound": self.bound,
                 "bound_se": self.bound_se, "curve": [list(p) for p in self.curve], "slope": self.slope,
-                "seconds": self.seconds}
+                "slope_se": self.slope_se, "seconds": self.seconds}
 
 
 @dataclass
@@ -448,11 +449,14 @@ class FeasibilityResult:
                      + (f", slope {self.slope:+.4f} per doubling of the data" if self.slope is not None else ""))
         if self.target_error is not None:
             why = {"feasible": "the target error is not below the lower bound",
-                   "unlikely": (f"the target is below the bound, even extrapolated to {PROJECT_FACTOR:g}x the "
-                                f"data ({self.projected:.4f})" if self.projected is not None else ""),
-                   "undecided": ("the target is below the bound, but the curve is still falling"
-                                 + (f" (extrapolated to {PROJECT_FACTOR:g}x the data: {self.projected:.4f})"
-                                    if self.projected is not None else " (too few points to tell)"))}
+                   "unlikely": (f"the target is below the bound, even extrapolated pessimistically to "
+                                f"{PROJECT_FACTOR:g}x the data ({self.projected:.4f})"
+                                if self.projected is not None else ""),
+                   "undecided": ("the target is below the bound, but not below its pessimistic extrapolation "
+                                 f"to {PROJECT_FACTOR:g}x the data ({self.projected:.4f}): the curve may still "
+                                 "fall, more data or a better transform could get there"
+                                 if self.projected is not None else
+                                 "the target is below the bound, but the curve has too few points to tell")}
             lines.append(f"target error {self.target_error:g}: {self.verdict} ({why.get(self.verdict, '')})")
         lines.append("")
         w = max(9, max(len(t.name) for t in self.transforms))
@@ -540,28 +544,43 @@ def _curve_sizes(n_train: int) -> list[int]:
     return sorted(sizes)
 
 
-def _slope(curve: list[tuple[int, float]], classes: int) -> float | None:
-    """Least-squares change of the bound per doubling of n over the largest subsets (None below 3 points)."""
+def _slope(curve: list[tuple[int, float]], classes: int, bound_se: float) -> tuple[float | None, float | None]:
+    """(slope, its standard error) of the bound per doubling of n over the largest subsets (None below 3 points).
+
+    The error is the larger of the fit's residual error and the one the bound's
+    own noise (``bound_se`` per point) would give.
+    """
     pts = curve[-SLOPE_POINTS:]
     if len(pts) < 3:
-        return None
+        return None, None
     x = np.log2([p[0] for p in pts])
     b = np.array([cover_hart_bound(p[1], classes) for p in pts])
     x = x - x.mean()
-    return float(np.dot(x, b - b.mean()) / np.dot(x, x))
+    sxx = float(np.dot(x, x))
+    slope = float(np.dot(x, b - b.mean()) / sxx)
+    resid = b - b.mean() - slope * x
+    se_fit = math.sqrt(float(np.dot(resid, resid)) / (len(pts) - 2) / sxx)
+    se_noise = (bound_se / math.sqrt(sxx)) if math.isfinite(bound_se) else 0.0
+    return slope, max(se_fit, se_noise)
 
 
-def verdict(bound: float, slope: float | None, target_error: float | None) -> tuple[str | None, float | None]:
+def verdict(bound: float, bound_se: float, slope: float | None, slope_se: float | None,
+            target_error: float | None) -> tuple[str | None, float | None]:
     """(verdict, projected bound) for ``target_error``.
 
-    ``feasible``: the target is not below the bound. ``unlikely``: it is below
-    the bound and below the bound extrapolated (at the current slope) to
-    PROJECT_FACTOR times the training data. ``undecided``: below the bound but
-    within reach of the still falling curve, or too few curve points to tell.
+    ``projected`` is a pessimistic extrapolation of the bound to
+    PROJECT_FACTOR times the training rows: the bound minus two standard
+    errors, plus the slope minus two of its standard errors (never rising)
+    times log2(PROJECT_FACTOR) doublings. ``feasible``: the target is not below
+    the bound. ``unlikely``: it is below ``projected`` too. ``undecided``:
+    below the bound but not below ``projected`` (the curve still falls, or the
+    estimate is too noisy to tell), or fewer than 3 curve points.
     """
     projected = None
     if slope is not None:
-        projected = max(0.0, bound + min(slope, 0.0) * math.log2(PROJECT_FACTOR))
+        drop = min(slope - 2.0 * (slope_se or 0.0), 0.0) * math.log2(PROJECT_FACTOR)
+        noise = 2.0 * bound_se if math.isfinite(bound_se) else 0.0
+        projected = max(0.0, bound - noise + drop)
     if target_error is None:
         return None, projected
     if target_error >= bound:
@@ -635,11 +654,13 @@ def estimate(X: Any, y: Any, target_error: float | None = None,
         e_full = errs[sizes[-1]]
         se = float(np.std(e_full, ddof=1) / math.sqrt(n_test)) if n_test > 1 else float("nan")
         bound = cover_hart_bound(r1, C)
-        results.append(TransformResult(name=name, dims=int(dims), r1=r1, r1_se=se,
-                                       bound=bound, bound_se=_bound_se(r1, se, C), curve=curve,
-                                       slope=_slope(curve, C), seconds=time.perf_counter() - t0))
+        bse = _bound_se(r1, se, C)
+        slope, slope_se = _slope(curve, C, bse)
+        results.append(TransformResult(name=name, dims=int(dims), r1=r1, r1_se=se, bound=bound, bound_se=bse,
+                                       curve=curve, slope=slope, slope_se=slope_se,
+                                       seconds=time.perf_counter() - t0))
     best = min(results, key=lambda t: (t.bound, t.name))
-    v, projected = verdict(best.bound, best.slope, target_error)
+    v, projected = verdict(best.bound, best.bound_se, best.slope, best.slope_se, target_error)
     notes = []
     if n_test < 100:
         notes.append(f"note: only {n_test} held-out rows; R1 has a standard error of "
