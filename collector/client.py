@@ -24,10 +24,12 @@ times. Every reply is checked: the collector must account for every row of
 the batch (written now, or already stored); a batch it does not fully confirm
 moves to ``spool/unconfirmed`` and ``flightlog sync`` exits 1 naming it.
 
-At finish (``finishing()``) the sink gets ``FINISH_SECONDS`` of network time
-in all, whatever the collector does (down, refusing, accepting and stalling):
-each request's timeouts shrink to what is left, and what is not delivered by
-then stays in the spool.
+Every request has a wall-clock limit (twice the timeout) besides httpx's
+per-phase timeouts, so a collector that accepts and then stalls, or trickles
+its reply, costs a bounded time. At finish (``finishing()``) the sink gets
+``FINISH_SECONDS`` of network time in all, whatever the collector does (down,
+refusing, stalling): every limit shrinks to what is left, and what is not
+delivered by then stays in the spool.
 
 Heartbeat: a tiny ``POST /v1/heartbeat`` every few seconds makes the server
 touch the run's heartbeat file, exactly what readers look at to tell a live
@@ -170,16 +172,41 @@ class CollectorSink:
         return None if self._deadline is None else self._deadline - time.monotonic()
 
     def _post(self, path: str, timeout: float | None = None, **kw: Any):
+        """One POST with a wall-clock limit on the whole exchange.
+
+        httpx's timeouts are per phase (connect, each read, each write), so a collector
+        that trickles its reply a byte at a time would hold the caller forever. The
+        exchange runs on a short-lived thread instead; past the limit (twice the timeout,
+        or what is left before the finish deadline) it is abandoned with its connection
+        and counts as a failure (the batch is spooled; a resend is idempotent).
+        """
         c = self._http()
+        t = timeout if timeout is not None else self.timeout
+        limit = 2 * t
         left = self._left()
         if left is not None:
             if left <= 0.01:
                 raise TimeoutError("finish deadline reached")
-            # every phase (connect, each read, each write) fits in what is left
-            timeout = min(timeout if timeout is not None else self.timeout, left)
-        if timeout is not None:
-            kw["timeout"] = timeout
-        return c.post(self.url + path, **kw)
+            t, limit = min(t, left), min(limit, left)
+        kw["timeout"] = t
+        box: dict = {}
+
+        def go() -> None:
+            try:
+                box["r"] = c.post(self.url + path, **kw)
+            except BaseException as e:
+                box["e"] = e
+
+        th = threading.Thread(target=go, name="flightlog-post", daemon=True)
+        th.start()
+        th.join(limit)
+        if th.is_alive():
+            if self._client is c:
+                self._client = None  # the stuck exchange keeps its connection; the next one opens a new one
+            raise TimeoutError(f"no complete reply from {self.url} within {limit:.1f} s")
+        if "e" in box:
+            raise box["e"]
+        return box["r"]
 
     def finishing(self, seconds: float = FINISH_SECONDS) -> None:
         """The run is finishing: allow ``seconds`` of network time from now on, then spool only."""
