@@ -588,7 +588,7 @@ def _codes(col, derive=None):
         ind = enc.indices
         if ind.null_count:
             ind = pc.fill_null(ind, len(labels))
-        got = (np.asarray(ind.to_numpy(zero_copy_only=False), dtype=np.int64), labels + [None])
+        got = (np.asarray(ind.to_numpy(zero_copy_only=False), dtype=np.int32), labels + [None])
     try:
         oid = id(pa_arr)
         _codes_cache[oid] = (weakref.ref(pa_arr, lambda _r, oid=oid: _codes_cache.pop(oid, None)),) + got
@@ -761,6 +761,9 @@ def _is_bool_key(key) -> bool:
 
 def _classify_getitem(args, kwargs) -> tuple[str, str | None]:
     key = args[1] if len(args) > 1 else None
+    pd = _pd()
+    if pd is not None and isinstance(key, pd.DataFrame):
+        return "opaque", "boolean frame key (element-wise mask)"
     if _is_bool_key(key):
         return "filter", None
     if isinstance(key, slice):

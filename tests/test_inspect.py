@@ -269,6 +269,21 @@ def test_nested_blocks_threads_and_site_cap():
     assert len([s for s in rec if s["a"]["flightlog.inspect.op"] == "DataFrame.head"]) == _inspect.MAX_CALLS_PER_SITE
 
 
+def test_numpy_features_keep_their_names():
+    """X = df.to_numpy(): the fit still knows the feature names (and flags race); df[df > 0] is opaque."""
+    fl.init(project="t")
+    data = census(300)
+    with fl.inspect(sensitive=["race"], illegal=["income"]):
+        X = data[["income", "hours"]].fillna(0).to_numpy()
+        LogisticRegression(max_iter=20).fit(X, data["label"])
+        data[["income"]][data[["income"]] > 0]
+    rec = ops()
+    fit = [s for s in rec if s["a"]["flightlog.inspect.kind"] == "fit"][0]
+    assert json.loads(fit["a"]["flightlog.inspect.features"]) == ["income", "hours"]
+    assert [r["feature"] for r in checks()["no_illegal_features"].evidence.to_pylist()] == ["income"]
+    assert rec[-1]["a"]["flightlog.inspect.kind"] == "opaque"
+
+
 def test_bad_arguments_raise_before_patching():
     """sensitive/illegal must be column names: a TypeError at the with statement, nothing patched."""
     with pytest.raises(TypeError):
