@@ -261,9 +261,11 @@ def series(root: str, run_id: str, name: str, points: int, x: str = "step",
                 f"FROM m WHERE {' AND '.join(where)}")
         st = con.execute(f"""SELECT count(*), count(*) FILTER (WHERE y IS NULL OR NOT isfinite(y)),
                                     min(x) FILTER (WHERE isfinite(y)), max(x) FILTER (WHERE isfinite(y)),
-                                    count(DISTINCT src), min(x) FILTER (WHERE y IS NULL OR NOT isfinite(y))
+                                    min(src), max(src), min(x) FILTER (WHERE y IS NULL OR NOT isfinite(y))
                              FROM ({base})""", params).fetchone()
-        n_total, n_bad, xmin, xmax, nsrc, bad_x = st
+        n_total, n_bad, xmin, xmax, src_lo, src_hi, bad_x = st
+        # sources are 'record' and 'replay'; count the distinct ones only when there is more than one
+        nsrc = 1 if src_lo == src_hi else con.execute(f"SELECT count(DISTINCT src) FROM ({base})", params).fetchone()[0]
         if n_total == 0:
             known = con.execute("SELECT count(*) FROM m WHERE name = $name", {"name": name}).fetchone()[0]
             if not known:
