@@ -212,7 +212,7 @@ def read_runs(root: str) -> pa.Table:
         held.close()
     if not parts:
         return _schema.RUNS.empty_table()
-    t = pa.concat_tables(parts)
+    t = _format.bounded_times(pa.concat_tables(parts))  # stored times are untrusted
     ann: dict[str, tuple] = {}  # run_id -> (annotated_at, tags, notes) of its newest annotation
     for rid, at, tg, nt in zip(t.column("run_id").to_pylist(),
                                pc.cast(t.column("annotated_at"), pa.int64()).to_pylist(),
@@ -498,8 +498,13 @@ def _explained(text: str) -> str | None:
 
 
 def _clean(e: Exception) -> str:
+    """DuckDB's message on one line: the first line plus its hints ("Did you mean …", candidate bindings)."""
     msg = str(e).strip()
-    return msg.splitlines()[0] if msg else type(e).__name__
+    if not msg:
+        return type(e).__name__
+    lines = [ln.strip() for ln in msg.splitlines()]
+    hints = [ln for ln in lines[1:] if ln.startswith(("Did you mean", "Candidate bindings", "Candidate"))]
+    return " ".join([lines[0]] + hints)
 
 
 def run_sql(sql: str, params: Any = None, store: str | os.PathLike | None = None,

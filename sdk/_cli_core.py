@@ -1,4 +1,4 @@
-"""``flightlog runs | show | sql | compact``: the reading commands of the foundation."""
+"""``flightlog show | sql | compact``: the reading commands of the foundation (``runs``: _runs_cli)."""
 from __future__ import annotations
 
 import argparse
@@ -28,32 +28,7 @@ def _con(args):
     return con
 
 
-# -- runs ------------------------------------------------------------------------
-
-def configure_runs(p):
-    add_store(p)
-    p.add_argument("--project", default=None, help="only runs of this project")
-    p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
-    p.add_argument("--format", choices=_format.FORMATS, default="table")
-    p.add_argument("--output", default=None, help="write to this file instead of stdout")
-
-
-def run_runs(args) -> int:
-    from flightlog.query import db
-
-    con = _con(args)
-    try:
-        sql = ("SELECT run_id, project, name, kind, status, started_at, "
-               "round(epoch(coalesce(ended_at, updated_at)) - epoch(started_at), 1) AS duration_s, "
-               "parent_run_id AS parent, "
-               "(SELECT count(*) FROM metrics m WHERE m.run_id = r.run_id) AS metric_rows "
-               "FROM runs r WHERE kind IS DISTINCT FROM 'replay' AND (? IS NULL OR project = ?) "
-               "ORDER BY started_at DESC LIMIT ?")
-        t = db.sql_arrow(con, sql, [args.project, args.project, max(1, args.limit)])
-    finally:
-        con.close()
-    _format.write(t, args.format, args.output)
-    return 0
+# `flightlog runs` lives in _runs_cli (with compare, tag and note).
 
 
 # -- show ------------------------------------------------------------------------

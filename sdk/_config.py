@@ -14,6 +14,10 @@ ENV_TOKEN = "FLIGHTLOG_TOKEN"  # bearer token for the collector
 ENV_DISABLED = "FLIGHTLOG_DISABLED"  # "1": every call is a no-op
 ENV_PROGRESS = "FLIGHTLOG_PROGRESS"  # "0"/"1": force the loop progress bar off/on
 ENV_REPLAY = "FLIGHTLOG_REPLAY"  # set by `flightlog replay` in its workers: path of the plan
+ENV_SYSTEM_METRICS = "FLIGHTLOG_SYSTEM_METRICS"  # "0": no sys/... metrics (fl.init(system_metrics=) wins)
+ENV_SYSTEM_METRICS_INTERVAL = "FLIGHTLOG_SYSTEM_METRICS_INTERVAL"  # seconds between samples (default 10)
+ENV_QUIET = "FLIGHTLOG_QUIET"  # "1": no end-of-run summary on stderr
+ENV_SUMMARY = "FLIGHTLOG_SUMMARY"  # "1": print the end-of-run summary even when stderr is not a terminal
 
 DEFAULT_HOME = ".flightlog"
 DEFAULT_FLUSH_INTERVAL = 1.0

@@ -105,8 +105,25 @@ def to_json(t: pa.Table) -> str:
     return json.dumps([_clean_float(r) for r in bounded_times(t).to_pylist()], default=_json_default, indent=None)
 
 
+def check_output(output: str) -> None:
+    """Refuse (one line, with the fix) an --output path whose folder does not exist or is not writable."""
+    import os
+
+    from flightlog._errors import FlightlogError
+
+    folder = os.path.dirname(os.path.abspath(output))
+    if os.path.isdir(output):
+        raise FlightlogError(f"--output {output} is a folder; give a file name, e.g. {os.path.join(output, 'out.csv')}")
+    if not os.path.isdir(folder):
+        raise FlightlogError(f"--output {output}: folder {folder} does not exist (create it first: mkdir -p {folder})")
+    if not os.access(folder, os.W_OK):
+        raise FlightlogError(f"--output {output}: folder {folder} is not writable")
+
+
 def write(t: pa.Table, fmt: str = "table", output: str | None = None) -> None:
     """Write ``t`` as ``fmt`` to ``output`` (a path) or stdout."""
+    if output:
+        check_output(output)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 

@@ -140,10 +140,15 @@ class Run:
         self.code_snapshot: str | None = None
         self.git_commit: str | None = None
         self.git_dirty: bool | None = None
-        self.fast = True  # False in replay mode: fl.log takes the slow path
-        self.replay = None  # the replay controller in replay mode
+        self.fast = True  # False when the mode handles fl.log itself (replay): the slow path
+        from flightlog._modes import RecordMode
+
+        self.mode = RecordMode()  # record / resume / replay behaviour, chosen once at start
         self.extra: dict[str, Any] = {}
         self.finished = False
+        self.tags: list[str] = []  # fl.init(tags=...); `flightlog tag` adds later ones
+        self.notes: str | None = None
+        self.annotated_at: _dt.datetime | None = None  # when tags/notes were set here (None: never)
         if sink is None:
             collector = _config.resolve(None, _config.ENV_COLLECTOR, None)
             if collector:
@@ -188,6 +193,9 @@ class Run:
             "error_message": err[1] if err else None,
             "dropped_rows": self.dropped_rows,
             "counters": json.dumps(dict(_warn.counters)),
+            "tags": json.dumps(self.tags) if self.annotated_at else None,
+            "notes": self.notes,
+            "annotated_at": self.annotated_at,
         }
 
     def write_row_now(self) -> None:
@@ -295,8 +303,24 @@ def _at_exit():
         return
     if _EXC is not None:
         _end(r, _EXC[0], (_EXC[1], _EXC[2]))
+    elif _INTERRUPTED is not None:
+        # Ctrl-C that the script caught and then ended: the run did not finish its work.
+        _end(r, "killed", ("KeyboardInterrupt", "interrupted (Ctrl-C); the script caught it and exited"))
     else:
         _end(r, "finished", None)
+
+
+_INTERRUPTED: float | None = None  # time of the last SIGINT, whether or not the script caught it
+_PREV_INT = None
+
+
+def _on_sigint(signum, frame):
+    global _INTERRUPTED
+    _INTERRUPTED = time.time()
+    prev = _PREV_INT
+    if callable(prev):
+        return prev(signum, frame)
+    raise KeyboardInterrupt
 
 
 def _after_fork_child():
@@ -315,7 +339,7 @@ def _after_fork_child():
 
 
 def _install_hooks() -> None:
-    global _HOOKS_INSTALLED, _PREV_EXCEPTHOOK, _PREV_TERM
+    global _HOOKS_INSTALLED, _PREV_EXCEPTHOOK, _PREV_TERM, _PREV_INT
     if _HOOKS_INSTALLED:
         return
     _HOOKS_INSTALLED = True
@@ -323,6 +347,13 @@ def _install_hooks() -> None:
     _PREV_EXCEPTHOOK = sys.excepthook
     sys.excepthook = _excepthook
     if threading.current_thread() is threading.main_thread():
+        try:
+            prev_int = signal.getsignal(signal.SIGINT)
+            if prev_int is signal.default_int_handler:  # only the default: a user handler decides itself
+                _PREV_INT = prev_int
+                signal.signal(signal.SIGINT, _on_sigint)
+        except (ValueError, OSError):
+            pass
         try:
             prev = signal.getsignal(signal.SIGTERM)
             if prev is not signal.SIG_IGN:
@@ -348,11 +379,15 @@ def _end(r: Run, status: str, error) -> None:
 
 def init(project: str | None = None, name: str | None = None, store: str | os.PathLike | None = None,
          params: dict | None = None, *, resume: str | None = None, flush_interval: float | None = None,
-         collector: str | None = None) -> "Run | None":
+         collector: str | None = None, tags: "list[str] | tuple[str, ...] | str | None" = None,
+         notes: str | None = None, system_metrics: bool | None = None) -> "Run | None":
     """Start a run explicitly (optional: the first ``log``/``arg`` starts one).
 
     A run already active is finished first. ``resume=RUN`` continues a crashed
-    or killed run from its last checkpoint as a new run linked to it.
+    or killed run from its last checkpoint as a new run linked to it. ``name``,
+    ``tags`` and ``notes`` label the run for ``flightlog runs``/``compare`` and
+    run references; ``system_metrics=False`` turns off the ``sys/...`` samples
+    (CPU, RSS, GPU) taken every 10 s.
     """
     global ACTIVE, _FAST, _ENDED_ONCE
     if _config.disabled():
@@ -370,9 +405,9 @@ def init(project: str | None = None, name: str | None = None, store: str | os.Pa
                 sink = _remote_sink(collector, _config.store_home(store))
             replay_plan = os.environ.get(_config.ENV_REPLAY)
             if replay_plan:
-                from flightlog.replay import _mode
+                from flightlog import _replay
 
-                r = _mode.start_replay_run(replay_plan, project=project, store=store)
+                r = _replay.start_replay_run(replay_plan, project=project, store=store)
             elif resume:
                 from flightlog import _resume
 
@@ -380,7 +415,10 @@ def init(project: str | None = None, name: str | None = None, store: str | os.Pa
                                               flush_interval=flush_interval, sink=sink)
             else:
                 r = Run(project, name, store, params, sink=sink, flush_interval=flush_interval)
+                _label(r, tags, notes)
                 r.start()
+            if r.kind != "replay":
+                _sysmetrics_start(r, system_metrics)
         except Exception as e:
             if resume is None and not os.environ.get(_config.ENV_REPLAY):
                 # A normal run must never break the user's program: record nothing, say so.
@@ -392,6 +430,33 @@ def init(project: str | None = None, name: str | None = None, store: str | os.Pa
         _FAST = r if r.fast else None
         _ENDED_ONCE = False
         return r
+
+
+def _label(r: "Run", tags: Any, notes: Any) -> None:
+    """Put fl.init's tags/notes on the run; bad ones are a warning (never an exception)."""
+    if tags is None and notes is None:
+        return
+    if isinstance(tags, str):
+        tags = [tags]
+    clean: list[str] = []
+    for t in tags or ():
+        if isinstance(t, str) and t.strip() and t.strip() not in clean:
+            clean.append(t.strip())
+        else:
+            _warn.problem("bad_tag", f"tags must be non-empty strings; ignored {t!r}")
+    if notes is not None and not isinstance(notes, str):
+        _warn.problem("bad_notes", f"notes must be a string; got {type(notes).__name__}, stored as its str()")
+        notes = str(notes)
+    r.tags, r.notes, r.annotated_at = clean, notes, r.started_at
+
+
+def _sysmetrics_start(r: "Run", enabled: bool | None) -> None:
+    try:
+        from flightlog import _sysmetrics
+
+        _sysmetrics.attach(r, enabled)
+    except Exception as e:
+        _warn.problem("sysmetrics_error", f"system metrics are off: {e!r}")
 
 
 def _auto_start() -> "Run | None":
@@ -419,8 +484,11 @@ def current() -> "Run | None":
     return ACTIVE
 
 
-def log(name: str, value: Any, step: int | None = None) -> Any:
-    """Record a scalar: the hot path (~0.6 µs), never raises. Returns ``value``."""
+def log(name: "str | dict", value: Any = None, step: int | None = None) -> Any:
+    """Record a scalar: the hot path (~0.6 µs), never raises. Returns ``value``.
+
+    ``fl.log({"loss": l, "acc": a})`` logs each entry at one shared step.
+    """
     r = _FAST
     if r is not None and type(name) is str and name:
         t = type(value)
@@ -452,6 +520,11 @@ def _log_slow(name: Any, value: Any, step: Any) -> None:
             r = _auto_start()
             if r is None:
                 return
+        if isinstance(name, dict):
+            from flightlog._logmore import log_dict
+
+            log_dict(r, name, value, step)
+            return
         if type(name) is not str or not name:
             _warn.problem("bad_name", f"metric name must be a non-empty string, got {name!r}")
             return
@@ -466,8 +539,8 @@ def _log_slow(name: Any, value: Any, step: Any) -> None:
         if v is None:
             _warn.problem("bad_value", f"fl.log({name!r}): value {type(value).__name__} is not a number")
             return
-        if r.replay is not None:
-            r.replay.on_log(r, name, v, step)
+        if r.mode.logs_slow:
+            r.mode.on_log(r, name, v, step)
             return
         if step is None:
             step = r.steps.get(name, 0)
@@ -486,15 +559,7 @@ def arg(name: str, default: Any = None) -> Any:
         if type(name) is not str or not name:
             _warn.problem("bad_name", f"arg name must be a non-empty string, got {name!r}")
             return default
-        if r.replay is not None:
-            return r.replay.on_arg(r, name, default)
-        if r.kind == "resume":
-            from flightlog._resume import recorded_arg
-
-            return recorded_arg(r, name, default)
-        r.params[name] = _jsonable(default)
-        r._params_dirty = True
-        return default
+        return r.mode.arg(r, name, default)
     except Exception as e:
         _warn.problem("arg_error", f"fl.arg failed: {e!r}")
         return default

@@ -18,7 +18,12 @@ from typing import Sequence
 from flightlog._errors import FlightlogError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "runs": ("flightlog._cli_core", "list runs, newest first"),
+    "runs": ("flightlog._runs_cli", "list runs, newest first: name, tags, differing params, last metric values"),
+    "compare": ("flightlog._runs_cli", "put two or more runs side by side: params, metrics, checkpoints, health"),
+    "tag": ("flightlog._runs_cli", "add (or --remove) tags of a run"),
+    "note": ("flightlog._runs_cli", "set the note of a run"),
+    "rm": ("flightlog.collector.gc", "remove runs: their rows in every table and the blobs no other run uses"),
+    "gc": ("flightlog.collector.gc", "prune old checkpoints, unreferenced blobs and leftover temp files"),
     "show": ("flightlog._cli_core", "show one run: params, status, metric summary, checkpoints"),
     "sql": ("flightlog._cli_core", "run read-only SQL over the store"),
     "resume": ("flightlog._resume", "continue a crashed or killed run from its last checkpoint"),
