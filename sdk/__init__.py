@@ -30,6 +30,7 @@ __all__ = [
     "watch",
     "health",
     "log_predictions",
+    "log_histogram",
     "feasibility",
     "inspect",
     "FlightlogError",
@@ -45,6 +46,7 @@ _LAZY = {
     "watch": ("flightlog._assertions", "watch"),
     "health": ("flightlog.query.health", "health"),
     "log_predictions": ("flightlog._predictions", "log_predictions"),
+    "log_histogram": ("flightlog._logmore", "log_histogram"),
     "feasibility": ("flightlog._feasibility", "feasibility"),
     "inspect": ("flightlog._inspect", "inspect"),
 }
