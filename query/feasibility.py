@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -209,9 +210,9 @@ def _nn_errors(Xtr: np.ndarray, ctr: np.ndarray, Xte: np.ndarray, cte: np.ndarra
     gamma = 2.0 * ((d + 8) * _U32 * 1.01)
     extra = 8.0 * d * (xabs_max + offset) * _U64 * (xabs_max + offset + 1.0)
     out = {c: np.empty(n_te, dtype=np.float64) for c in cps}
-    seg_ends = [c for c in cps]
-    for t0 in range(0, n_te, q_blk):
-        te = Xte[t0:t0 + q_blk]
+
+    def chunk(t0: int, q_end: int) -> None:
+        te = Xte[t0:q_end]
         q = te.shape[0]
         a = (te - mean).astype(np.float32)
         a64 = a.astype(np.float64)
@@ -222,9 +223,9 @@ def _nn_errors(Xtr: np.ndarray, ctr: np.ndarray, Xte: np.ndarray, cte: np.ndarra
         margin2 = 2.0 * (gamma * (anorm + bnorm_max) ** 2 + extra)  # twice the margin, float64
         rmin = np.full(q, np.inf)
         st = _State.new(q)
-        cte_blk = cte[t0:t0 + q]
+        cte_blk = cte[t0:q_end]
         j = 0
-        for cp in seg_ends:
+        for cp in cps:
             while j < cp:
                 j1 = min(j + p_blk, cp)
                 D = A @ B32[j:j1].T  # q × p: ‖b‖² − 2a·b
@@ -233,7 +234,7 @@ def _nn_errors(Xtr: np.ndarray, ctr: np.ndarray, Xte: np.ndarray, cte: np.ndarra
                 thr = rmin + margin2
                 hot = np.nonzero(bm <= thr)[0]
                 if hot.size:
-                    Dh = D[hot]
+                    Dh = D if hot.size == q else D[hot]
                     thr32 = np.nextafter(thr[hot].astype(np.float32), np.float32(np.inf))
                     rr, cc = np.nonzero(Dh <= thr32[:, None])
                     rows = hot[rr]
@@ -243,8 +244,48 @@ def _nn_errors(Xtr: np.ndarray, ctr: np.ndarray, Xte: np.ndarray, cte: np.ndarra
                         e = _sq_dist(Xte[t0 + r_s], Xtr[c_s])
                         st.update(r_s, e, ctr[c_s] != cte_blk[r_s])
                 j = j1
-            out[cp][t0:t0 + q] = st.errors()
+            out[cp][t0:q_end] = st.errors()
+
+    workers = _workers()
+    q_blk = max(1, min(q_blk, -(-n_te // workers)))  # enough chunks to keep every core busy
+    starts = list(range(0, n_te, q_blk))
+    if workers == 1 or len(starts) == 1:
+        for t0 in starts:
+            chunk(t0, min(t0 + q_blk, n_te))
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _one_blas_thread(), ThreadPoolExecutor(max_workers=min(workers, len(starts)),
+                                                thread_name_prefix="flightlog-nn") as pool:
+        for f in [pool.submit(chunk, t0, min(t0 + q_blk, n_te)) for t0 in starts]:
+            f.result()
     return out
+
+
+def _workers() -> int:
+    """Cores this process may use (the test chunks run in that many threads, BLAS single-threaded)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    env = os.environ.get("FLIGHTLOG_THREADS")
+    if env and env.strip().isdigit() and int(env) > 0:
+        n = min(n, int(env))
+    return max(1, n)
+
+
+def _one_blas_thread():
+    """BLAS limited to one thread while our own threads split the work (threadpoolctl when installed).
+
+    Without threadpoolctl the threads still split the work, and BLAS keeps its own threads.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def nn_error_exact(X_train: Any, y_train: Any, X_test: Any, y_test: Any, per_row: bool = False) -> Any:

@@ -81,7 +81,7 @@ def test_chunked_equals_brute_force_and_sklearn():
     X[:, 0] += y
     Xtr, ytr, Xte, yte = _split(X, y, 150)
     ref = nn_error_exact(Xtr, ytr, Xte, yte, per_row=True)
-    for block in ((7, 13), (64, 50), (1024, 4096), (150, 450)):
+    for block in ((13, 37), (64, 50), (1024, 4096), (150, 450)):
         got = nn_error(Xtr, ytr, Xte, yte, block=block, per_row=True)[450]
         assert np.array_equal(got, ref), block
     pred = KNeighborsClassifier(n_neighbors=1, algorithm="brute").fit(Xtr, ytr).predict(Xte)
