@@ -26,12 +26,13 @@ import re
 import threading
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from flightlog._errors import StoreError
 from flightlog.collector import schema as _schema
 
 log = logging.getLogger("flightlog")
@@ -43,6 +44,32 @@ _SAFE_RUN = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,128}$")
 # Encoding choices measured on metric rows: byte-stream-split + zstd halves
 # random float64 columns; dictionary encoding suits the repetitive strings.
 _WRITE_OPTS = dict(compression="zstd", compression_level=3, write_statistics=True)
+
+
+# The store and the spool hold pickles and everything a run logged: owner-only, whatever the umask.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def make_private_dirs(d: str | os.PathLike) -> None:
+    """Create ``d`` and any missing parents as owner-only directories (0o700, whatever the umask).
+
+    Directories that already exist are left as they are.
+    """
+    d = Path(d)
+    if d.is_dir():
+        return
+    missing = []
+    p = d
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, DIR_MODE)
+        except FileExistsError:
+            continue
+        os.chmod(p, DIR_MODE)
 
 
 def new_writer_id() -> str:
@@ -75,7 +102,7 @@ def _column_encodings(table: str, data: pa.Table) -> dict:
 
 def write_parquet_atomic(path: Path, data: pa.Table, table: str, fsync: bool = False) -> None:
     """Write ``data`` to ``path`` via a temporary name and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     enc = _column_encodings(table, data)
     try:
@@ -86,6 +113,7 @@ def write_parquet_atomic(path: Path, data: pa.Table, table: str, fsync: bool = F
             column_encoding=enc or None,
             **_WRITE_OPTS,
         )
+        os.chmod(tmp, FILE_MODE)
         if fsync:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -197,6 +225,7 @@ def compact_dir(d: Path, table: str, writer: str, fsync: bool = False) -> Path |
                     log.warning("flightlog: not compacting unreadable file %s: %s", f, e)
                     raise
                 w.write_table(_schema.conform(table, t).cast(sch))
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, target)
         if fsync:
             _fsync_dir(d)
@@ -378,16 +407,52 @@ def table_files(root: str | os.PathLike, table: str, run_ids: Iterable[str] | No
 
 # -- blobs -----------------------------------------------------------------
 
+_BLOB_ID = re.compile(r"^[0-9a-f]{32}$")  # xxh3-128, lower-case hex: the only names blobs have
+
+
+class BlobError(StoreError):
+    """A blob reference or a blob's content that the store must not trust (bad id, outside the store, tampered)."""
+
+
+def check_blob_id(digest: Any) -> str:
+    """``digest`` if it can name a blob (32 lower-case hex digits); BlobError otherwise, e.g. for ``../x``."""
+    if not isinstance(digest, str) or not _BLOB_ID.match(digest):
+        raise BlobError(f"invalid blob reference {str(digest)[:80]!r} (expected 32 hex digits)")
+    return digest
+
+
 def blob_path(root: str | os.PathLike, digest: str) -> Path:
+    """Where the blob ``digest`` lives; BlobError for anything that is not a blob id (never a path outside)."""
+    digest = check_blob_id(digest)
     return Path(root) / "blobs" / digest[:2] / digest
 
 
+def has_blob(root: str | os.PathLike, digest: Any) -> bool:
+    """Whether blob ``digest`` is stored; False for a reference that cannot name a blob."""
+    try:
+        return blob_path(root, digest).is_file()
+    except BlobError:
+        return False
+
+
+def blob_digest(data) -> str:
+    """The content hash blobs are named by (xxh3-128 of the bytes)."""
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(data)
+
+
 def write_bytes_atomic(path: Path, data, fsync: bool = False) -> None:
-    """Write ``data`` (bytes, or a list of buffers written one after another) via a temp name + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` (bytes, or a list of buffers written one after another) via a temp name + rename.
+
+    The file is readable by its owner only (0o600), whatever the umask.
+    """
+    make_private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+        with open(fd, "wb") as fh:
+            os.fchmod(fd, FILE_MODE)
             for part in data if isinstance(data, (list, tuple)) else (data,):
                 fh.write(part)
             if fsync:
@@ -409,25 +474,49 @@ def put_blob(root: str | os.PathLike, digest: str, data, fsync: bool = False) ->
     """
     path = blob_path(root, digest)
     if path.exists():
-        return path, False
+        try:  # a fresh mtime: `flightlog gc` spares recent blobs whose reference may not be written yet
+            os.utime(path)
+            return path, False
+        except FileNotFoundError:  # removed (gc) between the check and now: write it again
+            pass
+        except OSError:
+            return path, False
     write_bytes_atomic(path, data, fsync=fsync)
     return path, True
 
 
-def read_blob(root: str | os.PathLike, digest: str) -> bytes:
-    with open(blob_path(root, digest), "rb") as fh:
-        return fh.read()
+def read_blob(root: str | os.PathLike, digest: str, what: str = "blob") -> bytes:
+    """The bytes of blob ``digest``, verified: the store is a trust boundary.
+
+    Refuses (BlobError) a reference that is not a blob id, a blob file that resolves
+    outside ``<root>/blobs`` (a planted symlink), and content whose hash is not
+    ``digest`` (tampered or damaged) -- before any caller unpickles it. A missing
+    blob is FileNotFoundError.
+    """
+    path = blob_path(root, digest)
+    base = os.path.realpath(os.path.join(os.fspath(root), "blobs"))
+    real = os.path.realpath(path)
+    if os.path.commonpath([base, real]) != base:
+        raise BlobError(f"{what} {digest} resolves outside the store ({real}); refusing to read it")
+    with open(real, "rb") as fh:
+        data = fh.read()
+    got = blob_digest(data)
+    if got != digest:
+        raise BlobError(f"{what} {digest} is corrupt or was tampered with: its content hashes to {got}; "
+                        f"refusing to load it ({path})")
+    return data
 
 
 def touch_heartbeat(root: str | os.PathLike, run_id: str, writer: str) -> None:
     """Refresh the heartbeat file readers use to tell a live run from a crashed one."""
     d = part_dir(root, "runs", run_id)
-    d.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(d)
     p = d / f".heartbeat-{writer}"
     try:
         os.utime(p)
     except FileNotFoundError:
-        p.touch()
+        p.touch(mode=FILE_MODE)
+        os.chmod(p, FILE_MODE)
 
 
 def heartbeat_age(root: str | os.PathLike, run_id: str, now: float) -> float | None:

@@ -348,11 +348,9 @@ def connect(store: str | os.PathLike | None = None, *, sandbox: bool = True,
                 con.execute(setting)
             except duckdb.Error:
                 pass
-        held = _snapshot.Held() if sandbox else None
-        ref = str
-        if held is not None:
-            _snapshot.register(con, held)
-            ref = _snapshot.url
+        held = _snapshot.Held()  # views read what was listed, even if compaction deletes it meanwhile
+        _snapshot.register(con, held)
+        ref = _snapshot.url
         _create_runs(con, root, _listed(root, "runs", held), ref)
         for table in _schema.TABLES:
             if table == "runs":
@@ -361,7 +359,7 @@ def connect(store: str | os.PathLike | None = None, *, sandbox: bool = True,
             body = _files_select(table, files, ref) if files else _empty_select(table)
             con.execute(f"CREATE VIEW {table} AS {body}")
         _extra_views(con)
-        if held is not None:
+        if sandbox:
             _lock(con, [_snapshot.url(p) for p in held.paths()])
     except BaseException:
         con.close()

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flightlog import _config
-from flightlog._errors import ReplayError
+from flightlog._errors import ReplayError, StoreError
 from flightlog.replay import planner
 
 PROGRESS_EVERY = 0.25
@@ -126,7 +126,7 @@ def load_run(con, store: str, run_id: str) -> RunInfo:
     for rid in chain:  # later runs of the chain win
         for c in db.sql_arrow(con, "SELECT iteration, position, content_hash, bytes, run_id FROM checkpoints "
                                    "WHERE run_id = ? AND status IN ('ok') ORDER BY iteration", [rid]).to_pylist():
-            if _store.blob_path(store, c["content_hash"]).exists():
+            if _store.has_blob(store, c["content_hash"]):
                 ck[int(c["iteration"])] = {"content_hash": c["content_hash"], "bytes": c["bytes"], "run_id": rid,
                                            "position": c["position"] or "iteration_end"}
     placeholders = ", ".join("?" for _ in chain)
@@ -188,6 +188,8 @@ def plan_run(store: str, info: RunInfo, script_path: str, script_args: list[str]
         snap = _snapshot.load(store, info.snapshot_id)
     except OSError as e:
         raise ReplayError(f"code snapshot of run {info.run_id} is missing from the store ({e})") from None
+    except StoreError as e:  # tampered, or a manifest naming files outside its root
+        raise ReplayError(f"code snapshot of run {info.run_id}: {e}") from None
     tmp_dir = None
     run_script = script_path
     current = _current_code(script_path, snap)
@@ -242,7 +244,7 @@ def _drop_corrupt(store: str, info: RunInfo, chosen: list[int]) -> None:
         c = info.checkpoints[it]
         try:
             ok = _checkpoint.digest(_store.read_blob(store, c["content_hash"])) == c["content_hash"]
-        except OSError:
+        except (OSError, _store.BlobError):  # missing, tampered or not a blob id: unusable
             ok = False
         if not ok:
             info.checkpoints.pop(it)
@@ -658,7 +660,7 @@ def _reference_diff(home: str, infos: list[RunInfo], script: str) -> planner.Cod
             continue
         try:
             snap = _snapshot.load(home, info.snapshot_id)
-        except OSError:
+        except (OSError, StoreError):
             continue
         d = planner.diff_code(snap, _current_code(script, snap), snap["script"])
         if not d.changes and d.statements:

@@ -32,7 +32,7 @@ def last_checkpoint(store: str, run_id: str) -> tuple[str, dict] | None:
             rows = db.sql_arrow(con, "SELECT * FROM checkpoints WHERE run_id = ? AND status = 'ok' "
                                      "ORDER BY iteration DESC", [rid]).to_pylist()
             for row in rows:
-                if _store.blob_path(store, row["content_hash"]).exists():
+                if _store.has_blob(store, row["content_hash"]):
                     return rid, row
     finally:
         con.close()

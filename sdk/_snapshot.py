@@ -80,11 +80,29 @@ def take(run) -> str | None:
 
 def load(store: str, snapshot_id: str) -> dict:
     """The manifest and file contents of a snapshot: {"root", "script", "files": {rel: text}}."""
-    man = json.loads(_store.read_blob(store, snapshot_id))
+    man = _manifest(_store.read_blob(store, snapshot_id, what="code snapshot"), snapshot_id)
     files = {}
     for rel, d in man["files"].items():
         try:
-            files[rel] = _store.read_blob(store, d).decode("utf-8", errors="replace")
-        except OSError:
+            files[rel] = _store.read_blob(store, d, what=f"snapshot file {rel!r}").decode("utf-8", errors="replace")
+        except FileNotFoundError:
             files[rel] = None
     return {"root": man["root"], "script": man["script"], "files": files}
+
+
+def _manifest(body: bytes, snapshot_id: str) -> dict:
+    """A parsed manifest, refused (BlobError) unless every file name stays inside the snapshot's root."""
+    try:
+        man = json.loads(body)
+        ok = (isinstance(man, dict) and isinstance(man.get("files"), dict) and isinstance(man.get("root"), str)
+              and isinstance(man.get("script"), str))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise _store.BlobError(f"code snapshot {snapshot_id} is not a snapshot manifest")
+    for rel in [man["script"], *man["files"]]:
+        norm = os.path.normpath(rel) if isinstance(rel, str) and rel else ""
+        if (not norm or os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep)
+                or "\0" in rel):
+            raise _store.BlobError(f"code snapshot {snapshot_id} names a file outside its root: {str(rel)[:200]!r}")
+    return man
