@@ -143,12 +143,16 @@ def test_remote_run_end_to_end(store, tmp_path):
 
 
 TRAIN = """
-import time, flightlog as fl
+import os, time, flightlog as fl
 fl.init(project="remote", flush_interval=0.05)
 for i in range({n}):
     fl.log("x", float(i))
     if i % 50 == 0:
         time.sleep(0.05)
+    if i == {n} // 2:  # the second half runs with the collector back (its restart time varies with load)
+        t = time.monotonic()
+        while not os.path.exists("collector-up") and time.monotonic() - t < 60:
+            time.sleep(0.05)
 print("done", flush=True)
 """
 
@@ -174,6 +178,7 @@ def test_collector_killed_mid_run_loses_and_duplicates_nothing(store, tmp_path):
         srv.wait(5)
         time.sleep(0.5)
         srv = _spawn_server(server_root, port)
+        (tmp_path / "collector-up").touch()
         out, err = train.communicate(timeout=60)
         assert train.returncode == 0, err
         assert "done" in out
