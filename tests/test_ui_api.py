@@ -273,3 +273,37 @@ def test_collector_mounts_ui_under_ui(tmp_path):
             assert c.get("/healthz").status_code == 200
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("lo,hi", [(None, None), (20_000.5, 81_234), (0, 99_999), (-50, 1e9), (40_000, 45_000)])
+def test_pyramid_cache_keeps_extremes_and_counts(srv, monkeypatch, lo, hi):
+    """The cached M4 pyramid (big series) returns real points only, exact counts, and every bucket's extremes."""
+    from flightlog.ui import data as D
+
+    monkeypatch.setattr(D, "PYRAMID_MIN_ROWS", 0)
+    monkeypatch.setattr(D, "PYRAMID_BUCKETS", 2048)
+    D._PYRAMIDS.clear()
+    y = _planted_values()
+    y[50_003] = np.nan
+    points = 400
+    for attempt in range(2):  # the first call builds the pyramid, the second is served from it
+        d = D.series(srv["store"], "planted", "wave", points, "step", lo, hi)
+        assert len(D._PYRAMIDS) == 1
+    a = 0 if lo is None else max(0, math.ceil(lo))
+    b = PLANT_N - 1 if hi is None else min(PLANT_N - 1, math.floor(hi))
+    assert d["n_total"] == b - a + 1 and d["n_nonfinite"] == (1 if a <= 50_003 <= b else 0)
+    assert len(d["x"]) <= points and all(a <= x <= b for x in d["x"])
+    assert all(y[x] == v for x, v in zip(d["x"], d["y"]))  # real points only
+    xs, ys = np.array(d["x"]), np.array(d["y"])
+    seg = y[a:b + 1]
+    assert ys.max() == np.nanmax(seg) and ys.min() == np.nanmin(seg)
+    nb = points // 4
+    w = (b - a) / nb
+    for j in range(1, nb - 1):  # each bucket's extremes are drawn within one bucket of where they are
+        lo_j, hi_j = a + j * w, a + (j + 1) * w
+        inb = seg[int(math.ceil(lo_j - a)):int(math.floor(hi_j - a)) + 1]
+        inb = inb[~np.isnan(inb)]
+        if not inb.size:
+            continue
+        near = (xs >= lo_j - w) & (xs <= hi_j + w)
+        assert ys[near].max() >= inb.max() and ys[near].min() <= inb.min(), j

@@ -124,7 +124,7 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
 
     def _filtered(request: Request):
         q = request.query_params
-        return D.filter_runs(index.table(), project=q.get("project") or None, tag=q.get("tag") or None,
+        return D.filter_runs(root, index.table(), project=q.get("project") or None, tag=q.get("tag") or None,
                              status=q.get("status") or None, where=q.get("where") or None)
 
     def _int(v: Any, what: str, lo: int, hi: int, default: int) -> int:

@@ -12,6 +12,7 @@ Whole-store pages (SQL box, lineage, health) use ``db.connect`` itself.
 """
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import json
 import math
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -156,34 +158,45 @@ def _rank(r: dict):
 
 # -- scoped, sandboxed connections ----------------------------------------------------------
 
-def _lock(con: duckdb.DuckDBPyConnection, root: str) -> None:
-    real = os.path.realpath(root)
-    dirs = sorted({root.rstrip(os.sep) + os.sep, real.rstrip(os.sep) + os.sep})
-    con.execute(f"SET allowed_directories=[{', '.join(db._sql_str(d) for d in dirs)}]")
-    con.execute("SET enable_external_access=false")
-    con.execute("SET lock_configuration=true")
+_DBS: dict[str, duckdb.DuckDBPyConnection] = {}
+_DBS_LOCK = threading.Lock()
 
 
-def _new_con() -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect(":memory:")
-    for s in ("SET TimeZone='UTC'", "SET enable_progress_bar=false"):
-        con.execute(s)
-    return con
+def _db(root: str) -> duckdb.DuckDBPyConnection:
+    """One sandboxed in-memory DuckDB per store: only the store's directory is readable, settings locked.
+
+    Requests use cursors of it (a new DuckDB connection costs ~0.1-0.2 s, a cursor microseconds)
+    and create their views as TEMP objects, which belong to the cursor alone.
+    """
+    with _DBS_LOCK:
+        con = _DBS.get(root)
+        if con is None:
+            con = duckdb.connect(":memory:")
+            con.execute("SET GLOBAL TimeZone='UTC'")
+            con.execute("SET enable_progress_bar=false")
+            real = os.path.realpath(root)
+            dirs = sorted({root.rstrip(os.sep) + os.sep, real.rstrip(os.sep) + os.sep})
+            con.execute(f"SET allowed_directories=[{', '.join(db._sql_str(d) for d in dirs)}]")
+            con.execute("SET enable_external_access=false")
+            con.execute("SET lock_configuration=true")
+            _DBS[root] = con
+        return con
+
+
+def _new_con(root: str) -> duckdb.DuckDBPyConnection:
+    return _db(root).cursor()
 
 
 def scoped(root: str, runs: pa.Table, run_ids: Iterable[str],
            tables: Iterable[str] | None = None) -> duckdb.DuckDBPyConnection:
-    """A read-only connection: ``runs`` from the index, other tables over ``run_ids``' files only."""
+    """A read-only cursor: ``runs`` from the index, other tables over ``run_ids``' files only."""
     ids = [_store.check_run_id(r) for r in dict.fromkeys(run_ids)]
-    con = _new_con()
-    con.register("_runs_arrow", runs)
-    con.execute("CREATE TABLE runs AS SELECT * FROM _runs_arrow")
-    con.unregister("_runs_arrow")
+    con = _new_con(root)
+    con.register("runs", runs)
     for table in (tables if tables is not None else [t for t in _schema.TABLES if t != "runs"]):
         files = [f for f in _store.table_files(root, table, ids) if db._file_ok(f, table)]
         body = db._files_select(table, files) if files else db._empty_select(table)
-        con.execute(f"CREATE VIEW {table} AS {body}")
-    _lock(con, root)
+        con.execute(f"CREATE TEMP VIEW {table} AS {body}")
     return con
 
 
@@ -221,85 +234,100 @@ def parse_series_args(points: Any, x: Any, lo: Any, hi: Any) -> tuple[int, str, 
     return n, x, a, b
 
 
+_X_COL = {"step": "step", "epoch": "epoch", "time": "wall_time"}
 _X_EXPR = {"step": "CAST(step AS DOUBLE)", "epoch": "CAST(epoch AS DOUBLE)",
            "time": "epoch_us(wall_time) / 1e6"}
+PYRAMID_MIN_ROWS = 200_000  # runs whose metric files hold fewer rows are always read directly
+PYRAMID_BUCKETS = 8192
+_PYRAMIDS: "dict[tuple, dict]" = {}
+_PYRAMID_LOCK = threading.Lock()
+_PYRAMID_MAX = 32
+
+
+def _range_sql(x: str, lo: float | None, hi: float | None) -> list[str]:
+    """Filters on the raw column (numbers inlined, validated finite) so DuckDB prunes row groups by stats."""
+    col, out = _X_COL[x], []
+    if x == "time":
+        if lo is not None:
+            out.append(f"{col} >= make_timestamp(CAST({math.floor(lo * 1e6)} AS BIGINT))")
+        if hi is not None:
+            out.append(f"{col} <= make_timestamp(CAST({math.ceil(hi * 1e6)} AS BIGINT))")
+    else:
+        if lo is not None:
+            out.append(f"{col} >= {math.ceil(lo)}")
+        if hi is not None:
+            out.append(f"{col} <= {math.floor(hi)}")
+    return out
+
+
+def _base_sql(x: str, lo: float | None, hi: float | None) -> str:
+    xe = _X_EXPR[x]
+    where = ["name = $name", f"{_X_COL[x]} IS NOT NULL"] + _range_sql(x, lo, hi)
+    if lo is not None:
+        where.append(f"{xe} >= {float(lo)!r}")
+    if hi is not None:
+        where.append(f"{xe} <= {float(hi)!r}")
+    return f"SELECT {xe} AS x, value AS y, coalesce(source, 'record') AS src FROM m WHERE {' AND '.join(where)}"
+
+
+_FIN = "isfinite(y)"
+_BAD = "(y IS NULL OR NOT isfinite(y))"
+_M4_COLS = (f"count(*) FILTER (WHERE {_FIN}), count(*) FILTER (WHERE {_BAD}), min(x) FILTER (WHERE {_BAD}), "
+            f"min(x) FILTER (WHERE {_FIN}), arg_min(y, x) FILTER (WHERE {_FIN}), "
+            f"max(x) FILTER (WHERE {_FIN}), arg_max(y, x) FILTER (WHERE {_FIN}), "
+            f"arg_min(x, y) FILTER (WHERE {_FIN}), min(y) FILTER (WHERE {_FIN}), "
+            f"arg_max(x, y) FILTER (WHERE {_FIN}), max(y) FILTER (WHERE {_FIN})")
+
+
+def _open_metrics(root: str, run_id: str) -> tuple[list[Path], duckdb.DuckDBPyConnection]:
+    files = [f for f in _store.table_files(root, "metrics", [_store.check_run_id(run_id)])
+             if db._file_ok(f, "metrics")]
+    if not files:
+        raise NotFound(f"run {run_id} has no metrics")
+    con = _new_con(root)
+    con.execute(f"CREATE TEMP VIEW m AS {db._files_select('metrics', files)}")
+    return files, con
 
 
 def series(root: str, run_id: str, name: str, points: int, x: str = "step",
            lo: float | None = None, hi: float | None = None) -> dict:
     """One metric of one run, at most ``points`` points, every local extreme kept.
 
-    M4 aggregation in DuckDB: the range [lo, hi] is cut into ``points // 4``
-    equal-width buckets per source; each bucket contributes its first, last,
-    lowest and highest point, so a line drawn through them has the same
-    envelope as the full series at any pixel width down to one bucket. When the
-    range holds at most ``points`` values they are all returned (zooming in
-    re-queries the visible range at full resolution). Values that are NaN,
-    infinite or null cannot be drawn: they are counted in ``n_nonfinite`` and
-    the first one's x is given, not dropped silently.
+    M4 aggregation: the range [lo, hi] is cut into ``points // 4`` equal-width
+    buckets per source; each bucket contributes its first, last, lowest and
+    highest point, so a line drawn through them has the same envelope as the
+    full series at any pixel width down to one bucket. When the range holds at
+    most ``points`` values they are all returned (zooming in re-queries the
+    visible range at full resolution). Values that are NaN, infinite or null
+    cannot be drawn: they are counted in ``n_nonfinite`` and the first one's x
+    is given, not dropped silently.
+
+    Big series (runs with >= 200k metric rows) go through a cached M4 pyramid:
+    one DuckDB pass computes 8192 base buckets per source, and every later
+    request over a range spanning enough base buckets is answered from them
+    (an M4 of M4 buckets keeps the same extremes), with the partial buckets at
+    the range's ends read exactly from the files. The cache key includes every
+    file's size and mtime, so a live run's new rows are seen at once.
     """
     if not isinstance(name, str) or not name or len(name) > 1000:
         raise BadInput("name must be a metric name (1 to 1000 characters)")
-    files = [f for f in _store.table_files(root, "metrics", [_store.check_run_id(run_id)])
-             if db._file_ok(f, "metrics")]
-    if not files:
-        raise NotFound(f"run {run_id} has no metrics")
-    con = _new_con()
+    files, con = _open_metrics(root, run_id)
     try:
-        con.execute(f"CREATE VIEW m AS {db._files_select('metrics', files)}")
-        _lock(con, root)
-        xe = _X_EXPR[x]
-        where = ["name = $name", f"{xe} IS NOT NULL"]
-        params: dict[str, Any] = {"name": name}
-        if lo is not None:
-            where.append(f"{xe} >= $lo")
-            params["lo"] = lo
-        if hi is not None:
-            where.append(f"{xe} <= $hi")
-            params["hi"] = hi
-        base = (f"SELECT {xe} AS x, value AS y, coalesce(source, 'record') AS src "
-                f"FROM m WHERE {' AND '.join(where)}")
-        st = con.execute(f"""SELECT count(*), count(*) FILTER (WHERE y IS NULL OR NOT isfinite(y)),
-                                    min(x) FILTER (WHERE isfinite(y)), max(x) FILTER (WHERE isfinite(y)),
-                                    min(src), max(src), min(x) FILTER (WHERE y IS NULL OR NOT isfinite(y))
-                             FROM ({base})""", params).fetchone()
-        n_total, n_bad, xmin, xmax, src_lo, src_hi, bad_x = st
-        # sources are 'record' and 'replay'; count the distinct ones only when there is more than one
-        nsrc = 1 if src_lo == src_hi else con.execute(f"SELECT count(DISTINCT src) FROM ({base})", params).fetchone()[0]
-        if n_total == 0:
+        out: dict[str, Any] = {"run": run_id, "name": name, "x_axis": x, "lo": lo, "hi": hi}
+        rows = sum(_meta(f)[0] for f in files)
+        res = None
+        if rows >= PYRAMID_MIN_ROWS:
+            pyr = _pyramid(con, files, name, x)
+            if pyr is not None:
+                res = _from_pyramid(con, pyr, name, x, points, lo, hi)
+        if res is None:
+            res = _series_raw(con, name, x, points, lo, hi)
+        if res["n_total"] == 0:
             known = con.execute("SELECT count(*) FROM m WHERE name = $name", {"name": name}).fetchone()[0]
             if not known:
                 raise NotFound(f"run {run_id} has no metric {name!r}")
-        out: dict[str, Any] = {"run": run_id, "name": name, "x_axis": x, "n_total": int(n_total),
-                               "n_nonfinite": int(n_bad), "first_nonfinite_x": bad_x,
-                               "lo": lo, "hi": hi, "downsampled": False, "x": [], "y": [], "source": []}
-        n_fin = n_total - n_bad
-        if n_fin == 0:
-            return out
-        if n_fin <= points:
-            res = con.execute(f"SELECT x, y, src FROM ({base}) WHERE isfinite(y) ORDER BY x, src",
-                              params).fetchall()
-            pts = res
-        else:
-            nb = max(1, points // (4 * max(1, nsrc)))
-            width = (xmax - xmin) or 1.0
-            params.update(nb=nb, xmin=xmin, scale=nb / width)
-            res = con.execute(f"""
-                SELECT src, min(x), arg_min(y, x), max(x), arg_max(y, x),
-                       arg_min(x, y), min(y), arg_max(x, y), max(y)
-                FROM (SELECT src, x, y, least($nb - 1, CAST(floor((x - $xmin) * $scale) AS BIGINT)) AS b
-                      FROM ({base}) WHERE isfinite(y))
-                GROUP BY src, b""", params).fetchall()
-            seen: set = set()
-            pts = []
-            for src, x0, y0, x1, y1, xl, yl, xh, yh in res:
-                for p in ((x0, y0), (xl, yl), (xh, yh), (x1, y1)):
-                    k = (src, p[0], p[1])
-                    if k not in seen:
-                        seen.add(k)
-                        pts.append((p[0], p[1], src))
-            pts.sort(key=lambda p: (p[0], p[2]))
-            out["downsampled"] = True
+        out.update(res)
+        pts = out.pop("pts")
         if x != "time":  # steps and epochs are integers (the SQL cast them for bucketing)
             pts = [(int(p[0]), p[1], p[2]) for p in pts]
         out["x"] = [p[0] for p in pts]
@@ -310,22 +338,230 @@ def series(root: str, run_id: str, name: str, points: int, x: str = "step",
         con.close()
 
 
+def _m4_points(res: Iterable[tuple]) -> list[tuple]:
+    seen: set = set()
+    pts = []
+    for src, x0, y0, x1, y1, xl, yl, xh, yh in res:
+        if x0 is None:
+            continue
+        for p in ((x0, y0), (xl, yl), (xh, yh), (x1, y1)):
+            k = (src, p[0], p[1])
+            if k not in seen:
+                seen.add(k)
+                pts.append((p[0], p[1], src))
+    pts.sort(key=lambda p: (p[0], p[2]))
+    return pts
+
+
+def _series_raw(con, name: str, x: str, points: int, lo: float | None, hi: float | None) -> dict:
+    """M4 (or every point) straight from the files."""
+    base = _base_sql(x, lo, hi)
+    params: dict[str, Any] = {"name": name}
+    st = con.execute(f"""SELECT count(*), count(*) FILTER (WHERE {_BAD}), min(x) FILTER (WHERE {_FIN}),
+                                max(x) FILTER (WHERE {_FIN}), min(src), max(src), min(x) FILTER (WHERE {_BAD})
+                         FROM ({base})""", params).fetchone()
+    n_total, n_bad, xmin, xmax, src_lo, src_hi, bad_x = st
+    out = {"n_total": int(n_total), "n_nonfinite": int(n_bad), "first_nonfinite_x": bad_x,
+           "downsampled": False, "pts": []}
+    n_fin = n_total - n_bad
+    if n_fin == 0:
+        return out
+    if n_fin <= points:
+        out["pts"] = con.execute(f"SELECT x, y, src FROM ({base}) WHERE {_FIN} ORDER BY x, src", params).fetchall()
+        return out
+    # sources are 'record' and 'replay'; count the distinct ones only when there is more than one
+    nsrc = 1 if src_lo == src_hi else con.execute(f"SELECT count(DISTINCT src) FROM ({base})", params).fetchone()[0]
+    nb = max(1, points // (4 * max(1, nsrc)))
+    scale = nb / ((xmax - xmin) or 1.0)
+    res = con.execute(f"""
+        SELECT src, min(x), arg_min(y, x), max(x), arg_max(y, x), arg_min(x, y), min(y), arg_max(x, y), max(y)
+        FROM (SELECT src, x, y, least({nb - 1}, CAST(floor((x - {float(xmin)!r}) * {scale!r}) AS BIGINT)) AS b
+              FROM ({base}) WHERE {_FIN})
+        GROUP BY src, b""", params).fetchall()
+    out["pts"] = _m4_points(res)
+    out["downsampled"] = True
+    return out
+
+
+_META: dict[tuple, tuple] = {}
+
+
+def _meta(f: Path) -> tuple[int, dict]:
+    """(rows, {column: (min, max)}) of a Parquet file from its footer, cached by size and mtime."""
+    st = f.stat()
+    key = (str(f), st.st_size, st.st_mtime_ns)
+    hit = _META.get(key)
+    if hit is not None:
+        return hit
+    md = pq.ParquetFile(f).metadata
+    rng: dict[str, list] = {}
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        for j in range(rg.num_columns):
+            c = rg.column(j)
+            name = c.path_in_schema
+            if name not in ("step", "epoch", "wall_time"):
+                continue
+            s = c.statistics
+            if s is None or not s.has_min_max:
+                rng[name] = [None, None, False]
+                continue
+            cur = rng.setdefault(name, [s.min, s.max, True])
+            if cur[2]:
+                cur[0], cur[1] = min(cur[0], s.min), max(cur[1], s.max)
+    if len(_META) > 10_000:
+        _META.clear()
+    _META[key] = hit = (md.num_rows, {k: (v[0], v[1]) for k, v in rng.items() if v[2]})
+    return hit
+
+
+def _x_bounds(con, files: list[Path], name: str, x: str) -> tuple[float, float] | None:
+    """min/max of the x column over the files, from footers when every file has statistics."""
+    col = _X_COL[x]
+    lo = hi = None
+    for f in files:
+        r = _meta(f)[1].get(col)
+        if r is None:
+            lo = None
+            break
+        a, b = r
+        if x == "time":
+            a, b = (t.replace(tzinfo=t.tzinfo or dt.timezone.utc).timestamp() for t in (a, b))
+        lo = a if lo is None else min(lo, a)
+        hi = b if hi is None else max(hi, b)
+    if lo is None:
+        row = con.execute(f"SELECT min({_X_EXPR[x]}), max({_X_EXPR[x]}) FROM m WHERE name = $name",
+                          {"name": name}).fetchone()
+        if row[0] is None:
+            return None
+        lo, hi = row
+    return float(lo), float(hi)
+
+
+def _pyramid(con, files: list[Path], name: str, x: str) -> dict | None:
+    key = (tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files), name, x)
+    with _PYRAMID_LOCK:
+        hit = _PYRAMIDS.pop(key, None)
+        if hit is not None:
+            _PYRAMIDS[key] = hit  # most recently used last
+            return hit
+    bounds = _x_bounds(con, files, name, x)
+    if bounds is None:
+        return None
+    xmin, xmax = bounds
+    K = PYRAMID_BUCKETS
+    scale = K / ((xmax - xmin) or 1.0)
+    bexpr = f"least({K - 1}, greatest(0, CAST(floor((x - {xmin!r}) * {scale!r}) AS BIGINT)))"
+    res = con.execute(f"""
+        SELECT src, {bexpr} AS b, {_M4_COLS}
+        FROM ({_base_sql(x, None, None)}) GROUP BY src, b ORDER BY src, b""", {"name": name}).fetchall()
+    srcs: dict[str, dict] = {}
+    cols = ("b", "n", "nbad", "badx", "x0", "y0", "x1", "y1", "xl", "yl", "xh", "yh")
+    for src in sorted({r[0] for r in res}):
+        sub = [r[1:] for r in res if r[0] == src]
+        arrs = {c: np.array([r[i] for r in sub], dtype=float) for i, c in enumerate(cols)}
+        arrs["b"] = arrs["b"].astype(np.int64)
+        srcs[src] = arrs
+    pyr = {"xmin": xmin, "xmax": xmax, "scale": scale, "K": K, "bexpr": bexpr, "srcs": srcs}
+    with _PYRAMID_LOCK:
+        _PYRAMIDS[key] = pyr
+        while len(_PYRAMIDS) > _PYRAMID_MAX:
+            _PYRAMIDS.pop(next(iter(_PYRAMIDS)))
+    return pyr
+
+
+def _from_pyramid(con, pyr: dict, name: str, x: str, points: int, lo: float | None,
+                  hi: float | None) -> dict | None:
+    """M4 over the cached base buckets inside [lo, hi] plus the exact rows of the partial end buckets.
+
+    None when the range spans too few base buckets (then the files are read directly).
+    """
+    K, xmin, scale = pyr["K"], pyr["xmin"], pyr["scale"]
+    L = xmin if lo is None else max(lo, xmin)  # coarse buckets span the data inside the range only
+    H = pyr["xmax"] if hi is None else min(hi, pyr["xmax"])
+    # base buckets wholly inside [L, H]; the SQL assigns b = floor((x - xmin) * scale), clamped
+    b_lo = 0 if lo is None or lo <= xmin else math.floor((lo - xmin) * scale) + 1
+    b_hi = K - 1 if hi is None or hi >= pyr["xmax"] else math.floor((hi - xmin) * scale) - 1
+    nsrc = max(1, len(pyr["srcs"]))
+    nb = max(1, points // (4 * nsrc))
+    if b_hi - b_lo + 1 < 2 * nb:
+        return None
+    # rows of the partial buckets at the ends, exactly (bucket ids computed by the same SQL expression)
+    edge_rows: list[tuple] = []
+    bexpr = pyr["bexpr"]
+    width = 1.0 / scale
+    edges = []
+    if b_lo > 0:  # lo is inside the data: rows of buckets below b_lo that are >= lo
+        edges.append((f"b < {b_lo}", lo, xmin + (b_lo + 1) * width))
+    if b_hi < K - 1:  # hi is inside the data: rows of buckets above b_hi that are <= hi
+        edges.append((f"b > {b_hi}", xmin + (b_hi - 1) * width, hi))
+    for cond, a, b in edges:  # a, b: a bucket of margin around the edge, for row-group pruning
+        edge_rows += con.execute(f"SELECT src, x, y FROM (SELECT *, {bexpr} AS b FROM ({_base_sql(x, a, b)})) "
+                                 f"WHERE {cond}", {"name": name}).fetchall()
+    n_total = n_bad = 0
+    bad_x = None
+    pts: list[tuple] = []
+    n_fin = 0
+    for src in sorted(set(pyr["srcs"]) | {r[0] for r in edge_rows}):
+        a = pyr["srcs"].get(src)
+        if a is not None:
+            m = (a["b"] >= b_lo) & (a["b"] <= b_hi)
+            sel = {k: v[m] for k, v in a.items()}
+        else:
+            sel = {k: np.array([]) for k in ("n", "nbad", "badx", "x0", "y0", "x1", "y1", "xl", "yl", "xh", "yh")}
+        n_total += int(sel["n"].sum() + sel["nbad"].sum())
+        n_bad += int(sel["nbad"].sum())
+        n_fin += int(sel["n"].sum())
+        bx = sel["badx"][~np.isnan(sel["badx"])]
+        if bx.size:
+            bad_x = float(bx.min()) if bad_x is None else min(bad_x, float(bx.min()))
+        er = [(r[1], r[2]) for r in edge_rows if r[0] == src]
+        for ex, ey in er:
+            n_total += 1
+            if ey is None or not math.isfinite(ey):
+                n_bad += 1
+                bad_x = ex if bad_x is None else min(bad_x, ex)
+            else:
+                n_fin += 1
+        fin = [(ex, ey) for ex, ey in er if ey is not None and math.isfinite(ey)]
+        keep = sel["n"] > 0
+        ex_ = np.array([p[0] for p in fin], dtype=float)
+        ey_ = np.array([p[1] for p in fin], dtype=float)
+        x0 = np.concatenate([sel["x0"][keep], ex_])
+        if not x0.size:
+            continue
+        cat = {k: np.concatenate([sel[k][keep], ex_ if k[0] == "x" else ey_])
+               for k in ("x0", "y0", "x1", "y1", "xl", "yl", "xh", "yh")}
+        order = np.argsort(cat["x0"], kind="stable")
+        cat = {k: v[order] for k, v in cat.items()}
+        c = np.clip(np.floor((cat["x0"] - L) * (nb / ((H - L) or 1.0))), 0, nb - 1).astype(np.int64)
+        starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+        ends = np.r_[starts[1:], c.size] - 1
+        imin = np.lexsort((cat["yl"], c))
+        imax = np.lexsort((-cat["yh"], c))
+        firsts_min = imin[np.flatnonzero(np.r_[True, c[imin][1:] != c[imin][:-1]])]
+        firsts_max = imax[np.flatnonzero(np.r_[True, c[imax][1:] != c[imax][:-1]])]
+        rows = zip(cat["x0"][starts], cat["y0"][starts], cat["x1"][ends], cat["y1"][ends],
+                   cat["xl"][firsts_min], cat["yl"][firsts_min], cat["xh"][firsts_max], cat["yh"][firsts_max])
+        pts += _m4_points((src, *map(float, r)) for r in rows)
+    if n_fin <= points:
+        return None  # few enough to send them all: read them
+    pts.sort(key=lambda p: (p[0], p[2]))
+    return {"n_total": n_total, "n_nonfinite": n_bad, "first_nonfinite_x": bad_x, "downsampled": True, "pts": pts}
+
+
 # -- runs listing -----------------------------------------------------------------------------
 
-def filter_runs(runs: pa.Table, project: str | None = None, tag: str | None = None, status: str | None = None,
+def filter_runs(root: str, runs: pa.Table, project: str | None = None, tag: str | None = None, status: str | None = None,
                 where: str | None = None) -> pa.Table:
     """Runs matching the filters, newest first. ``where`` is a SQL predicate over the runs table.
 
     The predicate runs in a sandboxed DuckDB connection that holds only the
     runs table, with external access off and the configuration locked.
     """
-    con = _new_con()
+    con = _new_con(root)
     try:
-        con.register("_runs_arrow", runs)
-        con.execute("CREATE TABLE runs AS SELECT * FROM _runs_arrow")
-        con.unregister("_runs_arrow")
-        con.execute("SET enable_external_access=false")
-        con.execute("SET lock_configuration=true")
+        con.register("runs", runs)
         conds, params = ["kind IS DISTINCT FROM 'replay'"], []
         if project:
             conds.append("project = ?")
