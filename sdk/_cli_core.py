@@ -62,12 +62,19 @@ def run_show(args) -> int:
         children = db.sql_arrow(con, "SELECT run_id, kind, status FROM runs WHERE parent_run_id = ? "
                                      "ORDER BY started_at", [rid])
         feas = _feasibility_rows(con, rid)
+        hists = db.sql_arrow(con, """
+            SELECT name, count(*) AS n, max(step) AS last_step, arg_max(edges, step) AS edges,
+                   arg_max(counts, step) AS counts, arg_max(count, step) AS count, arg_max(min, step) AS min,
+                   arg_max(max, step) AS max, arg_max(mean, step) AS mean, arg_max(nonfinite, step) AS nonfinite
+            FROM histograms WHERE run_id = ? GROUP BY name ORDER BY name""", [rid])
     finally:
         con.close()
     if args.format == "json":
         out = {"run": run, "metrics": metrics.to_pylist(), "checkpoints": ckpts.to_pylist(),
                "replays": replays.to_pylist(), "children": children.to_pylist(),
-               "feasibility": feas[0].to_pylist()}
+               "feasibility": feas[0].to_pylist(),
+               "histograms": [{**h, "edges": _json_list(h["edges"]), "counts": _json_list(h["counts"])}
+                              for h in hists.to_pylist()]}
         print(json.dumps(_format._clean_float(out), default=_format._json_default, indent=2))
         return 0
     params = _stored_json(run["params"], dict)
@@ -83,6 +90,8 @@ def run_show(args) -> int:
         f"host       {run['host']} pid {run['pid']}   python {run['python_version']}"
         f"   numpy {run['numpy_version'] or '-'}   torch {run['torch_version'] or '-'}",
         f"git        {run['git_commit'] or '-'}" + (" (dirty)" if run["git_dirty"] else ""),
+        f"tags       {', '.join(map(str, _json_list(run.get('tags')))) or '-'}"
+        + (f"   notes {run['notes']}" if run.get("notes") else ""),
         f"snapshot   {run['code_snapshot'] or '-'}",
     ]
     if run["parent_run_id"]:
@@ -101,6 +110,10 @@ def run_show(args) -> int:
           f"{sum(b or 0 for b in ckpts.column('bytes').to_pylist()) / 1e6:.2f} MB)")
     if ckpts.num_rows:
         print(_format.text_table(ckpts, max_rows=30))
+    if hists.num_rows:
+        print("\nhistograms (the last of each; flightlog sql \"SELECT * FROM histograms\" for all)")
+        for h in hists.to_pylist():
+            print(_hist_line(h))
     if replays.num_rows:
         print("\nreplays")
         print(_format.text_table(replays))
@@ -110,6 +123,32 @@ def run_show(args) -> int:
     if feas[0].num_rows:
         _print_feasibility(*feas)
     return 0
+
+
+def _json_list(raw) -> list:
+    try:
+        v = json.loads(raw) if raw else []
+    except (TypeError, ValueError):
+        return []
+    return v if isinstance(v, list) else []
+
+
+_BARS = " ▁▂▃▄▅▆▇█"
+
+
+def _hist_line(h: dict) -> str:
+    """One histogram as a line: name, step, range, a bar per bin (at most 40) and summary numbers."""
+    counts = [c if isinstance(c, (int, float)) and not isinstance(c, bool) else 0 for c in _json_list(h["counts"])]
+    edges = _json_list(h["edges"])
+    if len(counts) > 40:  # merge neighbouring bins to fit a line
+        k = -(-len(counts) // 40)
+        counts = [sum(counts[i:i + k]) for i in range(0, len(counts), k)]
+    top = max(counts) if counts else 0
+    bars = "".join(_BARS[0 if top <= 0 else max(0, min(8, int(-(-8 * c // top))))] for c in counts)
+    rng = f"[{_format._cell(edges[0])}, {_format._cell(edges[-1])}]" if len(edges) >= 2 else "[]"
+    extra = f", {h['nonfinite']} non-finite" if h.get("nonfinite") else ""
+    return (f"  {h['name']:<16} step {h['last_step']!s:<5} {rng:<22} |{bars}|  n={h['count']}"
+            f" mean={_format._cell(h['mean'])}{extra}" + (f"  ({h['n']} logged)" if h["n"] > 1 else ""))
 
 
 def _feasibility_rows(con, rid: str) -> tuple[pa.Table, int]:

@@ -372,7 +372,12 @@ def _end(r: Run, status: str, error) -> None:
             ACTIVE = None
             _FAST = None
             _ENDED_ONCE = True
+    first = not r.finished
     r.finish(status, error)
+    if first:
+        from flightlog import _summary
+
+        _summary.maybe_print(r)
 
 
 # -- public functions (re-exported by flightlog/__init__) ----------------------------
