@@ -139,21 +139,16 @@ def decoded_size(table: str, data: pa.Table) -> int:
             continue
         col = data.column(field.name)
         t = col.type
-        if field.name == "run_id":  # decoded to find the runs and to split the batch per run
-            total += base + (col.nbytes if _string_like(t) else 0)
-        if t.equals(target) or (pa.types.is_dictionary(t) and t.value_type.equals(target)):
-            if field.name == "run_id" and pa.types.is_dictionary(t):
-                total += _dictionary_string_bytes(col)
-            continue  # kept as it is
-        total += base
-        if not pa.types.is_string(target):
-            continue
         if pa.types.is_dictionary(t) and _string_like(t.value_type):
-            total += _dictionary_string_bytes(col)
-        elif _string_like(t):
-            total += col.nbytes
-        else:
-            total += rows * 48  # a number, date or time written out as text
+            # Counted decoded even when kept as a dictionary: the Parquet writer falls back to
+            # plain pages when the dictionary is large, and run_id is decoded to split the batch.
+            total += base + _dictionary_string_bytes(col)
+            continue
+        if field.name == "run_id" or not (t.equals(target) or
+                                          (pa.types.is_dictionary(t) and t.value_type.equals(target))):
+            total += base
+            if pa.types.is_string(target):
+                total += col.nbytes if _string_like(t) else rows * 48  # numbers etc. written out as text
     return total
 
 
@@ -471,6 +466,7 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
     import asyncio
 
     from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from pydantic import BaseModel, Field
     from starlette.concurrency import run_in_threadpool
@@ -532,8 +528,16 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
 
     @app.exception_handler(BadRequest)
     async def _bad(request: Request, e: BadRequest):
-        stats.add(client_errors=1)
+        stats.add(client_errors=1 if e.status < 500 else 0, server_errors=1 if e.status >= 500 else 0)
         return JSONResponse({"detail": e.message}, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        # FastAPI's own handler echoes the input back, and fails (HTTP 500) on bytes that are not UTF-8
+        stats.add(client_errors=1)
+        errors = [{"loc": [str(x)[:80] for x in err.get("loc", ())], "msg": str(err.get("msg", ""))[:300],
+                   "type": str(err.get("type", ""))} for err in e.errors()[:20]]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     # -- OTLP -------------------------------------------------------------------------
 
