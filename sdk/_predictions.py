@@ -308,7 +308,8 @@ def build_batch(run: Any, features: Any, y_true: Any, y_pred: Any, loss: Any = N
         "batch": pa.array(np.full(n, batch, np.int64)) if batch is not None else pa.nulls(n, pa.int64()),
         "time": pa.array(np.full(n, int(ts.timestamp() * 1e6), np.int64)).cast(_schema.TS),
     }
-    return pa.Table.from_pydict(cols, schema=_schema.PREDICTIONS)
+    # columns this call does not set (replay_id: added by replay mode) are left to the writer's conform
+    return pa.Table.from_pydict(cols, schema=pa.schema([f for f in _schema.PREDICTIONS if f.name in cols]))
 
 
 def log_predictions(features: Any, y_true: Any, y_pred: Any, loss: Any = None, ids: Any = None) -> None:
