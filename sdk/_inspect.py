@@ -53,6 +53,7 @@ _patches: list[tuple] = []  # (kind, owner, name, original, wrapper)
 _cache: dict[int, tuple] = {}  # id(frame) -> (weakref, key, described)
 _names: dict[int, tuple] = {}  # id(array) -> (weakref, feature names) of transformer outputs
 _codes_cache: dict[int, tuple] = {}  # id(Arrow ChunkedArray; immutable) -> (weakref, codes, labels)
+_counts_cache: dict[int, tuple] = {}  # id(Arrow ChunkedArray) -> (weakref, [(value, count), ...])
 _internal_code: dict[Any, bool] = {}
 _site_calls: dict[tuple, int] = {}  # (code, line) -> calls seen in the open block(s)
 _skip_dirs: tuple[str, ...] = ()
@@ -113,10 +114,14 @@ def inspect(sensitive: Sequence[str] | None = None, illegal: Sequence[str] | Non
                 _warn.problem("inspect_patch_failed", f"fl.inspect could not patch pandas/scikit-learn: {e!r}")
                 _uninstall()
     block = _Block(cfg, caller)
+    exc: BaseException | None = None
     try:
         yield None
+    except BaseException as e:
+        exc = e
+        raise
     finally:
-        block.end(sys.exc_info()[1])
+        block.end(exc)
         with _lock:
             try:
                 _configs.remove(cfg)
@@ -309,6 +314,7 @@ def _uninstall() -> None:
     _cache.clear()
     _names.clear()
     _codes_cache.clear()
+    _counts_cache.clear()
     _site_calls.clear()
 
 
@@ -339,7 +345,8 @@ def _wrapper(orig, spec: _Spec):
         @functools.wraps(orig)
         def mutate(self, *args, **kwargs):
             if _configs and _cache:
-                target = getattr(self, "obj", self)
+                # a DataFrame itself, or an indexer (.loc/.iloc/.at/.iat) whose .obj is the frame
+                target = self if isinstance(self, _pd().DataFrame) else getattr(self, "obj", None)
                 _cache.pop(id(target), None)
             return orig(self, *args, **kwargs)
 
@@ -605,8 +612,19 @@ def _value_counts(col, name: str, hist: dict, totals: dict, derive=None) -> None
         if cl is not None:
             import numpy as np
 
-            cnt = np.bincount(cl[0], minlength=len(cl[1]))
-            pairs = [(None if v is None else _label(v), int(c)) for v, c in zip(cl[1], cnt) if c]
+            pa_arr = col.array._pa_array
+            hit = _counts_cache.get(id(pa_arr))
+            if hit is not None and hit[0]() is pa_arr:
+                pairs = hit[1]
+            else:
+                cnt = np.bincount(cl[0], minlength=len(cl[1]))
+                pairs = [(None if v is None else _label(v), int(c)) for v, c in zip(cl[1], cnt) if c]
+                try:
+                    oid = id(pa_arr)
+                    _counts_cache[oid] = (weakref.ref(pa_arr, lambda _r, oid=oid: _counts_cache.pop(oid, None)),
+                                          pairs)
+                except TypeError:
+                    pass
         if pairs is None:
             pairs = _pairs(col)
     except Exception:
@@ -880,7 +898,16 @@ class _Pre:
             if kind == "fit" or (out is est and est is not None):
                 pass  # the fitted estimator itself: no data output
             elif isinstance(out, (list, tuple)) and kind == "split":
-                outputs = [(f"return[{i}]", _describe(o, cfg.sensitive)) for i, o in enumerate(out)]
+                outputs = []
+                for i, o in enumerate(out):
+                    src = self.objs[i // 2] if i // 2 < len(self.objs) else None
+                    parent = None
+                    try:
+                        pos = _positions(src, o) if src is not None else None
+                        parent = (src, pos) if pos is not None else None
+                    except Exception:
+                        parent = None
+                    outputs.append((f"return[{i}]", _describe(o, cfg.sensitive, parent)))
             elif kwargs.get("inplace") is True and out is None and args:
                 _cache.pop(id(args[0]), None)
                 outputs = [("return", _describe(args[0], cfg.sensitive))]
@@ -975,13 +1002,42 @@ def _positions(src, out, key=None):
         if si.step <= 0:
             return None
         pos = (ov - si.start) // si.step
-    else:  # a search over a general index costs more than counting the output's values afresh
-        return None
+    else:
+        return _label_positions(si, ov)
     if pos.shape[0] and (pos.min() < 0 or pos.max() >= src.shape[0]):
         return None
     if not np.array_equal(pos * si.step + si.start, ov):
         return None
     return pos
+
+
+def _label_positions(si, ov):
+    """Positions of integer labels ``ov`` in the unique integer index ``si`` by a scatter table, or None.
+
+    Filters keep index labels, so after ``read_csv`` (a RangeIndex) every later subset of the
+    rows has small non-negative integer labels: one O(n) scatter finds their positions, much
+    cheaper than hashing each string of the sensitive columns again.
+    """
+    import numpy as np
+
+    if si.dtype.kind not in "iu":
+        return None
+    sv = si.to_numpy()
+    if sv.shape[0] == 0:
+        return None
+    lo, hi = int(sv.min()), int(sv.max())
+    if lo < 0 or hi > 4 * sv.shape[0] + 1024:
+        return None
+    inv = np.full(hi + 1, -1, dtype=np.int64)
+    inv[sv] = np.arange(sv.shape[0], dtype=np.int64)
+    if int(np.count_nonzero(inv >= 0)) != sv.shape[0]:  # duplicate labels: positions are ambiguous
+        return None
+    if ov.shape[0] == 0:
+        return ov.astype(np.int64)
+    if int(ov.min()) < 0 or int(ov.max()) > hi:
+        return None
+    pos = inv[ov]
+    return None if (pos < 0).any() else pos
 
 
 def _groups(sensitive: tuple, inputs: list, outputs: list, kind: str) -> list[dict]:
