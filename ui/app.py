@@ -14,6 +14,7 @@ import hmac
 import io
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,9 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
 
     root = _config.store_home(os.fspath(store) if store is not None else None)
     index = D.RunsIndex(root, ttl=index_ttl)
+    # build the runs index now, in the background: on a store with thousands of runs the first
+    # build reads every runs file once (later refreshes re-read only what changed)
+    threading.Thread(target=_warm, args=(index,), name="flightlog-ui-index", daemon=True).start()
     app = FastAPI(title="flightlog ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = root
     app.state.index = index
@@ -683,6 +687,13 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
         return JSONResponse(_jsonable(D.series(root, rid, name, n, x, lo, hi)))
 
     return app
+
+
+def _warm(index) -> None:
+    try:
+        index.table()
+    except Exception:  # a broken store shows its error on the first page instead
+        pass
 
 
 def _duration(r: dict) -> str:
