@@ -589,13 +589,23 @@ def _codes(col, derive=None):
     if got is None:
         import pyarrow.compute as pc
 
-        arr = pa_arr.combine_chunks() if pa_arr.num_chunks != 1 else pa_arr.chunk(0)
-        enc = pc.dictionary_encode(arr)
-        labels = enc.dictionary.to_pylist()
-        ind = enc.indices
-        if ind.null_count:
-            ind = pc.fill_null(ind, len(labels))
-        got = (np.asarray(ind.to_numpy(zero_copy_only=False), dtype=np.int32), labels + [None])
+        chunks = None
+        if pa_arr.num_chunks > 1:  # one shared dictionary across chunks: no copy of the strings
+            enc = pc.dictionary_encode(pa_arr)
+            d0 = enc.chunk(0).dictionary
+            if all(c.dictionary.equals(d0) for c in enc.chunks):
+                chunks = [c.indices for c in enc.chunks]
+                dictionary = d0
+        if chunks is None:
+            enc = pc.dictionary_encode(pa_arr.combine_chunks() if pa_arr.num_chunks != 1 else pa_arr.chunk(0))
+            chunks, dictionary = [enc.indices], enc.dictionary
+        labels = dictionary.to_pylist()
+        parts = []
+        for ind in chunks:
+            if ind.null_count:
+                ind = pc.fill_null(ind, len(labels))
+            parts.append(np.asarray(ind.to_numpy(zero_copy_only=False), dtype=np.int32))
+        got = (parts[0] if len(parts) == 1 else np.concatenate(parts), labels + [None])
     try:
         oid = id(pa_arr)
         _codes_cache[oid] = (weakref.ref(pa_arr, lambda _r, oid=oid: _codes_cache.pop(oid, None)),) + got

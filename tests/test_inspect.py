@@ -312,3 +312,23 @@ def test_import_flightlog_stays_light():
     code = ("import sys, flightlog, flightlog._inspect; fl = flightlog; fl.inspect; "
             "assert 'pandas' not in sys.modules and 'sklearn' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_group_counts_are_exact_for_chunked_categorical_and_null_columns():
+    """Value counts match pandas for multi-chunk Arrow strings, categoricals, numbers and nulls."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(3)
+    vals = rng.choice(["a", "b", "c", None], 30_000).tolist()
+    chunked = pa.chunked_array([vals[:10_000], vals[10_000:25_000], vals[25_000:]], pa.string())
+    df = pd.DataFrame({"s": pd.arrays.ArrowStringArray(chunked) if hasattr(pd.arrays, "ArrowStringArray")
+                       else pd.Series(vals, dtype="string[pyarrow]"),
+                       "c": pd.Categorical(rng.choice(["x", "y"], 30_000)),
+                       "n": rng.integers(0, 3, 30_000).astype(float)})
+    df.loc[::7, "n"] = np.nan
+    d = _inspect._describe(df, ("s", "c", "n"))
+    for col in ("s", "c", "n"):
+        expected = {(None if pd.isna(k) else str(k)): int(v)
+                    for k, v in df[col].value_counts(dropna=False).items()}
+        assert dict(d.hist[col]) == expected, col
+        assert d.totals[col] == 30_000
