@@ -190,7 +190,27 @@ class LocalSink:
 
 
 def compact_dir(d: Path, table: str, writer: str, fsync: bool = False) -> Path | None:
-    """Merge every visible file of ``writer`` in partition ``d`` into one compact file."""
+    """Merge every visible file of ``writer`` in partition ``d`` into one compact file.
+
+    One merge per writer and partition at a time (an advisory lock): two merges at once
+    (the collector's at finish and ``flightlog compact``) could each delete the other's inputs.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here: merge unlocked
+        return _compact_locked(d, table, writer, fsync)
+    try:
+        fd = os.open(d / f".compact-{writer}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _compact_locked(d, table, writer, fsync)
+    finally:
+        os.close(fd)
+
+
+def _compact_locked(d: Path, table: str, writer: str, fsync: bool) -> Path | None:
     files = [f for f in visible_files(d) if _file_writer(f.name) == writer]
     if len(files) < 2:
         return None

@@ -443,3 +443,40 @@ def test_sigkill_at_random_moments_leaves_a_prefix_never_a_hole(tmp_path):
     # with a 5 s flush interval every stored row went through the row cap, where relief by the logging thread
     # and the flush thread race (the path that used to reorder); most kills must have got that far
     assert seen_relief >= 5, seen_relief
+
+
+@pytest.mark.slow
+def test_concurrent_merges_and_late_batches_keep_every_row_once(tmp_path):
+    """Merges racing each other (the collector's and `flightlog compact`) while late batches land: rows exactly once."""
+    from flightlog.collector.server import write_batch
+
+    root = str(tmp_path / "s")
+    d = st.part_dir(root, "metrics", "r")
+    seqs = list(range(1, 31))
+    random.Random(3).shuffle(seqs)  # batches arrive out of order, as after an outage
+    errors: list = []
+
+    def writer() -> None:
+        try:
+            for seq in seqs:
+                write_batch(root, "metrics", _batch("r", seq - 1, SMALL), "wG", seq, fsync=False)
+        except BaseException as e:
+            errors.append(e)
+
+    def merger() -> None:
+        try:
+            for _ in range(8):
+                st.compact_dir(d, "metrics", "wG")
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=merger) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert _stats(root) == _expect(30 * SMALL)
+    st.compact_dir(d, "metrics", "wG")
+    assert [f.name for f in st.visible_files(d)] == ["compact-wG-00000001-00000030.parquet"]
+    assert _stats(root) == _expect(30 * SMALL)
