@@ -174,6 +174,7 @@ def nn_error(X_train: Any, y_train: Any, X_test: Any, y_test: Any, *,
         raise FeasibilityError("the training and the test split must both hold rows")
     if not (np.isfinite(Xtr).all() and np.isfinite(Xte).all()):
         raise FeasibilityError("features must be finite (drop or impute rows with NaN/inf first)")
+    _check_magnitude(Xtr, Xte)
     cps = _checkpoints(Xtr.shape[0], checkpoints)
     _, codes = np.unique(np.concatenate([ytr, yte]), return_inverse=True)
     ctr, cte = codes[: len(ytr)], codes[len(ytr):]
@@ -190,37 +191,42 @@ def _nn_errors(Xtr: np.ndarray, ctr: np.ndarray, Xte: np.ndarray, cte: np.ndarra
     n_tr, d = Xtr.shape
     n_te = Xte.shape[0]
     cps_end = cps[-1]
-    # float32 copies, centred on the training mean (smaller norms, smaller rounding margins)
-    mean = Xtr[:cps_end].mean(axis=0) if cps_end else np.zeros(d)
-    offset = float(np.max(np.abs(mean))) if d else 0.0
+    # float32 copies, centred on the training mean (smaller norms, smaller rounding margins) and
+    # scaled by a power of two (exact) so that float32 neither overflows nor goes subnormal
+    mean = Xtr[:cps_end].mean(axis=0)
+    cmax = 0.0
+    for X_, end in ((Xtr, cps_end), (Xte, Xte.shape[0])):
+        for s in range(0, end, 65536):
+            cmax = max(cmax, float(np.max(np.abs(X_[s:min(s + 65536, end)] - mean))))
+    scale = 2.0 ** -math.ceil(math.log2(cmax)) if cmax > 0 else 1.0
     B32 = np.empty((cps_end, d + 1), dtype=np.float32)  # rows [-2b, ‖b‖²]
     bnorm_max = 0.0
-    xabs_max = 0.0
     for s in range(0, cps_end, 65536):
-        chunk = Xtr[s:s + 65536]
-        xabs_max = max(xabs_max, float(np.max(np.abs(chunk))) if chunk.size else 0.0)
-        b = (chunk - mean).astype(np.float32)
+        chunk_ = Xtr[s:min(s + 65536, cps_end)]
+        b = ((chunk_ - mean) * scale).astype(np.float32)
         b64 = b.astype(np.float64)
         nb = np.einsum("ij,ij->i", b64, b64)
-        bnorm_max = max(bnorm_max, float(np.sqrt(nb.max())) if nb.size else 0.0)
-        B32[s:s + len(chunk), :d] = b * np.float32(-2.0)
-        B32[s:s + len(chunk), d] = nb.astype(np.float32)
-    # |float32 estimate − true squared distance| ≤ margin: input rounding (≤ 2u per coordinate
-    # incl. centring), the product's K = d+1 terms (γ_K ≤ 1.01·K·u each) and rounding ‖b‖²; times 2.
+        bnorm_max = max(bnorm_max, float(np.sqrt(nb.max())))
+        B32[s:s + len(chunk_), :d] = b * np.float32(-2.0)
+        B32[s:s + len(chunk_), d] = nb.astype(np.float32)
+    # |float32 estimate + ‖a‖² − true squared distance| ≤ γ·(‖a‖ + ‖b‖)², from: rounding each centred
+    # coordinate (float64 subtraction, then float32: relative error ≤ 1.01u) moves the squared distance by
+    # ≤ 2.02u·(‖a‖+‖b‖)²; the product's K = d+1 terms in any summation order err by ≤ γ_K·Σ|terms|
+    # ≤ 1.01·(d+1)·u·(‖a‖+‖b‖)²; rounding ‖b‖² to float32 adds ≤ 1.01u·‖b‖². Sum ≤ 1.01·(d+4)·u·(…)²;
+    # we use twice that plus slack. Candidates lie within 2γ(…)² of the row's minimum.
     gamma = 2.0 * ((d + 8) * _U32 * 1.01)
-    extra = 8.0 * d * (xabs_max + offset) * _U64 * (xabs_max + offset + 1.0)
     out = {c: np.empty(n_te, dtype=np.float64) for c in cps}
 
     def chunk(t0: int, q_end: int) -> None:
         te = Xte[t0:q_end]
         q = te.shape[0]
-        a = (te - mean).astype(np.float32)
+        a = ((te - mean) * scale).astype(np.float32)
         a64 = a.astype(np.float64)
         anorm = np.sqrt(np.einsum("ij,ij->i", a64, a64))
         A = np.empty((q, d + 1), dtype=np.float32)
         A[:, :d] = a
         A[:, d] = 1.0
-        margin2 = 2.0 * (gamma * (anorm + bnorm_max) ** 2 + extra)  # twice the margin, float64
+        margin2 = 2.0 * gamma * (anorm + bnorm_max) ** 2  # twice the margin, float64
         rmin = np.full(q, np.inf)
         st = _State.new(q)
         cte_blk = cte[t0:q_end]
@@ -286,6 +292,14 @@ def _one_blas_thread():
 
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
+
+
+def _check_magnitude(*arrays: np.ndarray) -> None:
+    """Refuse values whose squared differences would overflow float64 (the exact distances use it)."""
+    big = max((float(np.max(np.abs(A))) for A in arrays if A.size), default=0.0)
+    if big > 1e150 or 0 < big < 1e-140:
+        raise FeasibilityError(f"feature values up to {big:.3g} are too {'large' if big > 1 else 'small'} "
+                               "for exact squared distances in float64; rescale the features")
 
 
 def nn_error_exact(X_train: Any, y_train: Any, X_test: Any, y_test: Any, per_row: bool = False) -> Any:
@@ -688,6 +702,7 @@ def estimate(X: Any, y: Any, target_error: float | None = None,
         t0 = time.perf_counter()
         Z = _apply(name, fn, X, np.sort(tr_idx))
         dims = Z.shape[1]
+        _check_magnitude(Z)
         errs = _nn_errors(Z[tr_idx], ytr, Z[te_idx], yte, sizes, block)
         del Z
         curve = [(s, float(np.sum(errs[s]) / n_test)) for s in sizes]

@@ -99,12 +99,18 @@ def test_same_errors_as_sklearn_1nn():
     assert np.array_equal(got, (pred != yte).astype(float))
 
 
-def test_ties_on_integer_data_match_exact_integer_reference():
-    """Digits (integer pixels, many exact ties): fractional tie errors equal an int64 brute force."""
-    from sklearn.datasets import load_digits
+@pytest.mark.parametrize("data", ["small_integers", pytest.param("digits", marks=pytest.mark.slow)])
+def test_ties_on_integer_data_match_exact_integer_reference(data):
+    """Integer features (many exact ties): fractional tie errors equal an int64 brute force."""
+    if data == "digits":
+        from sklearn.datasets import load_digits
 
-    d = load_digits()
-    X, y = d.data[:1300], d.target[:1300]
+        d = load_digits()
+        X, y = d.data[:1300], d.target[:1300]
+    else:
+        rng = np.random.default_rng(8)
+        X = rng.integers(0, 4, (1300, 5)).astype(np.float64)
+        y = (X[:, 0] + rng.integers(0, 3, 1300)) % 3
     Xtr, ytr, Xte, yte = _split(X, y, 300)
     Ti, Si = Xtr.astype(np.int64), Xte.astype(np.int64)
     want = np.empty(len(Si))
@@ -135,7 +141,7 @@ def test_many_exact_duplicates_count_every_tie():
     assert np.array_equal(got, nn_error_exact(Xtr, ytr, Xte, yte, per_row=True))
 
 
-@pytest.mark.parametrize("offset,scale", [(1e6, 1.0), (0.0, 1e-9), (-3e4, 1e3)])
+@pytest.mark.parametrize("offset,scale", [(1e6, 1.0), (0.0, 1e-9), (-3e4, 1e3), (0.0, 1e-30), (1e25, 1e20)])
 def test_exact_under_large_offsets_and_scales(offset, scale):
     """Cancellation in ‖a‖²+‖b‖²−2ab is covered by the margin: results equal brute force at any offset/scale."""
     rng = np.random.default_rng(1)
@@ -279,6 +285,7 @@ def test_bad_input_is_refused_with_reasons():
         (lambda: estimate(X, rng.standard_normal(100)), "continuous"),
         (lambda: estimate(np.full((100, 3), np.nan), y), "usable rows"),
         (lambda: estimate([["a", "b"]] * 100, y), "numeric"),
+        (lambda: estimate(X * 1e200, y), "too large"),
     ]
     for call, words in cases:
         with pytest.raises(FeasibilityError, match=words):
