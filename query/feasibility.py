@@ -402,20 +402,41 @@ def _resolve_transforms(transforms: Any) -> list[tuple[str, Any]]:
     return named
 
 
+def _is_torch_module(fn: Any) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(fn, torch.nn.Module)
+
+
+def _torch_module_apply(module: Any, X: np.ndarray) -> np.ndarray:
+    """A torch module (a pre-trained embedding) on float32 batches of 4096 rows, without gradients."""
+    import torch
+
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    parts = []
+    with torch.no_grad():
+        for s in range(0, X.shape[0], 4096):
+            out = module(torch.as_tensor(X[s:s + 4096], dtype=dtype, device=device))
+            parts.append(out.detach().reshape(out.shape[0], -1).to("cpu", torch.float64).numpy())
+    return np.concatenate(parts) if parts else np.empty((0, 0))
+
+
 def _apply(name: str, fn: Any, X: np.ndarray, train_idx: np.ndarray) -> np.ndarray:
     """The transformed feature matrix (float64, finite, 2-D, one row per input row)."""
     if fn == "raw":
         Z = X
     elif isinstance(fn, str):
         f = _FITTERS[fn](X[train_idx])
-        Z = np.empty((X.shape[0], 0))
         parts = []
         for s in range(0, X.shape[0], 65536):  # fixed blocks: values never depend on the caller
             parts.append(np.asarray(f(X[s:s + 65536]), dtype=np.float64))
-        Z = np.concatenate(parts) if parts else Z
+        Z = np.concatenate(parts)
     else:
         try:
-            Z = fn(X)
+            Z = _torch_module_apply(fn, X) if _is_torch_module(fn) else fn(X)
         except Exception as e:
             raise FeasibilityError(f"transform {name!r} failed: {type(e).__name__}: {e}") from e
         if type(Z).__module__.split(".")[0] == "torch":

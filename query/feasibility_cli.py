@@ -109,7 +109,7 @@ def load_parquet(path: str, label: str | None, features: list[str] | None) -> tu
     if not label:
         raise FeasibilityError("--parquet needs --label COLUMN (the column holding the class)")
     if not os.path.isfile(path):
-        raise FeasibilityError(f"no such file: {path}")
+        raise FeasibilityError(f"{'not a regular file' if os.path.exists(path) else 'no such file'}: {path}")
     try:
         pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names

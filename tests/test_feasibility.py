@@ -267,6 +267,23 @@ def test_user_transforms_and_minimum_over_transforms():
     assert r2.best == "first" and r2.bound == r["informative"].bound
 
 
+@pytest.mark.slow
+def test_torch_module_as_embedding():
+    """A torch module is applied as an embedding (float32 batches, no gradients) like any callable."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    n = 5000
+    y = rng.integers(0, 2, n)
+    X = np.column_stack([y + 0.1 * rng.standard_normal(n), rng.standard_normal((n, 20)) * 3])
+    emb = torch.nn.Linear(21, 1, bias=False)
+    with torch.no_grad():
+        emb.weight.zero_()
+        emb.weight[0, 0] = 1.0  # keeps the informative column only
+    r = estimate(X, y, transforms=[("emb", emb), "raw"])
+    assert r.best == "emb" and r["emb"].dims == 1 and r["emb"].r1 < r["raw"].r1
+    assert emb.weight.grad is None
+
+
 def test_bad_input_is_refused_with_reasons():
     """Bad input raises FeasibilityError (a ValueError) that says what is wrong."""
     rng = np.random.default_rng(0)
