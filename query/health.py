@@ -65,6 +65,9 @@ class Check:
     post: str | None
     path: str
     builtin: bool
+    # (what, SQL) from "-- needs: what | SQL" lines: when a SQL's first value is 0/NULL/no row,
+    # the check has nothing to look at and says SKIP ("no <what>") instead of PASS
+    needs: list = dataclasses.field(default_factory=list)
 
 
 def _parse_value(raw: str) -> Any:
@@ -89,6 +92,7 @@ def parse_check(text: str, path: str = "<string>", builtin: bool = False) -> Che
     meta: dict[str, str] = {}
     params: dict[str, Any] = {}
     helps: dict[str, str] = {}
+    needs: list[tuple[str, str]] = []
     lines = text.splitlines()
     i = 0
     while i < len(lines) and (lines[i].strip().startswith("--") or not lines[i].strip()):
@@ -102,6 +106,12 @@ def parse_check(text: str, path: str = "<string>", builtin: bool = False) -> Che
         if line.startswith("param ") or line.startswith("param\t"):
             raise QueryError(f"check file {path}: cannot read {line!r} (expected: param NAME = VALUE : help)")
         k, sep, v = line.partition(":")
+        if sep and k.strip() == "needs":
+            what, bar, q = v.partition("|")
+            if not bar or not what.strip() or not q.strip():
+                raise QueryError(f"check file {path}: cannot read {line!r} (expected: needs: WHAT | SQL)")
+            needs.append((what.strip(), q.strip()))
+            continue
         if sep and k.strip() in ("name", "severity", "description", "post"):
             meta[k.strip()] = v.strip()
     body = "\n".join(lines[i:]).strip().rstrip(";").strip()
@@ -120,7 +130,7 @@ def parse_check(text: str, path: str = "<string>", builtin: bool = False) -> Che
     post = meta.get("post") or None
     if post is not None and post not in _POST:
         raise QueryError(f"{where}: unknown post-step {post!r} (known: {', '.join(_POST)})")
-    return Check(name, sev, meta.get("description", ""), body, params, helps, post, path, builtin)
+    return Check(name, sev, meta.get("description", ""), body, params, helps, post, path, builtin, needs)
 
 
 def _dirs(checks_dir: str | os.PathLike | Sequence | None) -> list[tuple[Path, bool]]:
@@ -191,7 +201,7 @@ def apply_overrides(checks: dict[str, Check], overrides: dict[str, Any] | None) 
 
 @dataclasses.dataclass
 class CheckResult:
-    """The outcome of one check: status is pass, warn, fail or error (the check itself broke)."""
+    """The outcome of one check: status is pass, warn, fail, skip (nothing to look at) or error (it broke)."""
 
     name: str
     severity: str
@@ -201,10 +211,11 @@ class CheckResult:
     params: dict[str, Any]
     error: str | None = None
     seconds: float = 0.0
+    reason: str | None = None  # why it was skipped
 
     @property
     def ok(self) -> bool:
-        return self.status in ("pass", "warn")
+        return self.status in ("pass", "warn", "skip")
 
     def __repr__(self) -> str:
         extra = f", {self.evidence.num_rows} evidence rows" if self.evidence.num_rows else ""
@@ -239,7 +250,7 @@ class HealthReport(list):
         return super().__getitem__(key)
 
     def summary(self) -> dict[str, int]:
-        counts = {"pass": 0, "warn": 0, "fail": 0, "error": 0}
+        counts = {"pass": 0, "warn": 0, "fail": 0, "error": 0, "skip": 0}
         for r in self:
             counts[r.status] += 1
         return counts
@@ -251,16 +262,17 @@ class HealthReport(list):
             "severity": [r.severity for r in self],
             "status": [r.status for r in self],
             "evidence_rows": pa.array([r.evidence.num_rows for r in self], pa.int64()),
-            "description": [r.error or r.description for r in self],
+            "description": [r.error or r.reason or r.description for r in self],
         })
 
     def __repr__(self) -> str:
         s = self.summary()
         head = (f"<HealthReport run={self.run_id} ok={self.ok}: {s['pass']} pass, {s['warn']} warn, "
-                f"{s['fail']} fail, {s['error']} error>")
+                f"{s['fail']} fail, {s['error']} error, {s['skip']} skip>")
         lines = [head] + [f"  {r.status.upper():5} {r.name}"
                           + (f" ({r.evidence.num_rows} rows)" if r.evidence.num_rows else "")
-                          + (f": {r.error}" if r.error else "") for r in self if r.status != "pass"]
+                          + (f": {r.error}" if r.error else "") + (f": {r.reason}" if r.reason else "")
+                          for r in self if r.status != "pass"]
         return "\n".join(lines)
 
 
@@ -312,13 +324,20 @@ def _run_check(con, check: Check, params: dict[str, Any], base: dict[str, Any]) 
 
     t0 = time.perf_counter()
     try:
+        for what, q in check.needs:
+            db.check_read_only(con, q)
+            got = con.execute(q, _bind(q, {**base, **params})).fetchall()
+            if not got or not got[0] or not got[0][0]:
+                shown = _PARAM_REF.sub(lambda m: repr(params.get(m.group(1), "$" + m.group(1))), what)
+                return CheckResult(check.name, check.severity, "skip", check.description, pa.table({}), params,
+                                   seconds=time.perf_counter() - t0, reason=f"nothing to look at: no {shown}")
         db.check_read_only(con, check.sql)
         binds = _bind(check.sql, {**base, **params})
         table = db.sql_arrow(con, check.sql, binds)
         if check.post:
             table = _POST[check.post](table, params)
     except (duckdb.Error, QueryError, ValueError, TypeError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = db._clean(e)
         return CheckResult(check.name, check.severity, "error", check.description, pa.table({}), params,
                            error=msg, seconds=time.perf_counter() - t0)
     status = "pass" if table.num_rows == 0 else ("fail" if check.severity == "error" else "warn")
@@ -704,6 +723,7 @@ def run_health(args: argparse.Namespace) -> int:
                "summary": report.summary(),
                "checks": [{"name": r.name, "severity": r.severity, "status": r.status,
                            "description": r.description, "params": r.params, "error": r.error,
+                           "reason": r.reason,
                            "evidence_rows": r.evidence.num_rows,
                            "evidence": _format._clean_float(r.evidence.slice(0, limit).to_pylist()
                                                             if limit else r.evidence.to_pylist())}
@@ -712,10 +732,11 @@ def run_health(args: argparse.Namespace) -> int:
     else:
         print(f"health of run {report.run_id}" + (f" (reference {report.reference})" if report.reference else ""))
         for r in report:
-            print(f"{r.status.upper():5}  {r.name:<20} {r.error or r.description}")
+            print(f"{r.status.upper():5}  {r.name:<20} {r.error or r.reason or r.description}")
             if r.evidence.num_rows:
                 text = _format.text_table(r.evidence, max_rows=limit)
                 print("\n".join("       " + line for line in text.splitlines()))
         s = report.summary()
-        print(f"{s['pass']} passed, {s['warn']} warned, {s['fail']} failed, {s['error']} could not run")
+        print(f"{s['pass']} passed, {s['warn']} warned, {s['fail']} failed, {s['error']} could not run, "
+              f"{s['skip']} skipped (nothing to look at)")
     return 1 if report.failed(args.fail_on) else 0

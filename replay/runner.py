@@ -1,12 +1,17 @@
-"""The replay runner: plan, start workers, collect fidelity, store the verdict.
+"""The replay runner: plan, start workers, verify, store the verdict and the values.
 
 One call replays one or more recorded runs with today's script. For each run
 it diffs the script with the run's code snapshot (``planner``), splits the
 planned epochs into contiguous segments, and starts one worker process per
-segment running the user's script in replay mode (``_mode``). Workers write
-their own Parquet parts under the original run (no merge step); the runner
-only collects their small JSON results, writes one ``replays`` row per
-segment and removes rows a previous replay of the same statement wrote.
+segment running the user's script in replay mode (``flightlog._replay``).
+
+When the plan takes the fast path (skipped inner loops), one more worker
+re-executes one planned epoch in full from the checkpoint before it; the new
+statements' values of that epoch must equal the fast path's, or those names are
+``diverged`` and not stored. Workers hand their new values back as Parquet files;
+the runner stores (with the ``replay_id``) only the values of segments that ran
+and were not found diverged, so a bad replay never replaces good values, and
+removes the rows an earlier replay of the same names and epochs wrote.
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ class RunInfo:
     epoch_secs: dict[int, float]
     inner_secs: dict[int, float]
     bad_checkpoints: list[int] = field(default_factory=list)
+    top_loops: list[str] = field(default_factory=list)  # outermost fl.loop names the record shows
 
 
 @dataclass
@@ -63,6 +69,8 @@ class Job:
     index: int = 0
     cwd: str | None = None
     tmp_script_dir: str | None = None
+    plan: str = "fast"  # fast | from_start
+    role: str = "segment"  # segment | verify (a full re-execution checking the fast path; stores nothing)
 
 
 @dataclass
@@ -74,6 +82,9 @@ class SegmentResult:
     data: dict = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    role: str = "segment"
+    verified: int = 0
+    stored: list = field(default_factory=list)  # new names whose values this segment stored
 
 
 @dataclass
@@ -88,6 +99,10 @@ class ReplayResult:
     seconds: float
     startup_s: float | None
     plan_text: str = ""
+    verified: int = 0  # new values checked against a full re-execution
+    verification: list[str] = field(default_factory=list)  # findings of that check, in words
+    scratch: str | None = None  # folder with the files the script wrote during the replay
+    files: list[tuple[str, str]] = field(default_factory=list)  # (path the script used, where it went)
 
     @property
     def ok(self) -> bool:
@@ -95,8 +110,9 @@ class ReplayResult:
 
     @property
     def fidelity(self) -> str:
-        f = {s.fidelity for s in self.segments if s.status == "ok"}
-        if not f:
+        """exact | within tolerance | diverged | failed (the worst segment; failed if any failed)."""
+        f = {s.fidelity for s in self.segments}
+        if not f or "failed" in f:
             return "failed"
         for level in ("diverged", "within tolerance", "unchecked", "exact"):
             if level in f:
@@ -124,11 +140,17 @@ def load_run(con, store: str, run_id: str) -> RunInfo:
     chain = db.run_chain(con, run_id)
     ck: dict[int, dict] = {}
     for rid in chain:  # later runs of the chain win
-        for c in db.sql_arrow(con, "SELECT iteration, position, content_hash, bytes, run_id FROM checkpoints "
-                                   "WHERE run_id = ? AND status IN ('ok') ORDER BY iteration", [rid]).to_pylist():
+        for c in db.sql_arrow(con, "SELECT iteration, position, content_hash, bytes, run_id, captured, loop "
+                                   "FROM checkpoints WHERE run_id = ? AND status IN ('ok') ORDER BY iteration",
+                              [rid]).to_pylist():
             if _store.has_blob(store, c["content_hash"]):
+                try:
+                    cap = json.loads(c["captured"]) if c["captured"] else None
+                except ValueError:
+                    cap = None
                 ck[int(c["iteration"])] = {"content_hash": c["content_hash"], "bytes": c["bytes"], "run_id": rid,
-                                           "position": c["position"] or "iteration_end"}
+                                           "position": c["position"] or "iteration_end", "captured": cap,
+                                           "loop": c["loop"]}
     placeholders = ", ".join("?" for _ in chain)
     per_epoch = db.sql_arrow(con, f"""
         SELECT epoch, arg_max(run_id, k) AS owner,
@@ -142,6 +164,10 @@ def load_run(con, store: str, run_id: str) -> RunInfo:
         f"SELECT DISTINCT name FROM metrics WHERE run_id IN ({placeholders}) AND source = 'record'",
         chain).fetchall()]
     epochs = [int(r["epoch"]) for r in per_epoch]
+    top = [r[0] for r in con.execute(
+        f"SELECT DISTINCT regexp_extract(ctx, '^\\{{\"([^\"]+)\"', 1) FROM metrics "
+        f"WHERE run_id IN ({placeholders}) AND source = 'record' AND ctx IS NOT NULL", chain).fetchall() if r[0]]
+    top = sorted(set(top) | {c["loop"] for c in ck.values() if c.get("loop")})
     owner = {int(r["epoch"]): r["owner"] for r in per_epoch}
     epoch_secs, inner_secs = {}, {}
     prev_end = None
@@ -157,7 +183,8 @@ def load_run(con, store: str, run_id: str) -> RunInfo:
         run_id=run_id, project=row["project"], script=row["script"], cwd=row["cwd"],
         argv=json.loads(row["argv"] or "[]"), params=json.loads(row["params"] or "{}"),
         snapshot_id=row["code_snapshot"], torch_threads=row.get("torch_threads"), chain=chain,
-        checkpoints=ck, epochs=epochs, names=names, owner=owner, epoch_secs=epoch_secs, inner_secs=inner_secs)
+        checkpoints=ck, epochs=epochs, names=names, owner=owner, epoch_secs=epoch_secs, inner_secs=inner_secs,
+        top_loops=top)
 
 
 def _current_code(script_path: str, snapshot: dict) -> dict[str, str]:
@@ -179,7 +206,7 @@ def _current_code(script_path: str, snapshot: dict) -> dict[str, str]:
 
 def plan_run(store: str, info: RunInfo, script_path: str, script_args: list[str] | None, epochs_spec,
              workers: int, force: bool, propagate_from: planner.CodeDiff | None = None,
-             reference_text: str | None = None) -> list[Job]:
+             reference_text: str | None = None, verify: bool = True) -> list[Job]:
     from flightlog import _snapshot
 
     if not info.snapshot_id:
@@ -208,6 +235,15 @@ def plan_run(store: str, info: RunInfo, script_path: str, script_args: list[str]
                 fh.write(patched if rel == snap["script"] else (text or ""))
         run_script = os.path.join(tmp_dir, snap["script"])
         diff = planner.diff_code(snap, {snap["script"]: patched}, snap["script"])
+    recorded = os.path.basename(str(snap.get("script") or ""))
+    given = os.path.basename(script_path)
+    if diff.changes and not force and recorded and given != recorded:
+        # A copy under another name (train_v2.py) with only new statements is fine; a different script
+        # is not, and then the first thing to say is that, not a long diff of two unrelated files.
+        raise ReplayError(f"run {info.run_id} recorded {recorded}, not {given}: give the run's script "
+                          f"(flightlog replay {recorded} --run {info.run_id}), or --force to replay it with {given}; "
+                          f"it differs from the run's code in more than added log statements:\n  "
+                          + "\n  ".join(diff.changes[:5]))
     if diff.changes and not force:
         shown = "\n  ".join(diff.changes[:20])
         more = f"\n  … and {len(diff.changes) - 20} more" if len(diff.changes) > 20 else ""
@@ -217,21 +253,55 @@ def plan_run(store: str, info: RunInfo, script_path: str, script_args: list[str]
         raise ReplayError("no new fl.log statements found in the script compared with the run's snapshot")
     if not info.epochs:
         raise ReplayError(f"run {info.run_id} recorded no fl.loop iterations to replay")
+    chosen = planner.parse_epochs(epochs_spec, info.epochs)
+    _drop_corrupt(store, info, chosen)
     level = diff.level
     if level == "run":
         chosen = [info.epochs[-1]]
-    else:
-        chosen = planner.parse_epochs(epochs_spec, info.epochs)
-    _drop_corrupt(store, info, chosen)
+    args = list(script_args if script_args is not None else info.argv[1:])
+    cwd = info.cwd if info.cwd and os.path.isdir(info.cwd) else None
+    ck = {i: c["position"] for i, c in info.checkpoints.items()}
+    used = _checkpoints_used(chosen, level, ck)
+    planner.resolve_levels(diff, [info.checkpoints[i].get("captured") for i in used],
+                           sorted(set(info.top_loops) | set(diff.top_loops)))
+    level = diff.level
+    if diff.from_start:
+        # Exact re-execution of the whole script from the start: one worker, nothing skipped.
+        last = max(info.epochs)
+        actions = {e: "full" for e in info.epochs}
+        emit = chosen if level != "run" else info.epochs
+        return [Job(info, run_script, args, diff, sorted(emit), actions, sorted(emit), index=0, cwd=cwd,
+                    tmp_script_dir=tmp_dir, plan="from_start")] if last >= 0 else []
     segs = planner.split_segments(chosen, workers)
     jobs = []
-    ck = {i: c["position"] for i, c in info.checkpoints.items()}
     for k, seg in enumerate(segs):
         actions, emit = planner.segment_actions(seg, "epoch" if level in ("epoch", "run") else "batch", ck)
-        jobs.append(Job(info, run_script, list(script_args if script_args is not None else info.argv[1:]), diff,
-                        seg, actions, emit, index=k, cwd=info.cwd if info.cwd and os.path.isdir(info.cwd) else None,
-                        tmp_script_dir=tmp_dir))
+        jobs.append(Job(info, run_script, args, diff, seg, actions, emit, index=k, cwd=cwd, tmp_script_dir=tmp_dir))
+    if verify and level in ("epoch", "run") and chosen:
+        v = _verify_epoch(chosen, ck)
+        actions, emit = planner.segment_actions([v], "batch", ck)
+        jobs.append(Job(info, run_script, args, diff, [v], actions, [v], index=len(segs), cwd=cwd,
+                        tmp_script_dir=tmp_dir, role="verify"))
     return jobs
+
+
+def _checkpoints_used(chosen: list[int], level: str, ck: dict[int, str]) -> list[int]:
+    """Checkpoints a fast plan over ``chosen`` may restore (the loop-start one included)."""
+    out = {i for i in ck if i < 0}
+    for e in chosen:
+        if e in ck:
+            out.add(e)
+        prev = max((i for i in ck if i < e), default=None)
+        if prev is not None:
+            out.add(prev)
+    return sorted(out)
+
+
+def _verify_epoch(chosen: list[int], ck: dict[int, str]) -> int:
+    """The planned epoch re-executed in full to verify the fast path: the last one with a checkpoint just
+    before it (cheap to reach, most state accumulated), else the first planned one."""
+    good = [e for e in chosen if e - 1 in ck or e == 0]
+    return max(good) if good else min(chosen)
 
 
 def _drop_corrupt(store: str, info: RunInfo, chosen: list[int]) -> None:
@@ -256,15 +326,20 @@ def describe(jobs: list[Job], workers: int) -> str:
     if not jobs:
         return "nothing to replay"
     info, diff = jobs[0].info, jobs[0].diff
-    lines = [f"run {info.run_id}: {diff.level}-level replay"]
+    kind = "exact re-execution from the start" if diff.from_start else f"{diff.level}-level replay"
+    lines = [f"run {info.run_id}: {kind}"]
     for s in diff.statements:
         lines.append(f"  new: {s.file}:{s.line}  {s.code.splitlines()[0].strip()}  "
                      f"[{s.level}, loops: {' > '.join(s.loops) or '-'}]")
+        if s.why:
+            lines.append(f"       why: {s.why}")
     if diff.changes:
         lines.append(f"  forced despite {len(diff.changes)} changed line(s)")
-    if diff.level in ("epoch", "run"):
+    if diff.from_start:
+        lines.append(f"  falls back to re-executing the whole script from the start (one worker): {diff.from_start}")
+    elif diff.level in ("epoch", "run"):
         lines.append(f"  inner loop(s) skipped: {', '.join(diff.skip_loops) or '(none found)'}; "
-                     "state from end-of-epoch checkpoints")
+                     "state from the checkpoints taken when they ended (registered objects and loop variables)")
     est_total = 0.0
     for j in jobs:
         full = [e for e, a in j.actions.items() if a == "full"]
@@ -274,6 +349,10 @@ def describe(jobs: list[Job], workers: int) -> str:
         restore = [c for c in (min(j.actions) - 1,) if c in info.checkpoints] + tail
         t += sum(info.checkpoints[c]["bytes"] for c in restore if c in info.checkpoints) / 300e6
         est_total = max(est_total, t)
+        if j.role == "verify":
+            lines.append(f"  verify: epoch {_span(j.emit)} re-executed in full from the checkpoint before it; "
+                         f"the new values of the fast path must equal it  ~{t:.1f}s")
+            continue
         lines.append(f"  worker {j.index}: epochs {_span(j.emit)}"
                      + (f" (re-executes {_span(full)})" if full else "")
                      + (f" restores {len(tail)} end-of-epoch checkpoint(s)" if tail else "")
@@ -286,6 +365,7 @@ def describe(jobs: list[Job], workers: int) -> str:
         lines.append("  no usable checkpoints: the planned epochs re-run from the start of the loop")
     lines.append(f"  checkpoints available: {len(info.checkpoints)}; recorded epochs {_span(info.epochs)}; "
                  f"estimate ~{est_total + 1.5:.1f}s with {len(jobs)} worker(s) (full re-run ~{full_run:.1f}s)")
+    lines.append("  files the script writes go to a scratch folder of the replay, never to their own paths")
     return "\n".join(lines)
 
 
@@ -322,6 +402,9 @@ def _worker_plan(job: Job, store: str, replay_id: str, tmp: str, con, threads: i
         "store": store,
         "run_id": job.info.run_id,
         "project": job.info.project,
+        "replay_id": replay_id,
+        "plan": job.plan,
+        "role": job.role,
         "writer": f"{replay_id}w{job.index}",
         "params": job.info.params,
         "actions": {str(e): a for e, a in job.actions.items()},
@@ -334,9 +417,17 @@ def _worker_plan(job: Job, store: str, replay_id: str, tmp: str, con, threads: i
         "recorded_names": job.info.names,
         "recorded_path": rec_path,
         "result_path": os.path.join(tmp, f"result-{k}.json"),
+        "rows_path": os.path.join(tmp, f"rows-{k}.parquet"),
         "progress_path": os.path.join(tmp, f"progress-{k}"),
+        "scratch": os.path.join(scratch_root(store, replay_id), f"{job.info.run_id}-{job.role}{job.index}"),
+        "tmp": tmp,
         "torch_threads": threads,
     }
+
+
+def scratch_root(store: str, replay_id: str) -> str:
+    """Where a replay's workers put the files the script writes."""
+    return os.path.join(store, "scratch", replay_id)
 
 
 def _verdict(d: dict) -> str:
@@ -404,13 +495,14 @@ def execute(jobs: list[Job], store: str, workers: int, threads: int | None = Non
             cancel(path)
             prespawned.pop(path)[0].wait()
     total_epochs = sum(len(j.actions) for j in jobs)
+    n_verify = sum(1 for j in jobs if j.role == "verify")
     show = progress if progress is not None else _isatty(out)
     pending = list(plans)
     running: list[tuple] = []
     results: list[SegmentResult] = []
     started_at = _now()
     while pending or running:
-        while pending and len(running) < max(1, workers):
+        while pending and len(running) < max(1, workers) + n_verify:
             j, plan, path = pending.pop(0)
             if path in prespawned:
                 p, logf, log_path, ts = prespawned.pop(path)
@@ -426,43 +518,226 @@ def execute(jobs: list[Job], store: str, workers: int, threads: int | None = Non
                 still.append(item)
                 continue
             logf.close()
-            results.append(_collect(j, plan, p.returncode, log_path, time.time() - ts))
+            results.append((j, _collect(j, plan, p.returncode, log_path, time.time() - ts)))
         running = still
         if show:
             _draw(out, plans, total_epochs, t0)
     if show:
         out.write("\n")
+    # A verification run that failed (e.g. a new statement raised in its lead-in epoch) is retried once
+    # on the first epoch of a segment that succeeded, so good segments are not left unverified.
+    for old, newj in _retry_verifications(results):
+        con = db.connect(store)
+        try:
+            th = threads if threads is not None else newj.info.torch_threads
+            plan = _worker_plan(newj, store, replay_id, tmp, con, th)
+        finally:
+            con.close()
+        path = _plan_path(tmp, newj.info.run_id, newj.index)
+        with open(path, "w") as fh:
+            json.dump(plan, fh)
+        p, logf, log_path, ts = _spawn(newj.script_path, newj.script_args, newj.cwd, path, store,
+                                       plan.get("torch_threads"), tmp, f"{newj.info.run_id}-{newj.index}")
+        p.wait()
+        logf.close()
+        results = [(j, r) for j, r in results if j is not old]
+        results.append((newj, _collect(newj, plan, p.returncode, log_path, time.time() - ts)))
+        jobs = [newj if j is old else j for j in jobs]
+        plans = [(j, pl, pa_) for j, pl, pa_ in plans if j is not old] + [(newj, plan, path)]
     ended_at = _now()
-    # the verdict, stored with the replay
+    try:
+        res = _finish(jobs, plans, results, store, replay_id, started_at, ended_at, t0)
+    finally:
+        for j in jobs:
+            if j.tmp_script_dir:
+                shutil.rmtree(j.tmp_script_dir, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+def _retry_verifications(results: list) -> list[tuple[Job, Job]]:
+    out = []
+    for j, r in results:
+        if j.role != "verify" or r.status == "ok":
+            continue
+        good = [jj for jj, rr in results if jj.info.run_id == j.info.run_id and jj.role == "segment"
+                and rr.status == "ok" and jj.emit]
+        if not good or good[0].emit[0] == j.emit[0]:
+            continue
+        e = good[0].emit[0]
+        ck = {i: c["position"] for i, c in j.info.checkpoints.items()}
+        actions, emit = planner.segment_actions([e], "batch", ck)
+        out.append((j, Job(j.info, j.script_path, j.script_args, j.diff, [e], actions, emit, index=j.index + 100,
+                           cwd=j.cwd, tmp_script_dir=j.tmp_script_dir, plan=j.plan, role="verify")))
+    return out
+
+
+def _read_rows(path: str) -> pa.Table | None:
+    try:
+        return pq.read_table(path) if os.path.exists(path) else None
+    except Exception:
+        return None
+
+
+def _series(t: pa.Table | None, epoch: int | None, run_level: bool) -> dict[str, list]:
+    """name -> [(step, epoch, batch, value)] of the rows of one epoch (and run-level rows)."""
+    out: dict[str, list] = {}
+    if t is None:
+        return out
+    for r in t.select(["name", "step", "epoch", "batch", "value"]).to_pylist():
+        if r["epoch"] == epoch or (run_level and r["epoch"] is None):
+            out.setdefault(r["name"], []).append((r["step"], r["epoch"], r["batch"], r["value"]))
+    return out
+
+
+def _close(a: float, b: float) -> bool:
+    from flightlog._replay import ATOL, RTOL
+
+    import math
+    if a == b or (math.isnan(a) and math.isnan(b)):
+        return True
+    return abs(a - b) <= ATOL + RTOL * abs(b)
+
+
+def verify(fast: dict[str, list], full: dict[str, list], diff: planner.CodeDiff, epoch: int
+           ) -> tuple[int, bool, dict[str, str]]:
+    """Compare the fast path's new values of ``epoch`` with a full re-execution of it.
+
+    Returns (values verified, any only within tolerance, {diverged name: reason}).
+    """
+    n, loose, bad = 0, False, {}
+    for name in sorted(set(fast) | set(full)):
+        a, b = fast.get(name, []), full.get(name, [])
+        st = next((s for s in diff.statements if name in s.names), None)
+        where = f"`{st.code.splitlines()[0].strip()}` ({st.file}:{st.line})" if st else f"`{name}`"
+        cause = ""
+        if st is not None and st.skipped_reads:
+            loop = next((l for l in diff.skip_loops if st.skipped_reads[0] in diff.skipped_sets.get(l, [])),
+                        diff.skip_loops[0] if diff.skip_loops else "?")
+            cause = f"; it reads `{st.skipped_reads[0]}`, set in the skipped loop `{loop}`"
+        if len(a) != len(b):
+            bad[name] = (f"{where} ran {len(a)} time(s) in epoch {epoch} on the fast path but {len(b)} time(s) when "
+                         f"the epoch was re-executed in full{cause}")
+            continue
+        for (sa, ea, ba, va), (sb, eb, bb, vb) in zip(a, b):
+            if (sa, ea, ba) != (sb, eb, bb):
+                bad[name] = f"{where} logged at step {sa} on the fast path but at step {sb} in full{cause}"
+                break
+            if va != vb and not (va != va and vb != vb):
+                if _close(va, vb):
+                    loose = True
+                else:
+                    bad[name] = (f"{where} gave {va!r} on the fast path but {vb!r} when epoch {epoch} was "
+                                 f"re-executed in full (step {sa}){cause}")
+                    break
+        if name not in bad:
+            n += len(a)
+    return n, loose, bad
+
+
+def _finish(jobs, plans, results, store, replay_id, started_at, ended_at, t0) -> ReplayResult:
+    import pyarrow.compute as pc
+
+    from flightlog.collector import schema as _schema
+    from flightlog.collector.store import LocalSink
+
+    by_job = {id(r_job): r for r_job, r in results}
+    seg_results: list[SegmentResult] = []
+    verification: list[str] = []
+    rows_of: dict[int, pa.Table | None] = {}
+    for j, plan, _path in plans:
+        rows_of[id(j)] = _read_rows(plan["rows_path"])
+    verified_total = 0
+    for rid in sorted({j.info.run_id for j in jobs}):
+        mine = [j for j in jobs if j.info.run_id == rid]
+        segs = [j for j in mine if j.role == "segment"]
+        vjob = next((j for j in mine if j.role == "verify"), None)
+        bad: dict[str, str] = {}
+        vfail = None
+        vcount, vloose, vseg = 0, False, None
+        if vjob is not None:
+            v = vjob.emit[0]
+            vr = by_job.get(id(vjob))
+            vseg = next((j for j in segs if v in j.emit), None)
+            if vr is None or vr.status != "ok":
+                vfail = ("the verification re-execution of epoch "
+                         f"{v} failed, so the fast path's new values cannot be trusted"
+                         + (f": {vr.error}" if vr is not None and vr.error else ""))
+            elif vr.fidelity == "diverged":
+                vfail = None
+                bad["*"] = (f"re-executing epoch {v} in full diverged from the record: "
+                            f"{json.dumps(vr.data.get('first_divergence'))}")
+            elif vseg is not None and by_job.get(id(vseg)) is not None and by_job[id(vseg)].status == "ok":
+                run_level = vjob.diff.level == "run"
+                vcount, vloose, bad = verify(_series(rows_of.get(id(vseg)), v, run_level),
+                                             _series(rows_of.get(id(vjob)), v, run_level), vjob.diff, v)
+                verified_total += vcount
+                verification.append(f"run {rid}: epoch {v} re-executed in full: {vcount} new value(s) verified"
+                                    + (f", {len(bad)} name(s) diverged" if bad else ""))
+            for name, why in bad.items():
+                verification.append(f"run {rid}: {name}: {why}")
+        for j in segs:
+            r = by_job.get(id(j))
+            if r is None:
+                continue
+            if vfail and r.status == "ok":
+                r.status, r.fidelity, r.error = "failed", "failed", vfail
+            if "*" in bad and r.status == "ok":
+                r.fidelity = "diverged"
+                r.data["first_divergence"] = {"name": "*", "reason": bad["*"]}
+            elif bad and r.status == "ok":
+                r.fidelity = "diverged"
+                name = sorted(bad)[0]
+                r.data["first_divergence"] = {"name": name, "reason": bad[name], "verified_epoch": vjob.emit[0]}
+            elif j is vseg and vloose and r.fidelity == "exact":
+                r.fidelity = "within tolerance"
+            if j is vseg:
+                r.verified = vcount
+            # what this segment stores: nothing if it failed or its recomputed recorded values diverged
+            names = r.data.get("new_names", [])
+            if r.status != "ok" or "*" in bad or _verdict(r.data) == "diverged":
+                r.stored = []
+            else:
+                r.stored = [n for n in names if n not in bad]
+            seg_results.append(r)
     rows = []
-    for r in results:
+    for r in seg_results:
         d = r.data
         rows.append({"run_id": r.run_id, "replay_id": replay_id, "segment": r.segment, "status": r.status,
                      "fidelity": r.fidelity, "compared": int(d.get("compared", 0)),
                      "max_abs_diff": float(d.get("max_abs_diff", 0.0)),
                      "first_divergence": json.dumps(d.get("first_divergence")) if d.get("first_divergence") else None,
-                     "new_names": json.dumps(d.get("new_names", [])), "started_at": started_at,
-                     "ended_at": ended_at, "error": r.error})
+                     "new_names": json.dumps(r.stored, ensure_ascii=False), "started_at": started_at,
+                     "ended_at": ended_at, "error": r.error, "verified": r.verified,
+                     "plan": "from_start" if any(j.plan == "from_start" for j in jobs) else
+                     ("fast" if any(j.role == "verify" for j in jobs) else "full"),
+                     "scratch": scratch_root(store, replay_id)})
     if rows:
-        from flightlog.collector.schema import REPLAYS
-
-        LocalSink(store, writer=replay_id).write("replays", pa.Table.from_pylist(rows, schema=REPLAYS))
-    new_names = sorted({n for r in results for n in r.data.get("new_names", [])})
-    ok_runs = {r.run_id for r in results if r.status == "ok"}
-    for rid in ok_runs:
-        epochs = sorted({e for j in jobs if j.info.run_id == rid for e in j.emit})
+        LocalSink(store, writer=replay_id).write("replays", pa.Table.from_pylist(rows, schema=_schema.REPLAYS))
+    # the values: only what each good segment stores, tagged with the replay
+    for j, plan, _path in plans:
+        r = by_job.get(id(j))
+        t = rows_of.get(id(j))
+        if j.role != "segment" or r is None or not r.stored or t is None or t.num_rows == 0:
+            continue
+        t = t.filter(pc.is_in(t.column("name"), pa.array(r.stored)))
+        for owner in sorted(set(t.column("run_id").to_pylist())):
+            part = t.filter(pc.equal(t.column("run_id"), owner))
+            LocalSink(store, writer=f"{replay_id}w{j.index}").write("metrics", _schema.conform("metrics", part))
+    for rid in sorted({r.run_id for r in seg_results if r.stored}):
+        epochs = sorted({e for j in jobs if j.info.run_id == rid and j.role == "segment" for e in j.emit})
         owners = {j.info.owner.get(e, rid) for j in jobs if j.info.run_id == rid for e in j.emit} | {rid}
-        names = sorted({n for r in results if r.run_id == rid for n in r.data.get("new_names", [])})
+        names = sorted({n for r in seg_results if r.run_id == rid for n in r.stored})
         for owner in owners:
             _supersede(store, owner, replay_id, names, epochs)
-    firsts = [r.data.get("first_epoch_at") for r in results if r.data.get("first_epoch_at")]
+    new_names = sorted({n for r in seg_results for n in r.stored})
+    firsts = [r.data.get("first_epoch_at") for _j, r in results if r.data.get("first_epoch_at")]
     startup = (min(firsts) - t0) if firsts else None
-    for j in jobs:
-        if j.tmp_script_dir:
-            shutil.rmtree(j.tmp_script_dir, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return ReplayResult(replay_id, sorted({j.info.run_id for j in jobs}), results, {}, new_names,
-                        time.time() - t0, startup)
+    files = sorted({tuple(f) for _j, r in results for f in r.data.get("files", [])})
+    scratch = scratch_root(store, replay_id)
+    return ReplayResult(replay_id, sorted({j.info.run_id for j in jobs}), seg_results, {}, new_names,
+                        time.time() - t0, startup, verified=verified_total, verification=verification,
+                        scratch=scratch if os.path.isdir(scratch) else None, files=files)
 
 
 def cancel(plan_path: str) -> None:
@@ -567,12 +842,14 @@ def _now():
 def run(script: str, script_args: list[str] | None = None, *, run: str | None = None, epochs: Any = None,
         workers: int = 1, dry_run: bool = False, all_runs: bool = False, runs: str | None = None,
         force: bool = False, store: str | None = None, threads: int | None = None,
-        progress: bool | None = None, out=sys.stderr) -> ReplayResult:
+        progress: bool | None = None, out=sys.stderr, verify: bool = True) -> ReplayResult:
     """Replay recorded run(s) with today's ``script`` and store the values of its new log statements.
 
     ``run`` is an id, prefix or ``latest``; ``all_runs``/``runs`` (an SQL
     predicate over the ``runs`` table) select many. ``epochs`` is ``A:B``, a list
-    or ``N``. Returns a :class:`ReplayResult` (``.fidelity``, ``.segments``).
+    or ``N``. ``verify`` (default on): when the plan skips inner loops, one planned
+    epoch is also re-executed in full and the new values must match. Returns a
+    :class:`ReplayResult` (``.fidelity``, ``.segments``, ``.verified``, ``.files``).
     """
     t0 = time.time()
     if not os.path.isfile(script):
@@ -622,7 +899,7 @@ def run(script: str, script_args: list[str] | None = None, *, run: str | None = 
         today = fh.read()
     if len(infos) == 1 and not dry_run:
         return _run_single(infos[0], home, script, script_args, epochs, workers, force, threads, progress, out,
-                           t0, spec)
+                           t0, spec, verify)
     jobs: list[Job] = []
     refused: dict[str, str] = {}
     multi = len(infos) > 1
@@ -632,7 +909,7 @@ def run(script: str, script_args: list[str] | None = None, *, run: str | None = 
     for info in infos:
         try:
             jobs += plan_run(home, info, script, script_args, epochs, 1 if multi else workers, force,
-                             propagate_from=ref_diff, reference_text=today)
+                             propagate_from=ref_diff, reference_text=today, verify=verify)
         except ReplayError as e:
             if not multi:
                 raise
@@ -720,10 +997,10 @@ def _cancel_spec(spec: dict | None) -> None:
 
 
 def _run_single(info: RunInfo, home: str, script: str, script_args, epochs, workers: int, force: bool,
-                threads, progress, out, t0: float, spec: dict | None) -> ReplayResult:
+                threads, progress, out, t0: float, spec: dict | None, verify: bool = True) -> ReplayResult:
     try:
         args = spec["args"] if spec else script_args
-        jobs = plan_run(home, info, script, args, epochs, workers, force)
+        jobs = plan_run(home, info, script, args, epochs, workers, force, verify=verify)
     except BaseException:
         _cancel_spec(spec)
         raise

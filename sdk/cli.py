@@ -43,6 +43,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# what `pip install 'flightlog[server]'` brings (the import names)
+_SERVER_DEPS = {"fastapi", "uvicorn", "starlette", "httpx", "opentelemetry", "google"}
+
+
+def _missing(cmd: str, e: ImportError) -> str:
+    """The one-line error for a command whose dependency is not installed, with the fix."""
+    missing = (getattr(e, "name", None) or "").split(".")[0]
+    if missing in _SERVER_DEPS:
+        return (f"flightlog {cmd} needs the server extra ({missing} is not installed): "
+                "pip install 'flightlog[server]'")
+    return f"command {cmd!r} is not available ({e})"
+
+
 def _top_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flightlog",
@@ -75,17 +88,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         mod = importlib.import_module(modname)
         configure = getattr(mod, f"configure_{fname}")
         run = getattr(mod, f"run_{fname}")
-    except (ImportError, AttributeError) as e:
+    except ImportError as e:
+        print(f"flightlog: error: {_missing(cmd, e)}", file=sys.stderr)
+        return 2
+    except AttributeError as e:
         print(f"flightlog: error: command {cmd!r} is not available ({e})", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(prog=f"flightlog {cmd}", description=help_)
     configure(parser)
     custom = getattr(mod, f"parse_{fname}", None)  # commands that pass arguments through (replay)
-    args = custom(parser, argv[1:]) if custom else parser.parse_args(argv[1:])
     try:
+        args = custom(parser, argv[1:]) if custom else parser.parse_args(argv[1:])
         rc = run(args)
     except FlightlogError as e:
         print(f"flightlog: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # an optional dependency the command imports when it runs
+        missing = (getattr(e, "name", None) or "").split(".")[0]
+        if missing not in _SERVER_DEPS:
+            raise
+        print(f"flightlog: error: {_missing(cmd, e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flightlog: interrupted", file=sys.stderr)

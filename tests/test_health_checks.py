@@ -456,13 +456,14 @@ def test_reference_defaults_to_previous_finished_run_of_project_that_ran_the_ste
     assert res.status == "fail" and set(res.evidence.column("reference_run").to_pylist()) == {"crashed"}
 
 
-def test_drift_and_schema_pass_without_a_reference(store):
-    """A first run (nothing to compare with) passes drift and schema."""
+def test_drift_and_schema_skip_without_a_reference(store):
+    """A first run (nothing to compare with) skips drift and schema, saying there is no reference run."""
     rng = np.random.default_rng(0)
     add_run(store, "only")
     plant_step_inputs(store, "only", frame(rng), T0)
     rep = health(store=store, checks=["drift", "schema"])
-    assert [r.status for r in rep] == ["pass", "pass"]
+    assert [r.status for r in rep] == ["skip", "skip"] and rep.ok
+    assert all("no reference run" in r.reason for r in rep)
 
 
 def test_unreadable_summaries_are_skipped(store):

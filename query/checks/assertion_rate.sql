@@ -1,6 +1,7 @@
 -- name: assertion_rate
 -- severity: error
 -- description: the share of checked items that failed a model assertion is above max_rate
+-- needs: fl.check results in this run | SELECT count(*) FROM assertions WHERE run_id = $run_id AND item_id IS NULL
 -- param max_rate = 0.05 : highest acceptable failure rate per assertion
 -- fl.check writes one summary row per assertion per call: item_id NULL, severity = items checked,
 -- message = {"checked": n, "failed": k}. Failure rows carry the item id and its severity.

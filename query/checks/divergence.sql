@@ -1,6 +1,7 @@
 -- name: divergence
 -- severity: error
 -- description: a loss spikes far above its running minimum (the first point where mean > factor x best so far)
+-- needs: metric named like $metrics | SELECT count(*) FROM metric_points WHERE regexp_matches(name, $metrics)
 -- param factor = 3.0 : a point diverges when its mean exceeds factor x the lowest earlier point mean
 -- param metrics = 'loss' : regular expression selecting the metric names to watch
 -- param min_points = 2 : earlier points needed before a spike counts

@@ -1,6 +1,8 @@
 -- name: drift
 -- severity: warn
 -- description: a step's inputs drifted from the reference run (PSI and KS over the io summaries' histograms and category frequencies)
+-- needs: step inputs with summaries in this run | SELECT count(*) FROM io WHERE run_id = $run_id AND direction = 'input' AND summary IS NOT NULL
+-- needs: reference run (an earlier finished run of the project that called the same step; or pass --reference) | SELECT count(*) FROM (SELECT DISTINCT step_name FROM io WHERE run_id = $run_id AND direction = 'input' AND summary IS NOT NULL) c WHERE $reference <> '' OR EXISTS (SELECT 1 FROM io i JOIN runs r ON r.run_id = i.run_id WHERE i.direction = 'input' AND i.run_id <> $run_id AND i.step_name = c.step_name AND r.status = 'finished' AND r.kind IS DISTINCT FROM 'replay' AND r.project IS NOT DISTINCT FROM (SELECT project FROM runs WHERE run_id = $run_id) AND r.started_at < (SELECT started_at FROM runs WHERE run_id = $run_id))
 -- param psi = 0.2 : population stability index above which a column drifted
 -- param ks = 0.2 : Kolmogorov-Smirnov distance (from histograms) above which a numeric column drifted
 -- param max_calls = 50 : most recent calls per step and argument read from each run

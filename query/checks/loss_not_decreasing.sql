@@ -1,6 +1,7 @@
 -- name: loss_not_decreasing
 -- severity: warn
 -- description: training rule: a loss is not lower at the end of the run than at its start (mean of the last window of points vs the first)
+-- needs: training metric named like $metrics | SELECT count(*) FROM metric_points WHERE regexp_matches(name, $metrics) AND NOT regexp_matches(name, '^(val|valid|validation|eval|test)[_/.]')
 -- param window = 0.2 : fraction of the points (at least one) averaged at each end
 -- param min_decrease = 0.01 : the end must be below the start by this fraction
 -- param min_points = 4 : points needed before the rule applies

@@ -1,6 +1,7 @@
 -- name: overfitting
 -- severity: warn
 -- description: the train/validation gap widens while the validation metric gets worse than its best
+-- needs: validation metric (val_X) with its training counterpart (train_X or X) | SELECT count(*) FROM (SELECT DISTINCT name FROM metric_points) v, (SELECT DISTINCT name FROM metric_points) t WHERE regexp_matches(v.name, '^(val|valid|validation|eval)[_/.](.+)$') AND t.name IN ('train_' || regexp_extract(v.name, '^(val|valid|validation|eval)[_/.](.+)$', 2), 'train/' || regexp_extract(v.name, '^(val|valid|validation|eval)[_/.](.+)$', 2), 'train.' || regexp_extract(v.name, '^(val|valid|validation|eval)[_/.](.+)$', 2), regexp_extract(v.name, '^(val|valid|validation|eval)[_/.](.+)$', 2))
 -- param min_increase = 0.1 : the gap must grow by this fraction of the best validation value
 -- param min_points = 4 : points both metrics need
 -- param higher_better = 'acc|auc|f1|precision|recall|score|iou|map' : suffixes where higher is better

@@ -1,6 +1,7 @@
 -- name: plateau
 -- severity: warn
 -- description: a loss has not improved for `patience` points (epochs when the run has epochs)
+-- needs: metric named like $metrics | SELECT count(*) FROM metric_points WHERE regexp_matches(name, $metrics)
 -- param patience = 5 : points without a new best before the metric counts as stalled
 -- param min_delta = 0.001 : an improvement must beat the best so far by this fraction
 -- param metrics = 'loss' : regular expression selecting the (lower-is-better) metric names

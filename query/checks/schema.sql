@@ -1,6 +1,8 @@
 -- name: schema
 -- severity: error
 -- description: a step's inputs break the schema inferred from the reference run: columns, dtypes, null rate, numeric range, categorical domain
+-- needs: step inputs with summaries in this run | SELECT count(*) FROM io WHERE run_id = $run_id AND direction = 'input' AND summary IS NOT NULL
+-- needs: reference run (an earlier finished run of the project that called the same step; or pass --reference) | SELECT count(*) FROM (SELECT DISTINCT step_name FROM io WHERE run_id = $run_id AND direction = 'input' AND summary IS NOT NULL) c WHERE $reference <> '' OR EXISTS (SELECT 1 FROM io i JOIN runs r ON r.run_id = i.run_id WHERE i.direction = 'input' AND i.run_id <> $run_id AND i.step_name = c.step_name AND r.status = 'finished' AND r.kind IS DISTINCT FROM 'replay' AND r.project IS NOT DISTINCT FROM (SELECT project FROM runs WHERE run_id = $run_id) AND r.started_at < (SELECT started_at FROM runs WHERE run_id = $run_id))
 -- param max_calls = 50 : most recent calls per step and argument read from each run
 -- param null_tolerance = 0.05 : allowed rise of a column's null rate over the reference
 -- param range_margin = 0.25 : allowed overshoot of the reference [min, max], as a fraction of its span

@@ -1,6 +1,7 @@
 -- name: stale_inputs
 -- severity: warn
 -- description: step inputs that were stale (produced more than max_age_days before use) or superseded (the producing step had already written a newer version when the input was used)
+-- needs: step inputs with fingerprints in this run | SELECT count(*) FROM io WHERE run_id = $run_id AND direction = 'input' AND fingerprint IS NOT NULL
 -- param max_age_days = 30 : an input produced longer ago than this (before its use) is stale
 -- Lineage: an input's producer is the step call whose output has the same fingerprint (latest such
 -- output written before the use). Versions of a producer's output are its distinct fingerprints,

@@ -1,6 +1,8 @@
 -- name: step_duration
 -- severity: warn
 -- description: a step's p95 duration regressed against that step's history in earlier runs of the project
+-- needs: step calls (@fl.step spans) in this run | SELECT count(*) FROM spans WHERE run_id = $run_id AND duration_ms IS NOT NULL
+-- needs: earlier run of the project with the same steps to compare with | SELECT count(*) FROM spans s JOIN runs r ON r.run_id = s.run_id WHERE s.run_id <> $run_id AND r.project IS NOT DISTINCT FROM (SELECT project FROM runs WHERE run_id = $run_id) AND r.started_at < (SELECT started_at FROM runs WHERE run_id = $run_id) AND r.kind IS DISTINCT FROM 'replay' AND s.name IN (SELECT name FROM spans WHERE run_id = $run_id)
 -- param factor = 1.5 : the run's p95 must exceed factor x the historical p95
 -- param min_ms = 5.0 : and be at least this many milliseconds slower
 -- param min_calls = 5 : calls needed on each side

@@ -1,6 +1,7 @@
 -- name: update_ratio
 -- severity: warn
 -- description: training rule: the size of a parameter's updates relative to its weights (update_ratio/<param> from fl.watch, |w_t+1 - w_t| / |w_t|) is out of range over the last points
+-- needs: update_ratio/<param> metrics (from fl.watch) | SELECT count(*) FROM metric_points WHERE starts_with(name, 'update_ratio/')
 -- param low = 1e-6 : median ratio below this: the parameter barely learns
 -- param high = 0.1 : median ratio above this: updates are too large (learning rate too high)
 -- param last = 5 : most recent points considered

@@ -1,6 +1,7 @@
 -- name: vanishing_gradients
 -- severity: warn
 -- description: training rule: a parameter's gradient norm (recorded by fl.watch as grad_norm/<param>) stayed below threshold over the last points
+-- needs: grad_norm/<param> metrics (from fl.watch) | SELECT count(*) FROM metric_points WHERE starts_with(name, 'grad_norm/')
 -- param threshold = 1e-7 : gradient L2 norm below which a gradient counts as vanished
 -- param last = 3 : how many of the most recent points must all be below the threshold
 WITH s AS (
