@@ -18,7 +18,9 @@ the same rows, so R1 must agree exactly (continuous data: no distance ties).
 
 Every measurement runs in a fresh child process, so the peak RSS (ru_maxrss) is
 per tool and size; it includes the generated input (n x d float64), which is
-also printed separately. Wall times are medians of ``--repeats`` runs.
+also printed separately. Wall times are medians of ``--repeats`` runs; CPU
+seconds (all threads) are printed too, since on a shared machine they say more
+about the work than wall time does.
 """
 from __future__ import annotations
 
@@ -58,6 +60,12 @@ def make_data(n: int, d: int, seed: int = 0):
     return X, y, perm[n_test:], perm[:n_test]
 
 
+def cpu_s() -> float:
+    """CPU seconds (user + system, all threads) of this process: less sensitive to a busy machine than wall time."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -67,14 +75,16 @@ def child(tool: str, n: int, d: int, repeats: int) -> dict:
     Xtr, Xte, ytr, yte = X[tr], X[te], y[tr], y[te]
     del X
     base = peak_mb()
-    times, r1, extra = [], None, {}
+    times, cpus, r1, extra = [], [], None, {}
     for _ in range(repeats):
+        c0 = cpu_s()
         if tool == "flightlog":
             from flightlog.query.feasibility import _curve_sizes, nn_error
 
             t = time.perf_counter()
             curve = nn_error(Xtr, ytr, Xte, yte, checkpoints=_curve_sizes(len(tr)))
             times.append(time.perf_counter() - t)
+            cpus.append(cpu_s() - c0)
             r1 = curve[len(tr)]
             extra["curve_points"] = len(curve)
         else:
@@ -84,12 +94,14 @@ def child(tool: str, n: int, d: int, repeats: int) -> dict:
             clf = KNeighborsClassifier(n_neighbors=1).fit(Xtr, ytr)
             pred = clf.predict(Xte)
             times.append(time.perf_counter() - t)
+            cpus.append(cpu_s() - c0)
             r1 = float((pred != yte).sum() / len(yte))
             import sklearn
 
             extra["algorithm"] = clf._fit_method
             extra["version"] = sklearn.__version__
     return {"tool": tool, "n": n, "d": d, "times": times, "median_s": statistics.median(times), "r1": r1,
+            "cpu_times": cpus, "median_cpu_s": statistics.median(cpus),
             "input_mb": (Xtr.nbytes + Xte.nbytes) / 1e6, "rss_after_input_mb": base, "peak_rss_mb": peak_mb(),
             **extra}
 
@@ -143,12 +155,15 @@ def main() -> None:
                 print(f"{spec:>9}  {r['tool']:<9}  {r['error']}")
                 continue
             print(f"{spec:>9}  {r['tool']:<9}  median {r['median_s']:8.2f} s  (runs: "
-                  f"{', '.join(f'{t:.2f}' for t in r['times'])})  R1 {r['r1']:.6f}  peak RSS {r['peak_rss_mb']:7.0f} MB"
+                  f"{', '.join(f'{t:.2f}' for t in r['times'])})  CPU {r.get('median_cpu_s', float('nan')):.2f} s"
+                  f"  R1 {r['r1']:.6f}  peak RSS {r['peak_rss_mb']:7.0f} MB"
                   f"  (input {r['input_mb']:.0f} MB, RSS after input {r['rss_after_input_mb']:.0f} MB)"
                   + (f"  [{r.get('algorithm')}, sklearn {r.get('version')}]" if r["tool"] == "sklearn" else ""))
         if theirs and "error" not in theirs and "error" not in ours:
             same = "same R1" if ours["r1"] == theirs["r1"] else f"R1 DIFFERS ({ours['r1']} vs {theirs['r1']})"
-            print(f"{spec:>9}  {same}; sklearn / flightlog time: {theirs['median_s'] / ours['median_s']:.2f}x")
+            print(f"{spec:>9}  {same}; sklearn / flightlog time: {theirs['median_s'] / ours['median_s']:.2f}x"
+                  + (f", CPU: {theirs['median_cpu_s'] / ours['median_cpu_s']:.2f}x"
+                     if "median_cpu_s" in ours and "median_cpu_s" in theirs else ""))
         print(f"# load average now {os.getloadavg()[0]:.1f}", flush=True)
 
 
