@@ -268,6 +268,7 @@ class CollectorSink:
     def _spool_write(self, table: str, payload: bytes, batch_id: str) -> None:
         _store.write_bytes_atomic(self.spool / f"{batch_id}.{table}.arrows", payload, fsync=True)
         self._spooled = True
+        _remember_url(self.spool, self.url)
         self._mine.add(batch_id)
         self.spooled += 1
 
@@ -435,6 +436,27 @@ class CollectorSink:
 
 # -- flightlog sync -------------------------------------------------------------------------
 
+URL_FILE = "collector.url"  # in the spool: where its batches were going (`flightlog sync` reads it)
+
+
+def _remember_url(spool: Path, url: str) -> None:
+    """Note the collector URL next to the spooled batches (once per URL); never raises."""
+    try:
+        p = spool / URL_FILE
+        if not p.is_file() or p.read_text().strip() != url:
+            _store.write_bytes_atomic(p, url.encode())
+    except Exception:
+        pass
+
+
+def spooled_url(spool: Path) -> str | None:
+    """The collector URL the spool's batches were meant for, when a sink recorded one."""
+    try:
+        url = (spool / URL_FILE).read_text().strip()
+    except OSError:
+        return None
+    return url if re.match(r"^https?://[^\s]+$", url) and len(url) < 2048 else None
+
 def configure_sync(p: argparse.ArgumentParser) -> None:
     from flightlog._cli_core import add_store
 
@@ -453,12 +475,17 @@ def run_sync(args: argparse.Namespace) -> int:
     from flightlog._errors import StoreError
 
     url = _config.resolve(args.collector, _config.ENV_COLLECTOR, None)
-    if not url:
-        raise StoreError(f"no collector given: pass --collector URL or set {_config.ENV_COLLECTOR}")
     spool = Path(args.spool) if args.spool else Path(_config.store_home(args.store)) / "spool"
     if not spool.is_dir():
         print(f"nothing to sync: no spool at {spool}")
         return 0
+    if not url:
+        url = spooled_url(spool)  # the collector the spooled batches were going to
+        if url:
+            print(f"collector {url} (recorded in {spool / URL_FILE}; --collector URL sends elsewhere)")
+    if not url:
+        raise StoreError(f"no collector given and none recorded in {spool}: pass --collector URL "
+                         f"or set {_config.ENV_COLLECTOR}")
     if args.retry_rejected:
         rej = spool / "rejected"
         for f in (rej.iterdir() if rej.is_dir() else ()):

@@ -45,6 +45,33 @@ def _query(sql: str, params: Any = None, *, store: str | os.PathLike | None = No
     return db.run_sql(sql, params, store=store)
 
 
+# Rows a replay wrote count only when that replay stored them by its own verdict (its `replays`
+# row lists the name): a diverged or failed replay never replaces good values.
+GOOD_REPLAY_ROWS = ("(m.source IS DISTINCT FROM 'replay' OR m.replay_id IS NULL OR EXISTS ("
+                    "SELECT 1 FROM replays p WHERE p.replay_id = m.replay_id AND p.status = 'ok' "
+                    "AND p.fidelity NOT IN ('failed') AND contains(p.new_names, '\"' || m.name || '\"')))")
+
+
+class UnknownMetricWarning(UserWarning):
+    """fl.dataframe was asked for a metric the run never logged (its column is empty)."""
+
+
+def _warn_unknown(con, rid: str, chain: list[str], names: Sequence[str]) -> None:
+    import difflib
+    import warnings
+
+    known = sorted(r[0] for r in con.execute("SELECT DISTINCT name FROM metrics WHERE list_contains(?, run_id)",
+                                             [chain]).fetchall())
+    for n in names:
+        if n not in known:
+            near = difflib.get_close_matches(str(n), known, 3)
+            hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else (
+                f" (it logged: {', '.join(known[:10])}{', …' if len(known) > 10 else ''})" if known else
+                " (it logged no metrics)")
+            warnings.warn(f"fl.dataframe: run {rid} has no metric named {n!r}{hint}; its column is empty",
+                          UnknownMetricWarning, stacklevel=3)
+
+
 def dataframe(*names: str, run: str | Sequence[str] | None = None, store: str | os.PathLike | None = None,
               source: str | None = None):
     """One row per (epoch, batch, step), one column per metric name, like ``flor.dataframe``.
@@ -66,6 +93,7 @@ def dataframe(*names: str, run: str | Sequence[str] | None = None, store: str | 
         for r in runs:
             rid = db.resolve_run(con, r)
             chain = db.run_chain(con, rid)
+            _warn_unknown(con, rid, chain, names)
             cols = ", ".join(
                 f'arg_max(value, _ord) FILTER (WHERE name = ${i + 2}) AS "{n.replace(chr(34), chr(34) * 2)}"'
                 for i, n in enumerate(names))
@@ -76,7 +104,7 @@ def dataframe(*names: str, run: str | Sequence[str] | None = None, store: str | 
             sql = (
                 f"WITH ch(run_id, k) AS (VALUES {chain_vals}), "
                 f"m AS (SELECT m.*, ch.k * 2 + (CASE WHEN source = 'replay' THEN 1 ELSE 0 END) AS _ord "
-                f"FROM metrics m JOIN ch USING (run_id) WHERE name IN ({name_list}){src}) "
+                f"FROM metrics m JOIN ch USING (run_id) WHERE name IN ({name_list}){src} AND {GOOD_REPLAY_ROWS}) "
                 f"SELECT $1 AS run_id, epoch, batch, step, {cols} FROM m "
                 f"GROUP BY epoch, batch, step ORDER BY epoch NULLS FIRST, batch NULLS FIRST, step"
             )
