@@ -58,6 +58,9 @@ def _clone_tree(obj: Any) -> Any:
 def _kind(obj: Any) -> str:
     if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
         return "state_dict"
+    torch = _torch()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return "tensor"
     if isinstance(obj, np.ndarray):
         return "ndarray"
     if isinstance(obj, np.random.Generator):
@@ -74,6 +77,8 @@ def copy_object(obj: Any) -> tuple[str, Any]:
         return kind, _clone_tree(obj.state_dict())
     if kind == "ndarray":
         return kind, obj.copy()
+    if kind == "tensor":
+        return kind, obj.detach().clone()
     if kind == "np_generator":
         return kind, copy.deepcopy(obj.bit_generator.state)
     if kind == "py_random":
@@ -93,6 +98,15 @@ def restore_object(obj: Any, kind: str, state: Any) -> Any:
             obj[...] = state
             return obj
         return state
+    if kind == "tensor":
+        # in place: the script's (and the optimizer's) references stay valid
+        torch = _torch()
+        with torch.no_grad():
+            if obj.shape == state.shape and obj.dtype == state.dtype:
+                obj.copy_(state.to(obj.device))
+            else:
+                obj.data = state.to(obj.device)
+        return obj
     if kind == "np_generator":
         obj.bit_generator.state = state
         return obj
@@ -290,6 +304,7 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.last_write_ms: float | None = None
+        self.warned: set = set()  # loop variables already named in a "not captured" warning
 
     # policy
     def due(self, index: int, loop_ms: float, last: bool) -> bool:
@@ -300,19 +315,21 @@ class Checkpointer:
             return True
         return self.since_ms * self.overhead >= self.cost_ms
 
-    def on_boundary(self, run, loop_name: str, index: int, loop_s: float, position: str) -> None:
+    def on_boundary(self, run, loop_name: str, index: int, loop_s: float, position: str,
+                    scopes: list | None = None) -> None:
         """Called once per outer iteration: after its first inner loop, or at its end."""
         try:
             frame_total = run.loops[0].total if run.loops else None
             last = frame_total is not None and index == frame_total - 1
             if not self.due(index, loop_s * 1000.0, last):
                 return
-            self.take(loop_name, index, self.since_ms, position)
+            self.take(loop_name, index, self.since_ms, position, scopes)
             self.since_ms = 0.0
         except Exception as e:
             _warn.problem("checkpoint_failed", f"checkpoint after {loop_name} {index} failed: {e!r}")
 
-    def snapshot(self, loop_name: str, index: int, position: str = "iteration_end") -> tuple[dict, list[str]]:
+    def snapshot(self, loop_name: str, index: int, position: str = "iteration_end",
+                 scopes: list | None = None) -> tuple[dict, list[str]]:
         objs, skipped = {}, []
         for name, obj in self.objects.items():
             try:
@@ -321,8 +338,20 @@ class Checkpointer:
                 skipped.append(name)
                 _warn.problem("checkpoint_unpicklable",
                               f"cannot checkpoint {name!r} ({type(obj).__name__}): {e!r}; left out")
+        carried, summary = {}, None
+        if scopes:
+            try:
+                from flightlog import _carried
+
+                carried, summary = _carried.capture(scopes, self.objects)
+                _carried.warn_uncaptured(summary, self.warned)
+            except Exception as e:
+                summary = {"vars": [], "uncaptured": {"*": f"capture failed: {e!r}"[:200]}}
+                _warn.problem("capture_failed", f"loop variables not captured: {e!r}")
         payload = {
             "format": FORMAT,
+            "carried": carried,
+            "captured": summary,
             "run_id": self.run.run_id,
             "loop": loop_name,
             "iteration": index,
@@ -334,9 +363,10 @@ class Checkpointer:
         }
         return payload, skipped
 
-    def take(self, loop_name: str, index: int, loop_ms: float, position: str = "iteration_end") -> None:
+    def take(self, loop_name: str, index: int, loop_ms: float, position: str = "iteration_end",
+             scopes: list | None = None) -> None:
         t0 = time.perf_counter()
-        payload, skipped = self.snapshot(loop_name, index, position)
+        payload, skipped = self.snapshot(loop_name, index, position, scopes)
         copy_ms = (time.perf_counter() - t0) * 1000.0
         self._ensure_thread()
         item = (payload, loop_name, index, copy_ms, loop_ms, skipped, position)
@@ -399,6 +429,7 @@ class Checkpointer:
             "time": _run._now(),
             "status": "ok" if not skipped else "partial",
             "error": ("left out: " + ", ".join(skipped)) if skipped else None,
+            "captured": _json_summary(payload.get("captured")),
         })
         self.run.rec.request_flush()  # make the index row durable soon after the blob
 
@@ -412,6 +443,14 @@ class Checkpointer:
         except queue.Full:
             return
         t.join(timeout)
+
+
+def _json_summary(summary: dict | None) -> str | None:
+    if summary is None:
+        return None
+    import json
+
+    return json.dumps(summary, separators=(",", ":"), default=str)
 
 
 @contextlib.contextmanager
@@ -433,25 +472,55 @@ def checkpointing(*, every: int | None = None, overhead: float | None = None, **
                                          or math.isnan(overhead)):
                 _warn.problem("bad_argument", f"checkpointing(overhead={overhead!r}) must be in (0, 1); using 2%")
                 overhead = None
-            if r.replay is not None:
-                mgr = r.replay.checkpointing(r, objects)
-            else:
-                mgr = Checkpointer(r, objects, every, overhead)
-                r.extra["checkpointer"] = mgr
-                hooks = r.extra.setdefault("finish_hooks", [])
-                hooks.append(lambda _r, m=mgr: m.close())
+            mgr = r.mode.checkpointing(r, objects, every, overhead)
         except Exception as e:
             _warn.problem("checkpoint_setup", f"checkpointing setup failed: {e!r}")
     try:
         yield mgr
     finally:
-        if r is not None and mgr is not None and r.replay is None:
+        if r is not None and isinstance(mgr, Checkpointer):
             try:
                 mgr.close()
             except Exception:
                 pass
             if r.extra.get("checkpointer") is mgr:
                 r.extra.pop("checkpointer", None)
+
+
+def new_checkpointer(run, objects: dict, every, overhead) -> Checkpointer:
+    """Record and resume modes: a checkpointer that writes, closed when the run ends."""
+    mgr = Checkpointer(run, objects, every, overhead)
+    run.extra["checkpointer"] = mgr
+    run.extra.setdefault("finish_hooks", []).append(lambda _r, m=mgr: m.close())
+    return mgr
+
+
+def load(store: str, content_hash: str, what: str = "checkpoint") -> dict:
+    """The one checkpoint load path (resume and replay): read, verify the digest, deserialise."""
+    from flightlog._errors import StoreError
+
+    try:
+        data = _store.read_blob(store, content_hash)
+    except OSError as e:
+        raise StoreError(f"{what} {content_hash} cannot be read: {e}") from None
+    if digest(data) != content_hash:
+        raise StoreError(f"{what} {content_hash} is corrupt (hash mismatch)")
+    return deserialize(data)
+
+
+def restore(run, payload: dict, objects: dict[str, Any], scopes: dict[str, Any] | None = None) -> list[str]:
+    """Restore a checkpoint: registered objects, RNG states, step counters and loop-carried variables.
+
+    ``scopes`` maps ``outer``/``inner`` to the frames iterating the loops now.
+    Returns the captured variables that could not be written back.
+    """
+    apply_payload(run, payload, objects)
+    carried = payload.get("carried")
+    if not carried:
+        return []
+    from flightlog import _carried
+
+    return _carried.restore(carried, scopes or {}, objects)
 
 
 def apply_payload(run, payload: dict, objects: dict[str, Any]) -> None:

@@ -2,9 +2,9 @@
 
 Each iteration sets the run's context tuple ``(epoch, batch, ctx_json)`` once,
 so ``fl.log`` only appends a reference to it. The end of an iteration of the
-outermost loop is where checkpoints are taken; in a resumed run the outermost
-loop skips the iterations already done and restores their state first; in
-replay the loop is driven by the replay plan instead.
+outermost loop is where checkpoints are taken; what a loop does is decided by
+the run's mode (``_modes``): record, resume (skip what the parent did, restore
+its state) or replay (driven by the replay plan).
 """
 from __future__ import annotations
 
@@ -21,11 +21,15 @@ T = TypeVar("T")
 
 
 class Frame:
-    """One active ``fl.loop``: its name, depth, current index and timing."""
+    """One active ``fl.loop``: its name, depth, current index and timing.
 
-    __slots__ = ("name", "depth", "index", "total", "t_start", "iter_start", "bar")
+    ``pyframe``/``lineno``: the Python frame that called ``fl.loop`` and the line of
+    the call, where checkpoints read (and restores write) the loop-carried variables.
+    """
 
-    def __init__(self, name: str, depth: int, total: int | None) -> None:
+    __slots__ = ("name", "depth", "index", "total", "t_start", "iter_start", "bar", "pyframe", "lineno")
+
+    def __init__(self, name: str, depth: int, total: int | None, pyframe=None) -> None:
         self.name = name
         self.depth = depth
         self.index = -1
@@ -33,6 +37,11 @@ class Frame:
         self.t_start = time.perf_counter()
         self.iter_start = self.t_start
         self.bar = None
+        self.pyframe = pyframe
+        self.lineno = pyframe.f_lineno if pyframe is not None else 0
+
+    def scope(self, role: str) -> tuple:
+        return (role, self.pyframe, self.lineno)
 
 
 def context_tuple(frames: list[Frame]) -> tuple:
@@ -59,20 +68,19 @@ def loop(name: str, iterable: Iterable[T]) -> Iterator[T]:
         if r is not None:
             _warn.problem("bad_loop_name", f"loop name must be a non-empty string, got {name!r}")
         return iter(iterable)
-    if r.replay is not None:
-        return r.replay.loop(r, name, iterable)
-    if len(r.loops) == 1 and r.extra.get("resume_tail") is not None:
-        return _skip_for_resume(r)
-    return _record_loop(r, name, iterable)
+    return r.mode.loop(r, name, iterable, sys._getframe(1))
 
 
-def _record_loop(r, name: str, iterable: Iterable[T]) -> Iterator[T]:
+def record_loop(r, name: str, iterable: Iterable[T], caller=None, resume_from=None) -> Iterator[T]:
+    """Record mode (and a resumed run's loops): positions, checkpoints, progress.
+
+    ``resume_from``: the checkpoint a resumed run's outermost loop continues after.
+    """
     frames = r.loops
     depth = len(frames)
-    frame = Frame(name, depth, _length(iterable))
+    frame = Frame(name, depth, _length(iterable), caller)
     outer = depth == 0
     ckpt = r.extra.get("checkpointer") if outer else None
-    resume_from = r.extra.get("resume_state") if outer else None
     frame.bar = _Progress.maybe(frame)
     frames.append(frame)
     parent_ctx = r.ctx
@@ -81,12 +89,11 @@ def _record_loop(r, name: str, iterable: Iterable[T]) -> Iterator[T]:
         if outer and resume_from is None and ckpt is not None:
             # State before the first iteration: lets replay start at epoch 0 exactly
             # even when the script does not seed its RNGs.
-            ckpt.take(name, -1, 0.0, "loop_start")
+            ckpt.take(name, -1, 0.0, "loop_start", [frame.scope("outer")])
         it = iter(iterable)
         i = -1
         if resume_from is not None:
             # Resumed run: skip what the parent run finished, then restore its state.
-            r.extra["resume_state"] = None
             k = resume_from.iteration
             inner_exit = resume_from.position == "inner_exit"
             skip = k if inner_exit else k + 1
@@ -97,9 +104,9 @@ def _record_loop(r, name: str, iterable: Iterable[T]) -> Iterator[T]:
                     return
             i = skip - 1
             if inner_exit:
-                r.extra["resume_tail"] = resume_from  # the first inner loop of epoch k restores it
+                r.mode.pending_tail = resume_from  # the first inner loop of epoch k restores it
             else:
-                resume_from.restore()
+                resume_from.restore({"outer": caller})
         while True:
             try:
                 item = next(it)
@@ -119,7 +126,8 @@ def _record_loop(r, name: str, iterable: Iterable[T]) -> Iterator[T]:
             if outer:
                 ckpt = r.extra.get("checkpointer")
                 if ckpt is not None and not r.extra.get("boundary_done"):
-                    ckpt.on_boundary(r, name, i, time.perf_counter() - frame.iter_start, "iteration_end")
+                    ckpt.on_boundary(r, name, i, time.perf_counter() - frame.iter_start, "iteration_end",
+                                     [frame.scope("outer")])
                 _maybe_snapshot_again(r)
         exhausted = True
     finally:
@@ -135,14 +143,11 @@ def _record_loop(r, name: str, iterable: Iterable[T]) -> Iterator[T]:
         ckpt = r.extra.get("checkpointer")
         of = frames[0] if frames else None
         if ckpt is not None and of is not None:
-            ckpt.on_boundary(r, of.name, of.index, time.perf_counter() - of.iter_start, "inner_exit")
-
-
-def _skip_for_resume(r) -> Iterator:
-    state = r.extra.pop("resume_tail")
-    r.extra["boundary_done"] = True
-    state.restore()
-    return iter(())
+            scopes = [of.scope("outer")]
+            if caller is not None and caller is not of.pyframe:
+                scopes.append(frame.scope("inner"))  # a batch loop inside a function the epoch calls
+            ckpt.on_boundary(r, of.name, of.index, time.perf_counter() - of.iter_start, "inner_exit", scopes)
+    frame.pyframe = None
 
 
 def _maybe_snapshot_again(r) -> None:

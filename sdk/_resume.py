@@ -12,10 +12,9 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
 
 from flightlog import _config, _run, _warn
-from flightlog._errors import FlightlogError, RunNotFound, StoreError
+from flightlog._errors import FlightlogError, RunNotFound
 
 ENV_RESUME = "FLIGHTLOG_RESUME"
 
@@ -49,26 +48,26 @@ class ResumeState:
         self.iteration = int(row["iteration"])
         self.position = row.get("position") or "iteration_end"
 
-    def restore(self) -> None:
+    def restore(self, scopes: dict | None = None) -> None:
+        """Registered objects, RNG states, step counters and the loop variables of ``scopes``."""
         from flightlog import _checkpoint
-        from flightlog.collector import store as _store
 
-        data = _store.read_blob(self.store, self.row["content_hash"])
-        if _checkpoint.digest(data) != self.row["content_hash"]:
-            raise StoreError(f"checkpoint {self.row['content_hash']} is corrupt (hash mismatch)")
-        payload = _checkpoint.deserialize(data)
+        payload = _checkpoint.load(self.store, self.row["content_hash"])
         ck = self.run.extra.get("checkpointer")
         objects = ck.objects if ck is not None else {}
-        if not objects:
+        if not objects and not payload.get("carried"):
             _warn.problem("resume_nothing_registered",
                           "resuming without fl.checkpointing(...) objects: only RNG state is restored")
-        _checkpoint.apply_payload(self.run, payload, objects)
+        missed = _checkpoint.restore(self.run, payload, objects, scopes)
+        if missed:
+            _warn.problem("resume_vars_missed", f"loop variables not restored: {', '.join(sorted(missed))}")
         if ck is not None:
             ck.cost_ms = None  # re-measure in this process
 
 
 def start_resumed_run(resume: str, project=None, name=None, store=None, params=None, flush_interval=None,
                       sink=None) -> "_run.Run":
+    from flightlog import _modes
     from flightlog.query import db
 
     home = _config.store_home(store)
@@ -84,22 +83,11 @@ def start_resumed_run(resume: str, project=None, name=None, store=None, params=N
     _src, row = found
     r = _run.Run(project or prow["project"], name or prow["name"], home, None, parent_run_id=parent,
                  kind="resume", sink=sink, flush_interval=flush_interval)
-    r.params.update(json.loads(prow["params"] or "{}"))
-    r.extra["parent_params"] = dict(r.params)
-    r.extra["resume_state"] = ResumeState(r, home, row)
+    parent_params = json.loads(prow["params"] or "{}")
+    r.params.update(parent_params)
+    r.mode = _modes.ResumeMode(parent_params, ResumeState(r, home, row))
     r.start()
     return r
-
-
-def recorded_arg(run, name: str, default: Any) -> Any:
-    """In a resumed run, ``fl.arg`` returns what the parent recorded."""
-    pp = run.extra.get("parent_params")
-    if pp is not None and name in pp:
-        v = pp[name]
-        if isinstance(default, tuple) and isinstance(v, list):
-            return tuple(v)
-        return v
-    return default
 
 
 # -- CLI -------------------------------------------------------------------------------------

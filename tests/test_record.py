@@ -253,3 +253,97 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
     assert la == lb and len(la) == 60  # every batch loss, epochs 0-2 from the parent, 3-4 resumed: bit-equal
     assert a.fillna(-1).drop(columns="run_id").equals(b.fillna(-1).drop(columns="run_id"))
     assert a["step"].tolist() == b["step"].tolist()
+
+
+def test_registered_tensor_is_restored_in_place(store):
+    """A tensor registered with fl.checkpointing gets its checkpointed data back, in place (same object)."""
+    t = torch.arange(4.0)
+    r = fl.init(project="tensor")
+    ck = _checkpoint.Checkpointer(r, {"t": t}, None, None)
+    payload, _ = ck.snapshot("epoch", 0)
+    payload = _checkpoint.deserialize(_checkpoint.serialize(payload))
+    t.mul_(10)
+    _checkpoint.apply_payload(r, payload, ck.objects)
+    assert ck.objects["t"] is t and t.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def _loop_with_state(r, ck, restore_into=None):
+    """A function whose loop carries plain values, a list, an unregistered optimizer and a scheduler-like object."""
+    import cloudpickle  # noqa: F401  (capture pickles with it)
+
+    net = ck.objects["net"]
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+    lr, best, history = 1.0, 0.0, []
+    frame = sys._getframe()
+    for epoch in range(3):
+        params = list(net.parameters())
+        lr /= 2
+        best = max(best, epoch * 1.5)
+        history.append(epoch)
+        opt.zero_grad()
+        net(torch.ones(1, 2)).sum().backward()
+        opt.step()
+        if epoch == 1:
+            from flightlog import _carried
+
+            carried, summary = _carried.capture([("outer", frame, _FOR_LINE[0])], ck.objects)
+            snap = (lr, best, list(history), opt.state_dict()["state"][0]["momentum_buffer"].clone())
+    lr, best, history = 99.0, 99.0, ["x"]
+    opt.zero_grad()
+    net(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    params = None
+    missed = _carried.restore(carried, {"outer": frame}, ck.objects)
+    assert missed == []
+    assert (lr, best, history) == snap[:3]
+    assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"], snap[3])
+    assert params is not None and params[0] is net[0].weight  # a reference to the model stays one
+    return summary
+
+
+_FOR_LINE = [0]
+
+
+def test_loop_variables_are_captured_and_written_back_into_a_function_frame(store):
+    """Checkpoint capture finds a loop's plain values, containers and unregistered optimizer; restore writes them
+    back into the running function's locals, keeping references to registered objects."""
+    import inspect
+
+    src, start = inspect.getsourcelines(_loop_with_state)
+    _FOR_LINE[0] = start + next(i for i, l in enumerate(src) if l.strip().startswith("for epoch in range(3)"))
+    net = torch.nn.Sequential(torch.nn.Linear(2, 1))
+    r = fl.init(project="carried")
+    ck = _checkpoint.Checkpointer(r, {"net": net}, None, None)
+    summary = _loop_with_state(r, ck)
+    assert {"lr", "best", "history", "opt", "params", "epoch"} <= set(summary["vars"])
+    assert summary["uncaptured"] == {}
+
+
+def test_uncapturable_loop_variable_is_named_once(store):
+    """A loop variable that cannot be pickled is named in one warning and in the checkpoint row."""
+    import threading
+
+    with pytest.warns(_warn.FlightlogWarning, match="'guard' is not saved in checkpoints"):
+        with fl.checkpointing(every=1):
+            for e in fl.loop("epoch", range(3)):
+                guard = threading.Lock()
+                fl.log("x", e)
+    fl.finish()
+    rows = fl.query("SELECT captured FROM checkpoints WHERE iteration >= 0").to_pylist()
+    assert rows and all('"guard"' in r["captured"] and "cannot be pickled" in r["captured"] for r in rows)
+    assert _warn.counters["state_not_captured:guard"] == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_caught_by_the_script_is_killed(tmp_path):
+    """A script that catches Ctrl-C (KeyboardInterrupt) and exits is recorded as killed, not finished."""
+    code = ("import os, signal, flightlog as fl\ntry:\n    for e in fl.loop('epoch', range(100)):\n"
+            "        fl.log('x', e)\n        if e == 3:\n            os.kill(os.getpid(), signal.SIGINT)\n"
+            "except KeyboardInterrupt:\n    print('stopped by user')\n")
+    store = str(tmp_path / "s")
+    (tmp_path / "ctrlc.py").write_text(code)
+    p = subprocess.run([sys.executable, str(tmp_path / "ctrlc.py")], env=_env(store), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and "stopped by user" in p.stdout
+    row = db.run_sql("SELECT status, error_type FROM runs", store=store).to_pylist()[0]
+    assert row == {"status": "killed", "error_type": "KeyboardInterrupt"}
