@@ -125,6 +125,6 @@ def test_replay_says_first_when_the_script_is_not_the_runs(store, tmp_path, caps
     p = run_script(code, tmp_path)
     assert p.returncode == 0, p.stderr
     other = tmp_path / "evaluate.py"
-    other.write_text(code + "    fl.log('new', 1.0)\n")
+    other.write_text(code.replace("range(2)", "range(5)") + "    fl.log('new', 1.0)\n")
     rc, _, err = flcli(capsys, "replay", str(other), "--run", "latest", "--dry-run")
-    assert rc == 2 and "recorded script.py, not evaluate.py" in err and "changed" not in err
+    assert rc == 2 and err.startswith("flightlog: error: run ") and "recorded script.py, not evaluate.py" in err
