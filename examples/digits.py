@@ -5,7 +5,7 @@
 Every batch loss and every epoch's validation accuracy are logged; model,
 optimizer and LR scheduler are checkpointed at each epoch end (when cheap
 enough), so the run can be resumed after a crash and replayed with new log
-statements later (see examples/demo.py).
+statements later (see examples/demo.sh).
 """
 import argparse
 import random

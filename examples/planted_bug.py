@@ -13,9 +13,11 @@ and in-range probabilities, and a consistency assertion (Kang et al.) over
 test-time augmentation: the three noisy copies of one wine must get the same
 label. ``fl.watch`` records gradient norms and update ratios.
 
-Then it runs ``flightlog health`` (exit 0 for good, 1 for bad: divergence,
-schema violation of ``featurize``'s input, assertion failure rate) and
-``flightlog assertions`` on the bad run.
+Then it runs ``flightlog health`` (exit 0 for good, 1 for bad: divergence and
+a schema violation of ``featurize``'s input; drift and usually
+vanishing_gradients warn) and ``flightlog assertions`` on the bad run, which
+lists the items the assertions flagged (their failure rate stays under
+``assertion_rate``'s limit, so that check passes).
 
     .venv/bin/python examples/planted_bug.py [--store DIR]
 """

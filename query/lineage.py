@@ -296,7 +296,7 @@ def _fmt_time(v: Any) -> str:
 
 def _call_label(n: dict) -> str:
     if n.get("kind") == "ref":
-        return f"(call {n['span_id'][:12]}, shown above)"
+        return f"(call {n['span_id'][:12]}, shown \0{n['span_id'][:12]}\0)"  # above/below: render() decides
     status = n.get("status") or "?"
     if n.get("error_type"):
         status += f" {n['error_type']}"
@@ -360,6 +360,20 @@ def render(tree: dict) -> str:
     else:
         lines.append(_call_label(tree))
         walk_call(tree, "")
+    # a call met twice is drawn in full once; the other place says where (in --down trees it can be below)
+    full = {}
+    for i, line in enumerate(lines):
+        k = line.find("[span ")
+        if k >= 0:
+            full.setdefault(line[k + 6:k + 18], i)
+    for i, line in enumerate(lines):
+        while "\0" in line:
+            a = line.index("\0")
+            b = line.index("\0", a + 1)
+            sid = line[a + 1:b]
+            at = full.get(sid)
+            line = line[:a] + ("elsewhere" if at is None else "above" if at < i else "below") + line[b + 1:]
+        lines[i] = line
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ from flightlog.cli import COMMANDS
 HERE = os.path.dirname(os.path.abspath(__file__))
 out = ["# CLI reference", "",
        "Generated from the commands' argparse definitions by `scripts/gen_cli_doc.py`; run it after changing a "
-       "command. Every command accepts `--store DIR` (default `$FLIGHTLOG_HOME` or `./.flightlog`) and `latest` or "
+       "command. Every command accepts `--store DIR` (default `$FLIGHTLOG_HOME` or `./.flightlog`) and `latest`, a run name or "
        "a unique prefix wherever a run id is expected. Errors print one line `flightlog: error: …` and exit 2.", ""]
 out.append("| command | what it does |")
 out.append("|---|---|")

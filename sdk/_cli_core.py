@@ -34,7 +34,7 @@ def _con(args):
 # -- show ------------------------------------------------------------------------
 
 def configure_show(p):
-    p.add_argument("run", nargs="?", default="latest", help="run id, unique prefix, or 'latest'")
+    p.add_argument("run", nargs="?", default="latest", help="run id, unique prefix, run name, or 'latest'")
     add_store(p)
     p.add_argument("--format", choices=("table", "json"), default="table")
 

@@ -128,3 +128,33 @@ def test_replay_says_first_when_the_script_is_not_the_runs(store, tmp_path, caps
     other.write_text(code.replace("range(2)", "range(5)") + "    fl.log('new', 1.0)\n")
     rc, _, err = flcli(capsys, "replay", str(other), "--run", "latest", "--dry-run")
     assert rc == 2 and err.startswith("flightlog: error: run ") and "recorded script.py, not evaluate.py" in err
+
+
+def test_lineage_down_says_where_a_repeated_call_is_shown(store, capsys):
+    """A call reached twice in a --down tree points to its full entry with 'above' or 'below', whichever is true."""
+    import numpy as np
+
+    @fl.step(name="make")
+    def make(n):
+        return np.arange(n, dtype=np.float64)
+
+    @fl.step(name="scale")
+    def scale(x):
+        return x * 2
+
+    @fl.step(name="join")
+    def join(a, b):
+        return a + b
+
+    fl.init(project="t", system_metrics=False)
+    x = make(5)
+    join(scale(x), x)  # join uses make's output directly and through scale
+    fl.finish()
+    first = fl.query("SELECT span_id FROM spans WHERE name = 'make'", store=store).to_pylist()[0]["span_id"]
+    assert cli.main(["lineage", first, "--down"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    full = [i for i, line in enumerate(lines) if "join  [span" in line]
+    refs = [i for i, line in enumerate(lines) if "shown " in line]
+    assert len(full) == 1 and refs
+    for i in refs:
+        assert ("shown below" in lines[i]) == (i < full[0]) and ("shown above" in lines[i]) == (i > full[0])
