@@ -63,6 +63,8 @@ DEFAULT_QUERY_MEMORY = 1 << 30  # bytes one /v1/query may allocate (its process'
 DEFAULT_MAX_RESPONSE = 128 << 20  # bytes one /v1/query may return
 DEFAULT_MAX_QUERIES = 4  # queries running at once; more wait for a slot within their time limit
 DECODED_FACTOR = 4  # rows of one request may take this many times the body limit once converted
+MAX_SPANS = 100_000  # spans in one OTLP request
+OTLP_JSON_LIMIT = 8 << 20  # OTLP/JSON bodies (decoded to Python objects first)
 JSON_BODY_LIMIT = 4 << 20  # bodies of the JSON endpoints (/v1/query, /v1/heartbeat, /v1/compact)
 _BATCH_RE = re.compile(r"^([A-Za-z0-9]{1,64})-(\d{1,15})$")
 _WRITER_RE = re.compile(r"^[A-Za-z0-9]{1,64}$")
@@ -543,7 +545,14 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
 
     def ingest_traces(body: bytes, ctype: str, request: Request) -> tuple[int, int, int, str]:
         body = decode_encoding(request, body)
+        if ctype == _otlp.JSON and len(body) > min(max_body, OTLP_JSON_LIMIT):  # json.loads: ~15x the text
+            raise BadRequest(413, f"OTLP/JSON body of {len(body)} bytes is larger than the limit of "
+                                  f"{min(max_body, OTLP_JSON_LIMIT)} bytes: export protobuf or smaller batches")
         req = _otlp.parse_request(body, ctype)
+        spans = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+        if spans > MAX_SPANS:  # each span becomes ~20 Python objects before it is Arrow: ~25x the body
+            raise BadRequest(413, f"{spans} spans in one request, more than the limit of {MAX_SPANS}: export "
+                                  "smaller batches (the SDK's BatchSpanProcessor sends 512)")
         peer = request.client.host if request.client else None
         table, rejected, why = _otlp.spans_table(req, default_writer=f"peer:{peer}" if peer else None)
         import xxhash

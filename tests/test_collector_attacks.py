@@ -219,6 +219,30 @@ def test_multi_member_gzip_is_read_whole_and_trailing_garbage_refused(guarded):
     _intact(guarded.url, guarded.store, before)
 
 
+def test_otlp_requests_are_bounded_before_python_objects(guarded, monkeypatch):
+    """OTLP requests with more spans than the limit, or OTLP/JSON bodies past theirs, get 413 before decoding rows."""
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb
+
+    before = _snapshot(guarded.store)
+    monkeypatch.setattr(srv_mod, "MAX_SPANS", 100)
+    monkeypatch.setattr(srv_mod, "OTLP_JSON_LIMIT", 2000)
+    req = pb.ExportTraceServiceRequest()
+    ss = req.resource_spans.add().scope_spans.add()
+    for i in range(101):
+        ss.spans.add(trace_id=b"\x09" * 16, span_id=(i + 1).to_bytes(8, "big"), name="s")
+    r = httpx.post(guarded.url + "/v1/traces", content=req.SerializeToString(), headers=PB)
+    _refused("OTLP span flood", r, 413)
+    spans = [{"traceId": "09" * 16, "spanId": f"{i + 1:016x}", "name": "s"} for i in range(40)]
+    doc = json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": spans}]}]}).encode()
+    assert 2000 < len(doc) < (1 << 20)
+    r = httpx.post(guarded.url + "/v1/traces", content=doc, headers={**AUTH, "Content-Type": "application/json"})
+    _refused("OTLP/JSON past its limit", r, 413)
+    r = httpx.post(guarded.url + "/v1/traces", content=gzip.compress(doc),
+                   headers={**AUTH, "Content-Type": "application/json", "Content-Encoding": "gzip"})
+    _refused("OTLP/JSON past its limit", r, 413)
+    _intact(guarded.url, guarded.store, before)
+
+
 def test_json_endpoints_have_a_body_limit(guarded):
     """/v1/query, /v1/heartbeat and /v1/compact refuse bodies past their limit, declared or streamed."""
     before = _snapshot(guarded.store)
@@ -309,6 +333,7 @@ def test_query_time_limit_holds_inside_one_expression(store):
         t0 = time.monotonic()
         r = httpx.post(srv.url + "/v1/query", json={"sql": SLOW_SQL}, headers=AUTH, timeout=60)
         took = time.monotonic() - t0
+        print(f"\n[measure] slow single expression, 1 s limit: {r.status_code} after {took:.2f} s")
         _refused("query past its time limit", r, 408)
         assert took < 10, took  # without the kill this ran ~20 s here
         _intact(srv.url, store, before)
@@ -362,6 +387,7 @@ def test_slow_queries_do_not_stall_healthz_or_ingest(store):
         assert r.status_code == 200
         for t in threads:
             t.join(60)
+        print(f"\n[measure] /healthz while 4 slow queries run on 2 slots: worst {worst * 1000:.0f} ms")
         assert worst < 1.0, worst
         assert sorted(codes) and all(c in (408, 503) for c in codes), codes
         ATTACKS["slow query vs healthz"] += len(codes)
@@ -486,6 +512,8 @@ def test_served_process_survives_crafted_and_compressed_bodies(store):
         _refused("compressed Arrow bomb (served)", r, 413)
         assert p.poll() is None
         grown = _peak_rss_mb(p.pid) - rss0
+        print(f"\n[measure] {len(bomb)}-byte zstd IPC body declaring 2.4 GB: {r.status_code}, "
+              f"server peak RSS grew {grown:.1f} MB")
         assert grown < 200, f"peak RSS grew by {grown:.0f} MB"
         _intact(url, store, before)
     finally:
@@ -515,6 +543,7 @@ def test_half_sent_requests_cannot_lock_everyone_out(store):
                     assert time.monotonic() - t0 < 10, "locked out"
                     time.sleep(0.2)
             took = time.monotonic() - t0
+            print(f"\n[measure] 200 half-sent requests, 128 fds, 2 s read timeout: served after {took:.2f} s")
             assert r.status_code == 200 and took < 10, took
             ATTACKS["half-sent request (fd exhaustion)"] += 200
         finally:
