@@ -57,6 +57,7 @@ _counts_cache: dict[int, tuple] = {}  # id(Arrow ChunkedArray) -> (weakref, [(va
 _internal_code: dict[Any, bool] = {}
 _site_calls: dict[tuple, int] = {}  # (code, line) -> calls seen in the open block(s)
 _skip_dirs: tuple[str, ...] = ()
+_stdlib_dir = "\0"  # the standard library's folder (its site-packages is not internal by itself)
 _time_ns = time.time_ns
 
 
@@ -184,7 +185,9 @@ def _install(user_globals: dict) -> None:
     import pandas as pd  # inspect is in use: pandas may load now
 
     _internal_code.clear()
-    dirs = [os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(contextlib.__file__) + os.sep]
+    global _stdlib_dir
+    _stdlib_dir = os.path.dirname(os.path.abspath(contextlib.__file__)) + os.sep
+    dirs = [os.path.dirname(os.path.abspath(__file__)) + os.sep]
     for mod in ("pandas", "numpy", "sklearn", "scipy", "pyarrow", "joblib", "threadpoolctl"):
         d = _pkg_dir(mod)
         if d:
@@ -336,7 +339,9 @@ class _Spec:
 def _is_internal(code) -> bool:
     v = _internal_code.get(code)
     if v is None:
-        v = _internal_code[code] = code.co_filename.startswith(_skip_dirs) or code.co_filename.startswith("<frozen")
+        f = code.co_filename
+        v = _internal_code[code] = (f.startswith(_skip_dirs) or f.startswith("<frozen")
+                                    or (f.startswith(_stdlib_dir) and "-packages" + os.sep not in f))
     return v
 
 

@@ -190,7 +190,7 @@ def test_public_surface_is_frozen():
     """The curated public API is exactly what __all__ lists."""
     assert fl.__all__ == ["init", "log", "arg", "loop", "checkpointing", "finish", "query", "dataframe",
                           "step", "artifact", "assertion", "check", "watch", "health", "log_predictions",
-                          "inspect", "FlightlogError"]
+                          "log_histogram", "feasibility", "inspect", "FlightlogError"]
     assert callable(fl.query) and callable(fl.loop) and callable(fl.checkpointing)
 
 
