@@ -4,6 +4,7 @@ Run from the repository root with the project venv:
 
     .venv/bin/python bench/feasibility.py                      # 100kx64 and 1Mx32
     .venv/bin/python bench/feasibility.py --sizes 100kx64 --repeats 5 --peer-repeats 3
+    .venv/bin/python bench/feasibility.py --sizes 1Mx32 --test-rows 2000 --big-repeats 3
 
 scikit-learn is the peer (``KNeighborsClassifier(n_neighbors=1)`` fit + predict,
 default algorithm). It runs in bench/.venv when that has scikit-learn
@@ -46,7 +47,7 @@ def parse_size(spec: str) -> tuple[int, int]:
     return int(float(rows.rstrip("km")) * mult), int(feats)
 
 
-def make_data(n: int, d: int, seed: int = 0):
+def make_data(n: int, d: int, seed: int = 0, test_rows: int | None = None):
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -55,7 +56,7 @@ def make_data(n: int, d: int, seed: int = 0):
     y = rng.integers(0, CLASSES, n)
     X = centers[y]
     X += rng.standard_normal((n, d)) * 0.5
-    n_test = -(-n // 5)  # ceil(0.2 n), as estimate(test_size=0.2)
+    n_test = test_rows or -(-n // 5)  # ceil(0.2 n), as estimate(test_size=0.2)
     perm = rng.permutation(n)
     return X, y, perm[n_test:], perm[:n_test]
 
@@ -70,8 +71,8 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def child(tool: str, n: int, d: int, repeats: int) -> dict:
-    X, y, tr, te = make_data(n, d)
+def child(tool: str, n: int, d: int, repeats: int, test_rows: int | None = None) -> dict:
+    X, y, tr, te = make_data(n, d, test_rows=test_rows)
     Xtr, Xte, ytr, yte = X[tr], X[te], y[tr], y[te]
     del X
     base = peak_mb()
@@ -100,14 +101,17 @@ def child(tool: str, n: int, d: int, repeats: int) -> dict:
 
             extra["algorithm"] = clf._fit_method
             extra["version"] = sklearn.__version__
-    return {"tool": tool, "n": n, "d": d, "times": times, "median_s": statistics.median(times), "r1": r1,
+    return {"tool": tool, "n": n, "d": d, "n_train": len(tr), "n_test": len(te), "times": times, "median_s": statistics.median(times), "r1": r1,
             "cpu_times": cpus, "median_cpu_s": statistics.median(cpus),
             "input_mb": (Xtr.nbytes + Xte.nbytes) / 1e6, "rss_after_input_mb": base, "peak_rss_mb": peak_mb(),
             **extra}
 
 
-def run_child(py: str, tool: str, n: int, d: int, repeats: int, timeout: float) -> dict:
+def run_child(py: str, tool: str, n: int, d: int, repeats: int, timeout: float,
+              test_rows: int | None = None) -> dict:
     cmd = [py, str(Path(__file__).resolve()), "--child", tool, "--sizes", f"{n}x{d}", "--repeats", str(repeats)]
+    if test_rows:
+        cmd += ["--test-rows", str(test_rows)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
@@ -134,27 +138,31 @@ def main() -> None:
     ap.add_argument("--big-repeats", type=int, default=3, help="runs per tool for sizes of 1M rows or more")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--test-rows", type=int, default=None,
+                    help="held-out rows instead of 20%% (the rest trains): the same memory profile for a "
+                         "fraction of the time; the work is n_train x n_test distance pairs")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         n, d = parse_size(a.sizes)
-        print(json.dumps(child(a.child, n, d, a.repeats)))
+        print(json.dumps(child(a.child, n, d, a.repeats, a.test_rows)))
         return
     py, where = peer_python()
     print(f"# host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; sklearn from {where}")
     for spec in a.sizes.split(","):
         n, d = parse_size(spec)
         big = n >= 1_000_000
-        ours = run_child(sys.executable, "flightlog", n, d, a.big_repeats if big else a.repeats, a.timeout)
+        ours = run_child(sys.executable, "flightlog", n, d, a.big_repeats if big else a.repeats, a.timeout,
+                         a.test_rows)
         theirs = None if a.no_peer else run_child(py, "sklearn", n, d, a.big_repeats if big else a.peer_repeats,
-                                                   a.timeout)
+                                                   a.timeout, a.test_rows)
         for r in (ours, theirs):
             if r is None:
                 continue
             if "error" in r:
                 print(f"{spec:>9}  {r['tool']:<9}  {r['error']}")
                 continue
-            print(f"{spec:>9}  {r['tool']:<9}  median {r['median_s']:8.2f} s  (runs: "
+            print(f"{spec:>9}  {r['tool']:<9}  {r.get('n_train', '?')}x{r.get('n_test', '?')}  median {r['median_s']:8.2f} s  (runs: "
                   f"{', '.join(f'{t:.2f}' for t in r['times'])})  CPU {r.get('median_cpu_s', float('nan')):.2f} s"
                   f"  R1 {r['r1']:.6f}  peak RSS {r['peak_rss_mb']:7.0f} MB"
                   f"  (input {r['input_mb']:.0f} MB, RSS after input {r['rss_after_input_mb']:.0f} MB)"
