@@ -724,8 +724,10 @@ def estimate(X: Any, y: Any, target_error: float | None = None,
         Z = _apply(name, fn, X, np.sort(tr_idx))
         dims = Z.shape[1]
         _check_magnitude(Z)
-        errs = _nn_errors(Z[tr_idx], ytr, Z[te_idx], yte, sizes, block)
-        del Z
+        Ztr, Zte = Z[tr_idx], Z[te_idx]
+        del Z  # a transformed copy is freed before the distance pass (the raw one is the caller's X)
+        errs = _nn_errors(Ztr, ytr, Zte, yte, sizes, block)
+        del Ztr, Zte
         curve = [(s, float(np.sum(errs[s]) / n_test)) for s in sizes]
         r1 = curve[-1][1]
         e_full = errs[sizes[-1]]
