@@ -54,6 +54,7 @@ _cache: dict[int, tuple] = {}  # id(frame) -> (weakref, key, described)
 _names: dict[int, tuple] = {}  # id(array) -> (weakref, feature names) of transformer outputs
 _codes_cache: dict[int, tuple] = {}  # id(Arrow ChunkedArray; immutable) -> (weakref, codes, labels)
 _counts_cache: dict[int, tuple] = {}  # id(Arrow ChunkedArray) -> (weakref, [(value, count), ...])
+_digest_cache: dict[int, tuple] = {}  # id(Arrow ChunkedArray) -> (weakref, xxh3 digest of its buffers)
 _internal_code: dict[Any, bool] = {}
 _site_calls: dict[tuple, int] = {}  # (code, line) -> calls seen in the open block(s)
 _skip_dirs: tuple[str, ...] = ()
@@ -318,6 +319,7 @@ def _uninstall() -> None:
     _names.clear()
     _codes_cache.clear()
     _counts_cache.clear()
+    _digest_cache.clear()
     _site_calls.clear()
 
 
@@ -452,12 +454,24 @@ def _fast_info(obj):
         h.update(b"|col|%s|%s|" % (str(frame.columns[i]).encode("utf-8", "surrogatepass"), str(col.dtype).encode()))
         arr = col.array
         pa_arr = getattr(arr, "_pa_array", None)
-        if pa_arr is not None:
+        if pa_arr is not None:  # immutable: its digest is cached while the array lives
+            hit = _digest_cache.get(id(pa_arr))
+            if hit is not None and hit[0]() is pa_arr:
+                h.update(hit[1])
+                continue
+            hc = xxhash.xxh3_128()
             for ch in pa_arr.chunks:
-                h.update(b"|chunk|%d|%d|" % (ch.offset, len(ch)))
+                hc.update(b"|chunk|%d|%d|" % (ch.offset, len(ch)))
                 for b in ch.buffers():
                     if b is not None:
-                        h.update(memoryview(b))
+                        hc.update(memoryview(b))
+            digest = hc.digest()
+            h.update(digest)
+            try:
+                oid = id(pa_arr)
+                _digest_cache[oid] = (weakref.ref(pa_arr, lambda _r, oid=oid: _digest_cache.pop(oid, None)), digest)
+            except TypeError:
+                pass
             continue
         if isinstance(col.dtype, pd.CategoricalDtype):
             h.update(np.ascontiguousarray(col.cat.codes.to_numpy()).view(np.uint8))

@@ -332,3 +332,19 @@ def test_group_counts_are_exact_for_chunked_categorical_and_null_columns():
                     for k, v in df[col].value_counts(dropna=False).items()}
         assert dict(d.hist[col]) == expected, col
         assert d.totals[col] == 30_000
+
+
+def test_large_frame_fingerprints_follow_content():
+    """Frames past FAST_FP_ROWS: equal content -> equal fingerprint; one changed value or row order -> different."""
+    n = _inspect.FAST_FP_ROWS + 10
+    rng = np.random.default_rng(5)
+    a = pd.DataFrame({"x": rng.random(n), "race": rng.choice(["W", "B"], n), "k": rng.integers(0, 9, n)})
+    b = a.copy(deep=True)
+    fp = lambda df: _inspect._fast_info(df).fingerprint  # noqa: E731
+    assert fp(a) == fp(b) and fp(a) == fp(a.assign(x=a["x"]))
+    c = a.copy(deep=True)
+    c.iloc[n // 2, 0] = -1.0
+    d = a.copy(deep=True)
+    d.loc[n - 1, "race"] = "Z"
+    shuffled = a.iloc[::-1]
+    assert len({fp(a), fp(c), fp(d), fp(shuffled), fp(shuffled.reset_index(drop=True))}) == 5
