@@ -137,3 +137,48 @@ def test_end_of_run_summary_on_stderr(tmp_path, store):
     assert "flightlog: run" not in p.stderr
     p = run_script(SCRIPT, tmp_path)  # stderr is a pipe here: no summary unless asked
     assert "flightlog: run" not in p.stderr
+
+
+def test_gpu_metrics_from_torch_allocator_without_creating_a_context(monkeypatch):
+    """With CUDA initialised, the used device's allocator counters are sampled; an unused device and an
+    uninitialised CUDA are left alone (no context is created by the sampler)."""
+    import sys
+    import types
+
+    from flightlog import _sysmetrics
+
+    calls = []
+
+    class Cuda:
+        initialised = True
+
+        def is_available(self):
+            return True
+
+        def is_initialized(self):
+            return self.initialised
+
+        def current_device(self):
+            return 0
+
+        def device_count(self):
+            return 2
+
+        def memory_reserved(self, i):
+            calls.append(("reserved", i))
+            return 2**30 if i == 0 else 0
+
+        def memory_allocated(self, i):
+            calls.append(("allocated", i))
+            return 2**29
+
+    cuda = Cuda()
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    s = _sysmetrics.Sampler(types.SimpleNamespace(finished=False), 10.0)
+    s._nvml = False  # no NVML here
+    vals = s.values()
+    assert vals["gpu0/mem_reserved_mb"] == 1024 and vals["gpu0/mem_allocated_mb"] == 512
+    assert not any(k.startswith("gpu1/") for k in vals) and ("allocated", 1) not in calls
+    cuda.initialised = False
+    calls.clear()
+    assert not any(k.startswith("gpu") for k in s.values()) and calls == []

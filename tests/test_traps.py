@@ -158,3 +158,20 @@ def test_lineage_down_says_where_a_repeated_call_is_shown(store, capsys):
     assert len(full) == 1 and refs
     for i in refs:
         assert ("shown below" in lines[i]) == (i < full[0]) and ("shown above" in lines[i]) == (i > full[0])
+
+
+def test_a_spooling_sink_records_its_collector_url(tmp_path):
+    """A batch spooled because the collector is down leaves the collector URL in the spool for `flightlog sync`."""
+    import pyarrow as pa
+
+    from flightlog.collector import client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    sink = client.CollectorSink(url, spool=tmp_path / "spool", timeout=0.5)
+    sink.write("metrics", pa.table({"run_id": ["r"], "name": ["loss"], "value": [1.0], "step": [0]}))
+    assert client.spool_files(tmp_path / "spool") and client.spooled_url(tmp_path / "spool") == url
+    (tmp_path / "spool" / client.URL_FILE).write_text("file:///etc/passwd")
+    assert client.spooled_url(tmp_path / "spool") is None  # only http(s) URLs are taken from a spool
