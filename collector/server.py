@@ -902,8 +902,9 @@ def run_query(root: str, sql: str, params: Any, limit: int, timeout: float, *,
         return r.read_all(), truncated
 
 
-def guarded_protocol(read_timeout: float = DEFAULT_READ_TIMEOUT, header_timeout: float = HEADER_TIMEOUT) -> type:
-    """uvicorn's h11 protocol, plus deadlines for slow senders.
+def guarded_protocol(read_timeout: float = DEFAULT_READ_TIMEOUT, header_timeout: float = HEADER_TIMEOUT,
+                     parser: str = "auto") -> type:
+    """uvicorn's HTTP protocol (httptools when installed, else h11), plus deadlines for slow senders.
 
     uvicorn times out idle keep-alive connections but not a request that is
     being sent: a client that opens a connection and trickles (or stops
@@ -914,20 +915,84 @@ def guarded_protocol(read_timeout: float = DEFAULT_READ_TIMEOUT, header_timeout:
     body within ``read_timeout`` seconds of the headers; otherwise it gets a
     408 (when no reply was started) and is closed. A request whose body has
     arrived is never cut off, however long the server takes to answer it.
+    ``parser="h11"`` forces the pure-Python parser.
     """
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
     head_s = min(header_timeout, read_timeout)
     reply = json.dumps({"detail": "request not received in time"}).encode()
     timeout_reply = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
                      b"content-length: " + str(len(reply)).encode() + b"\r\n\r\n" + reply)
 
-    class GuardedH11Protocol(H11Protocol):
+    class Deadlines:
+        """The timer shared by both parsers; ``_phase`` is "headers"/"body" while a request is incomplete."""
+
         _timer: Any = None
         _phase: str | None = None
         _started = False  # a byte of the current request has arrived
 
+        def _arm(self, phase: str, seconds: float) -> None:
+            self._disarm()
+            self._phase = phase
+            self._timer = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._phase = None, None
+
+        def _expired(self) -> None:
+            self._timer = None
+            if self._phase is None or self.transport.is_closing():
+                return
+            self._phase = None
+            cycle = self.cycle
+            active = cycle is not None and not cycle.response_complete
+            if (active and not cycle.response_started) or (not active and self._started):
+                self.transport.write(timeout_reply)
+            if active:  # the app's receive() now reports a disconnect and its reply is dropped
+                cycle.disconnected = True
+                cycle.message_event.set()
+            self.transport.close()
+
+    HttpToolsProtocol = None
+    if parser != "h11":
+        try:
+            import httptools  # noqa: F401  (what uvicorn's "auto" picks)
+            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        except ImportError:
+            pass
+
+    if HttpToolsProtocol is not None:
+        class GuardedHttpToolsProtocol(Deadlines, HttpToolsProtocol):
+            def connection_made(self, transport: Any) -> None:
+                super().connection_made(transport)
+                self._arm("headers", head_s)
+
+            def data_received(self, data: bytes) -> None:
+                if self._phase is None:  # the first bytes of a request on a kept-alive connection
+                    self._arm("headers", head_s)
+                if self._phase == "headers":
+                    self._started = True
+                super().data_received(data)
+
+            def on_headers_complete(self) -> None:
+                self._arm("body", read_timeout)
+                super().on_headers_complete()
+
+            def on_message_complete(self) -> None:
+                self._disarm()
+                self._started = False
+                super().on_message_complete()
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                self._disarm()
+                super().connection_lost(exc)
+
+        return GuardedHttpToolsProtocol
+
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(Deadlines, H11Protocol):
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm("headers", head_s)
@@ -957,37 +1022,14 @@ def guarded_protocol(read_timeout: float = DEFAULT_READ_TIMEOUT, header_timeout:
                 self._disarm()
                 self._started = False
 
-        def _arm(self, phase: str, seconds: float) -> None:
-            self._disarm()
-            self._phase = phase
-            self._timer = self.loop.call_later(seconds, self._expired)
-
-        def _disarm(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer, self._phase = None, None
-
-        def _expired(self) -> None:
-            self._timer, self._phase = None, None
-            if self.transport.is_closing() or self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
-                return
-            cycle = self.cycle
-            active = cycle is not None and not cycle.response_complete
-            if (active and not cycle.response_started) or (not active and self._started):
-                self.transport.write(timeout_reply)
-            if active:  # the app's receive() now reports a disconnect and its reply is dropped
-                cycle.disconnected = True
-                cycle.message_event.set()
-            self.transport.close()
-
     return GuardedH11Protocol
 
 
-def _uvicorn_config(app: Any, host: str, port: int, read_timeout: float, **kw: Any):
+def _uvicorn_config(app: Any, host: str, port: int, read_timeout: float, parser: str = "auto", **kw: Any):
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(read_timeout), timeout_keep_alive=5,
-                          access_log=False, **kw)
+    return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(read_timeout, parser=parser),
+                          timeout_keep_alive=5, access_log=False, **kw)
 
 
 def raise_fd_limit() -> int:
@@ -1012,7 +1054,8 @@ class ServerThread:
     """
 
     def __init__(self, store: str | os.PathLike, token: str | None = None, host: str = "127.0.0.1",
-                 port: int = 0, read_timeout: float = DEFAULT_READ_TIMEOUT, **app_kw: Any) -> None:
+                 port: int = 0, read_timeout: float = DEFAULT_READ_TIMEOUT, http: str = "auto",
+                 **app_kw: Any) -> None:
         import socket
 
         import uvicorn
@@ -1025,8 +1068,8 @@ class ServerThread:
         self.host, self.port = host, port
         self.url = f"http://{host}:{port}"
         # uvicorn binds itself: handing it a pre-bound socket made every reply ~40 ms slower here
-        self._server = uvicorn.Server(_uvicorn_config(self.app, host, port, read_timeout, log_level="critical",
-                                                      lifespan="off"))
+        self._server = uvicorn.Server(_uvicorn_config(self.app, host, port, read_timeout, http,
+                                                      log_level="critical", lifespan="off"))
         self._thread = threading.Thread(target=self._run, name="flightlog-collector", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 20
