@@ -418,6 +418,9 @@ def init(project: str | None = None, name: str | None = None, store: str | os.Pa
 
                 r = _resume.start_resumed_run(resume, project=project, name=name, store=store, params=params,
                                               flush_interval=flush_interval, sink=sink)
+                if tags is not None or notes is not None:
+                    _label(r, tags, notes)
+                    r.write_row_now()
             else:
                 r = Run(project, name, store, params, sink=sink, flush_interval=flush_interval)
                 _label(r, tags, notes)

@@ -34,6 +34,34 @@ def record(name: str, seed: int, epochs: int = 4) -> str:
     return r.run_id
 
 
+@pytest.fixture(scope="module")
+def _two_store(tmp_path_factory):
+    """Runs a and b (different weights, so different checkpoint blobs), recorded once per module."""
+    from flightlog import _run
+
+    home = str(tmp_path_factory.mktemp("two") / "store")
+    old = os.environ.get("FLIGHTLOG_HOME")
+    os.environ["FLIGHTLOG_HOME"] = home
+    try:
+        ids = [record("a", 1), record("b", 2)]
+    finally:
+        _run._ENDED_ONCE = False
+        if old is None:
+            os.environ.pop("FLIGHTLOG_HOME", None)
+        else:
+            os.environ["FLIGHTLOG_HOME"] = old
+    return home, ids
+
+
+@pytest.fixture
+def two(_two_store, store):
+    """A private copy of the two-run store at this test's store path (mtimes kept); [a, b] run ids."""
+    import shutil
+
+    shutil.copytree(_two_store[0], store)
+    return _two_store[1]
+
+
 def blobs(store) -> set[str]:
     """Names of the blob files in the store."""
     return {p.name for p in Path(store, "blobs").glob("*/*")}
@@ -44,9 +72,9 @@ def rows(store, table: str, run_id: str) -> int:
     return fl.query(f"SELECT count(*) AS n FROM {table} WHERE run_id = ?", [run_id], store=store).to_pylist()[0]["n"]
 
 
-def test_rm_removes_rows_and_only_unshared_blobs(store, capsys):
+def test_rm_removes_rows_and_only_unshared_blobs(two, store, capsys):
     """rm deletes the run from every table and the blobs only it used; the other run stays whole."""
-    a, b = record("a", 1), record("b", 2)
+    a, b = two
     ck_a = {r["content_hash"] for r in fl.query("SELECT content_hash FROM checkpoints WHERE run_id = ?", [a],
                                                 store=store).to_pylist()}
     before = blobs(store)
@@ -63,9 +91,9 @@ def test_rm_removes_rows_and_only_unshared_blobs(store, capsys):
     assert freed > gone
 
 
-def test_rm_dry_run_and_refusals(store, capsys):
+def test_rm_dry_run_and_refusals(two, store, capsys):
     """--dry-run removes nothing; no --yes with stdin not a terminal, a live run and an unknown run are refused."""
-    a = record("a", 1)
+    a = two[0]
     before = blobs(store)
     rc, out, _ = flcli(capsys, "rm", a, "--dry-run")
     assert rc == 0 and "would free" in out and blobs(store) == before and rows(store, "runs", a) == 1
@@ -81,9 +109,10 @@ def test_rm_dry_run_and_refusals(store, capsys):
     fl.finish()
 
 
-def test_rm_a_replay_by_its_id(store, capsys):
+@pytest.mark.slow
+def test_rm_a_replay_by_its_id(two, store, capsys):
     """rm rp<id> removes one replay's rows (its replays row and the metrics it added), not the run."""
-    a = record("a", 1)
+    a = two[0]
     rp = "rp0123abcd"
     st.LocalSink(store, writer=rp).write("replays", pa.table({
         "run_id": [a], "replay_id": [rp], "segment": ["0:4"], "status": ["failed"], "fidelity": ["failed"]}))
@@ -96,14 +125,15 @@ def test_rm_a_replay_by_its_id(store, capsys):
     assert rows(store, "replays", a) == 0 and rows(store, "metrics", a) == 4 and rows(store, "runs", a) == 1
 
 
-def test_gc_keep_last_prunes_checkpoints_and_says_what_replay_loses(store, capsys):
+@pytest.mark.slow
+def test_gc_keep_last_prunes_checkpoints_and_says_what_replay_loses(two, store, capsys):
     """gc --keep-last 1 keeps each run's newest checkpoint, frees the others' blobs, and says what replay loses."""
-    a = record("a", 1)
+    a = two[0]
     old = {r["iteration"]: r["content_hash"] for r in fl.query(
         "SELECT iteration, content_hash FROM checkpoints WHERE run_id = ?", [a], store=store).to_pylist()}
     rc, out, _ = flcli(capsys, "gc", "--keep-last", "1", "--dry-run")
-    assert rc == 0 and "would remove 4 checkpoint(s)" in out and rows(store, "checkpoints", a) == 5
-    assert "would remove 4 unreferenced blob(s)" in out
+    assert rc == 0 and "would remove 8 checkpoint(s) of 2 run(s)" in out and rows(store, "checkpoints", a) == 5
+    assert "would remove 8 unreferenced blob(s)" in out
     rc, out, _ = flcli(capsys, "gc", "--keep-last", "1")
     assert rc == 0 and "re-executes from the run's start" in out and "epochs after 3" in out
     left = fl.query("SELECT iteration FROM checkpoints WHERE run_id = ?", [a], store=store).column(0).to_pylist()
@@ -114,9 +144,8 @@ def test_gc_keep_last_prunes_checkpoints_and_says_what_replay_loses(store, capsy
     assert rc == 0 and "checkpoint(s)" not in out and rows(store, "checkpoints", a) == 1
 
 
-def test_gc_removes_old_unreferenced_blobs_and_temp_files_only(store, capsys):
+def test_gc_removes_old_unreferenced_blobs_and_temp_files_only(two, store, capsys):
     """Unreferenced blobs and temp files older than the grace period go; fresh ones (a live writer's) stay."""
-    record("a", 1)
     past = time.time() - 2 * 86400
     orphan_old, _ = st.put_blob(store, "a" * 32, b"old orphan")
     os.utime(orphan_old, (past, past))
@@ -135,11 +164,10 @@ def test_gc_removes_old_unreferenced_blobs_and_temp_files_only(store, capsys):
     assert not orphan_old.exists() and orphan_new.exists() and not tmp_old.exists() and tmp_new.exists()
     assert not scratch.exists()
     assert "removed 1 unreferenced blob(s)" in out and "removed 2 leftover" in out
-    assert fl.query("SELECT count(*) AS n FROM checkpoints", store=store).to_pylist()[0]["n"] == 5
+    assert fl.query("SELECT count(*) AS n FROM checkpoints", store=store).to_pylist()[0]["n"] == 10
 
 
-def test_gc_bad_inputs(store, capsys):
+def test_gc_bad_inputs(two, store, capsys):
     """Negative retention values are one-line errors."""
-    record("a", 1, epochs=1)
     assert flcli(capsys, "gc", "--keep-last", "-1")[0] == 2
     assert flcli(capsys, "gc", "--older-than", "-2")[0] == 2
