@@ -225,7 +225,7 @@ def test_code_snapshot_diff_and_verified_blobs(ui, tmp_path):
         os.chmod(blob, 0o644)
         open(blob, "wb").write(data + b" ")
         r = c.get(f"/runs/{ids[0]}/code")
-        assert r.status_code == 404 and "corrupt" in r.text
+        assert r.status_code == 404 and "corrupt" in r.text, r.text[-300:]
     finally:
         open(blob, "wb").write(data)
 

@@ -259,9 +259,37 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
 <section><h2>Health</h2><div data-partial="{e(base)}/runs/{e(rid)}/health">loading health checks…</div></section>
 <section><h2>Assertions</h2>{_assert_html(info['assertions'])}</section>
 <section><h2>Slices</h2>{_slices_stub(base, rid, info['n_predictions'])}</section>"""
-        return html(page(base, r.get("name") or rid, body))
+        return html(page(base, r.get("name") or rid, body, charts=True))
+
+    info_cache: dict = {}
+    info_lock = threading.Lock()
 
     def _run_info(rid: str, x: str) -> dict:
+        """Summary of one run's tables, cached until one of its files changes (a 10M-row scan otherwise)."""
+        from flightlog.collector import schema as S
+        from flightlog.collector import store as st
+
+        sig = []
+        for t in S.TABLES:
+            for f in st.table_files(root, t, [rid]):
+                try:
+                    s_ = f.stat()
+                except OSError:
+                    continue
+                sig.append((str(f), s_.st_size, s_.st_mtime_ns))
+        key = (rid, tuple(sig))
+        with info_lock:
+            hit = info_cache.get(key)
+        if hit is not None:
+            return hit
+        info = _run_info_uncached(rid)
+        with info_lock:
+            if len(info_cache) > 256:
+                info_cache.clear()
+            info_cache[key] = info
+        return info
+
+    def _run_info_uncached(rid: str) -> dict:
         con = D.scoped(root, index.table(), [rid])
         try:
             metrics = D.rows(con, """
@@ -598,7 +626,7 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
         body = (f"<h1>Compare</h1><p>{runs_links}</p>{add}<p class='links'>x axis: {axes}</p>"
                 f"<section><h2>Params</h2>{ptab}</section><section><h2>Metrics</h2>"
                 f"<div class='charts'>{''.join(charts) or '<p>No metrics.</p>'}</div></section>")
-        return html(page(base, "Compare", body))
+        return html(page(base, "Compare", body, charts=True))
 
     # -- SQL -------------------------------------------------------------------------------
 

@@ -50,11 +50,18 @@ class BadInput(FlightlogError):
 # -- the runs index ---------------------------------------------------------------------
 
 class RunsIndex:
-    """The runs table (newest row per run, ``crashed`` derived), refreshed at most every ``ttl`` seconds."""
+    """The runs table (newest row per run, ``crashed`` derived), kept current without rescanning the store.
 
-    def __init__(self, root: str, ttl: float = 1.0) -> None:
+    Every ``ttl`` seconds a request checks the runs folder's mtime (new or removed runs) and the
+    folders of runs still ``running`` (their status rows); every ``full_every`` seconds a
+    background thread stats every run folder (rows rewritten in a finished run's folder, e.g.
+    by compaction). A file is parsed again only when its size or mtime changed.
+    """
+
+    def __init__(self, root: str, ttl: float = 1.0, full_every: float = 30.0) -> None:
         self.root = root
         self.ttl = ttl
+        self.full_every = full_every
         self._lock = threading.Lock()
         self._dirs: dict[str, int] = {}  # run dir name -> mtime_ns when last listed
         self._files: dict[str, tuple[int, int, list[dict]]] = {}  # path -> (size, mtime_ns, rows)
@@ -62,26 +69,70 @@ class RunsIndex:
         self._latest: dict[str, dict] = {}
         self._table: pa.Table = _schema.RUNS.empty_table()
         self._checked = 0.0
+        self._full_at = 0.0
+        self._top_mtime: int | None = None
+        self._full_running = False
+        self._sig: tuple = ()
 
     def table(self) -> pa.Table:
         """The runs as Arrow, oldest first (status derived now for running runs)."""
+        now = time.monotonic()
+        start_full = False
         with self._lock:
-            if time.monotonic() - self._checked >= self.ttl:
-                self._refresh()
+            if not self._full_at:
+                self._refresh(None)  # the first build: every run folder
+                self._full_at = self._checked = time.monotonic()
+            elif now - self._checked >= self.ttl:
+                self._refresh(self._quick_names())
                 self._checked = time.monotonic()
-            return self._table
+                if now - self._full_at >= self.full_every and not self._full_running:
+                    self._full_running = start_full = True
+            t = self._table
+        if start_full:
+            threading.Thread(target=self._full, name="flightlog-ui-rescan", daemon=True).start()
+        return t
+
+    def _full(self) -> None:
+        try:
+            with self._lock:
+                self._refresh(None)
+                self._full_at = time.monotonic()
+        finally:
+            self._full_running = False
+
+    def _quick_names(self) -> list[str]:
+        tdir = Path(self.root) / "runs"
+        try:
+            top = tdir.stat().st_mtime_ns
+        except OSError:
+            top = None
+        names = [f"run_id={r['run_id']}" for r in self._latest.values() if r["status"] == "running"]
+        names += [n for n, files in self._by_dir.items() if not files]  # created, first rows not yet in
+        if top != self._top_mtime:
+            try:
+                names += [n for n in os.listdir(tdir) if n.startswith("run_id=") and n not in self._dirs]
+            except OSError:
+                pass
+        return names
 
     def ids(self) -> set[str]:
         return set(self.table().column("run_id").to_pylist())
 
-    def _refresh(self) -> None:
+    def _refresh(self, only: list[str] | None) -> None:
         tdir = Path(self.root) / "runs"
         try:
-            names = [n for n in os.listdir(tdir) if n.startswith("run_id=")]
+            self._top_mtime = tdir.stat().st_mtime_ns
         except OSError:
-            names = []
+            self._top_mtime = None
+        if only is None:
+            try:
+                names = [n for n in os.listdir(tdir) if n.startswith("run_id=")]
+            except OSError:
+                names = []
+        else:
+            names = only
         changed = False
-        live = set(names)
+        live = set(names) if only is None else set(self._dirs) | set(names)
         for gone in [d for d in self._dirs if d not in live]:
             self._dirs.pop(gone, None)
             for f in self._by_dir.pop(gone, []):
@@ -132,7 +183,9 @@ class RunsIndex:
             if r["status"] == "running" and db._looks_dead(self.root, r, now, host):
                 r = dict(r, status="crashed")
             out.append(r)
-        if changed or any(r["status"] in ("running", "crashed") for r in out):
+        sig = tuple(r["status"] for r in out)
+        if changed or sig != self._sig:
+            self._sig = sig
             out.sort(key=lambda r: (r["started_at"] is None, r["started_at"] or 0, r["run_id"]))
             self._table = pa.Table.from_pylist(out, schema=_schema.RUNS)
 
@@ -559,6 +612,24 @@ def filter_runs(root: str, runs: pa.Table, project: str | None = None, tag: str 
     The predicate runs in a sandboxed DuckDB connection that holds only the
     runs table, with external access off and the configuration locked.
     """
+    if not (where and where.strip()):  # no SQL predicate: filter with Arrow, no DuckDB round trip
+        import pyarrow.compute as pc
+
+        mask = pc.invert(pc.fill_null(pc.equal(runs["kind"], "replay"), False))
+        if project:
+            mask = pc.and_(mask, pc.fill_null(pc.equal(runs["project"], project), False))
+        if status:
+            mask = pc.and_(mask, pc.fill_null(pc.equal(runs["status"], status), False))
+        if tag:
+            m = pc.fill_null(pc.or_kleene(pc.or_kleene(pc.equal(runs["kind"], tag), pc.equal(runs["host"], tag)),
+                                          pc.or_kleene(pc.equal(runs["project"], tag),
+                                                       pc.starts_with(runs["git_commit"], tag))), False)
+            if tag == "dirty":
+                m = pc.or_(m, pc.fill_null(runs["git_dirty"], False))
+            mask = pc.and_(mask, m)
+        t = runs.filter(mask)
+        # newest first; the index is sorted oldest first with ties on run_id
+        return t.take(pc.sort_indices(t, [("started_at", "descending"), ("run_id", "ascending")]))
     con = _new_con(root)
     try:
         con.register("runs", runs)
@@ -610,21 +681,47 @@ def params_of(row: dict) -> dict:
         return {"params (unparsable)": row.get("params")}
 
 
+_LAST: dict[str, tuple[tuple, dict]] = {}
+
+
 def last_metrics(root: str, runs: pa.Table, run_ids: list[str], limit_names: int = 4) -> dict[str, dict]:
-    """{run_id: {metric: last value by step}} for a page of runs (their files only)."""
-    if not run_ids:
-        return {}
-    con = scoped(root, runs, run_ids, tables=["metrics"])
-    try:
-        res = con.execute("SELECT run_id, name, arg_max(value, step) FROM metrics "
-                          "WHERE source IS DISTINCT FROM 'replay' GROUP BY ALL ORDER BY run_id, name").fetchall()
-    finally:
-        con.close()
+    """{run_id: {metric: last value by step}} for a page of runs (their files only).
+
+    Cached per run until one of its metric files changes, so a page of finished runs
+    costs a directory listing per run, not a scan.
+    """
     out: dict[str, dict] = {}
-    for rid, name, v in res:
-        d = out.setdefault(rid, {})
-        if len(d) < limit_names:
-            d[name] = v
+    todo: dict[str, tuple] = {}
+    for rid in run_ids:
+        sig = []
+        for f in _store.table_files(root, "metrics", [_store.check_run_id(rid)]):
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            sig.append((f.name, st.st_size, st.st_mtime_ns))
+        hit = _LAST.get(rid)
+        if hit is not None and hit[0] == tuple(sig):
+            out[rid] = hit[1]
+        else:
+            todo[rid] = tuple(sig)
+    if todo:
+        con = scoped(root, runs, list(todo), tables=["metrics"])
+        try:
+            res = con.execute("SELECT run_id, name, arg_max(value, step) FROM metrics "
+                              "WHERE source IS DISTINCT FROM 'replay' GROUP BY ALL ORDER BY run_id, name").fetchall()
+        finally:
+            con.close()
+        fresh: dict[str, dict] = {rid: {} for rid in todo}
+        for rid, name, v in res:
+            d = fresh.setdefault(rid, {})
+            if len(d) < limit_names:
+                d[name] = v
+        if len(_LAST) > 50_000:
+            _LAST.clear()
+        for rid, d in fresh.items():
+            _LAST[rid] = (todo.get(rid, ()), d)
+            out[rid] = d
     return out
 
 
@@ -640,6 +737,8 @@ def read_blob_verified(root: str, digest: str) -> bytes:
         data = _store.read_blob(root, digest)
     except OSError:
         raise NotFound(f"blob {digest} is missing from the store") from None
+    except FlightlogError as e:  # the store's own verification (tampered content, symlink out)
+        raise NotFound(str(e)) from None
     if _snapshot.digest(data) != digest:
         raise NotFound(f"blob {digest} is corrupt (its content does not match its digest)")
     return data

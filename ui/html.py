@@ -70,18 +70,19 @@ def kv(pairs: Iterable[tuple[str, Any]]) -> str:
 NAV = (("Runs", "/"), ("Lineage", "/lineage"), ("SQL", "/sql"))
 
 
-def page(base: str, title: str, body: str, active: str = "") -> str:
+def page(base: str, title: str, body: str, active: str = "", charts: bool = False) -> str:
+    """A whole page; ``charts`` adds uPlot (50 KB of script and its CSS), which other pages skip."""
     nav = "".join(f'<a href="{e(base)}{p}"{" class=on" if t == active else ""}>{t}</a>' for t, p in NAV)
+    uplot_css = f'<link rel="stylesheet" href="{e(base)}/static/uPlot.min.css">\n' if charts else ""
+    uplot_js = f'<script src="{e(base)}/static/uPlot.iife.min.js" defer></script>\n' if charts else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="fl-base" content="{e(base)}">
 <title>{e(title)} · flightlog</title>
 <link rel="icon" href="data:,">
-<link rel="stylesheet" href="{e(base)}/static/uPlot.min.css">
-<link rel="stylesheet" href="{e(base)}/static/style.css">
-<script src="{e(base)}/static/uPlot.iife.min.js" defer></script>
-<script src="{e(base)}/static/app.js" defer></script>
+{uplot_css}<link rel="stylesheet" href="{e(base)}/static/style.css">
+{uplot_js}<script src="{e(base)}/static/app.js" defer></script>
 </head><body>
 <header><a class="brand" href="{e(base)}/">flightlog</a><nav>{nav}</nav><span class="ver">v{e(__version__)}</span></header>
 <main>
