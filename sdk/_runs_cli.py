@@ -171,7 +171,7 @@ def list_runs(args) -> dict:
             conds.append("project = ?")
             params.append(args.project)
         for t in args.tag:
-            conds.append("list_contains(TRY_CAST(json(tags) AS VARCHAR[]), ?)")
+            conds.append("coalesce(list_contains(TRY_CAST(TRY_CAST(tags AS JSON) AS VARCHAR[]), ?), false)")
             params.append(t)
         if statuses:
             conds.append("list_contains(?, status)")

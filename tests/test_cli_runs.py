@@ -176,3 +176,25 @@ def test_tag_a_live_run_survives_its_heartbeat_rows(store, capsys):
     fl.finish()
     got = fl.query("SELECT tags, status FROM runs WHERE name = 'live'", store=store).to_pylist()[0]
     assert json.loads(got["tags"]) == ["a", "b"] and got["status"] == "finished"
+
+
+def test_runs_and_compare_survive_hostile_rows(three, store, capsys):
+    """Stored tags/params that are not what the SDK writes (bad JSON, wrong types) do not break runs or compare."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from flightlog.collector import store as st
+
+    now = dt.datetime.now(dt.timezone.utc)
+    st.LocalSink(store).write("runs", pa.table({
+        "run_id": ["odd"], "project": ["demo"], "name": ["odd\nname"], "kind": ["train"], "status": ["finished"],
+        "started_at": [now], "updated_at": [now], "params": ["[1, 2]"], "tags": ["not json"],
+        "annotated_at": [now]}))
+    rc, out, _ = flcli(capsys, "runs", "--tag", "base")
+    assert rc == 0 and "odd" not in out and "(3 runs)" in out
+    rc, out, _ = flcli(capsys, "runs", "--format", "json")
+    odd = next(r for r in json.loads(out) if r["run_id"] == "odd")
+    assert odd["tags"] == [] and odd["params"] == {}
+    rc, out, _ = flcli(capsys, "compare", "odd", "r0", "--no-health")
+    assert rc == 0 and "* lr" in out
