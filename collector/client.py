@@ -198,9 +198,14 @@ class CollectorSink:
                 box["e"] = e
 
         th = threading.Thread(target=go, name="flightlog-post", daemon=True)
-        th.start()
-        th.join(limit)
-        if th.is_alive():
+        try:
+            th.start()
+        except RuntimeError:  # no new threads at interpreter shutdown (Python >= 3.12 at exit): per-phase limits only
+            go()
+            th = None
+        if th is not None:
+            th.join(limit)
+        if th is not None and th.is_alive():
             if self._client is c:
                 self._client = None  # the stuck exchange keeps its connection; the next one opens a new one
             raise TimeoutError(f"no complete reply from {self.url} within {limit:.1f} s")
