@@ -19,6 +19,9 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.delenv("FLIGHTLOG_COLLECTOR", raising=False)
     monkeypatch.delenv("FLIGHTLOG_REPLAY", raising=False)
     monkeypatch.setenv("FLIGHTLOG_PROGRESS", "0")
+    # sys/... samples every 10 s would make row counts of longer tests depend on timing;
+    # the tests of system metrics turn them on themselves
+    monkeypatch.setenv("FLIGHTLOG_SYSTEM_METRICS", "0")
     _warn.reset()
     yield
     if _run.ACTIVE is not None:

@@ -83,6 +83,7 @@ def test_log_histogram_of_a_torch_tensor(store):
 def test_system_metrics_sampled_on_the_flush_thread(store, monkeypatch):
     """sys/cpu_pct, sys/rss_mb (and host CPU on Linux) are sampled at the set interval; system_metrics=False stops them."""
     monkeypatch.setenv("FLIGHTLOG_SYSTEM_METRICS_INTERVAL", "0.05")
+    monkeypatch.setenv("FLIGHTLOG_SYSTEM_METRICS", "1")  # on by default; conftest turns it off for other tests
     r = fl.init(project="p", flush_interval=0.05)
     t0 = time.time()
     while time.time() - t0 < 0.6:
@@ -92,7 +93,7 @@ def test_system_metrics_sampled_on_the_flush_thread(store, monkeypatch):
     assert {"sys/cpu_pct", "sys/rss_mb"} <= names
     rss = [v for n, _, v in metrics(store, "name = 'sys/rss_mb'")]
     assert len(rss) >= 2 and all(10 < v < 100_000 for v in rss)
-    fl.init(project="p", flush_interval=0.05, system_metrics=False)
+    fl.init(project="p", flush_interval=0.05, system_metrics=False)  # the argument wins over the variable
     r2 = fl._run.current()
     time.sleep(0.3)
     fl.finish()
@@ -105,6 +106,7 @@ def test_system_metrics_failure_never_reaches_the_run(store, monkeypatch):
     from flightlog import _sysmetrics
 
     monkeypatch.setenv("FLIGHTLOG_SYSTEM_METRICS_INTERVAL", "0.05")
+    monkeypatch.delenv("FLIGHTLOG_SYSTEM_METRICS")
     monkeypatch.setattr(_sysmetrics, "_rss_mb", lambda: 1 / 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -182,3 +184,14 @@ def test_gpu_metrics_from_torch_allocator_without_creating_a_context(monkeypatch
     cuda.initialised = False
     calls.clear()
     assert not any(k.startswith("gpu") for k in s.values()) and calls == []
+
+
+def test_system_metrics_switch(monkeypatch):
+    """fl.init(system_metrics=) wins; otherwise FLIGHTLOG_SYSTEM_METRICS=0/false/off turns sampling off (default on)."""
+    from flightlog import _sysmetrics
+
+    monkeypatch.delenv("FLIGHTLOG_SYSTEM_METRICS")
+    assert _sysmetrics.enabled(None) and not _sysmetrics.enabled(False)
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv("FLIGHTLOG_SYSTEM_METRICS", off)
+        assert not _sysmetrics.enabled(None) and _sysmetrics.enabled(True)
