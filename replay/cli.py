@@ -80,7 +80,7 @@ def run_replay(args) -> int:
     for s in res.segments:
         d = s.data
         line = (f"{s.run_id} epochs {s.segment:<8} {s.status:<6} {s.fidelity:<16} "
-                f"compared {d.get('compared', 0)}, new rows {d.get('rows', 0)}, {s.seconds:.1f}s")
+                f"compared {d.get('compared', 0)}, new rows {d.get('rows', 0)} (stored {d.get('stored_rows', 0)}), {s.seconds:.1f}s")
         print(line)
         if d.get("first_divergence"):
             fd = d["first_divergence"]

@@ -125,7 +125,8 @@ class ReplayResult:
 
     @property
     def rows(self) -> int:
-        return sum(int(s.data.get("rows", 0)) for s in self.segments)
+        """Rows stored (verified names of good segments)."""
+        return sum(int(s.data.get("stored_rows", 0)) for s in self.segments)
 
 
 # -- reading the record ---------------------------------------------------------------------
@@ -721,6 +722,7 @@ def _finish(jobs, plans, results, store, replay_id, started_at, ended_at, t0) ->
         if j.role != "segment" or r is None or not r.stored or t is None or t.num_rows == 0:
             continue
         t = t.filter(pc.is_in(t.column("name"), pa.array(r.stored)))
+        r.data["stored_rows"] = t.num_rows
         for owner in sorted(set(t.column("run_id").to_pylist())):
             part = t.filter(pc.equal(t.column("run_id"), owner))
             LocalSink(store, writer=f"{replay_id}w{j.index}").write("metrics", _schema.conform("metrics", part))

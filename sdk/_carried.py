@@ -181,11 +181,27 @@ def loop_scope(filename: str, lineno: int) -> tuple[frozenset, frozenset, frozen
         return None
     v = _Names()
     v.visit(best)
+    # Targets of nested for statements (a batch loop's `xb, yb`) that nothing outside that nested
+    # loop reads are dead at every checkpoint: not worth copying (a new statement that reads them
+    # is planned at batch level, since they are then not captured).
+    assigned, mutated = set(v.assigned), set(v.mutated)
+    # The same for `with … as f` targets (a file handle used only inside the block).
+    blocks = [(n, n.target) for n in ast.walk(best) if isinstance(n, (ast.For, ast.AsyncFor)) and n is not best]
+    blocks += [(n, it.optional_vars) for n in ast.walk(best) if isinstance(n, (ast.With, ast.AsyncWith))
+               for it in n.items if it.optional_vars is not None]
+    for n, target in blocks:
+        inside = {id(x) for x in ast.walk(n)}
+        outside_reads = {x.id for x in ast.walk(best) if isinstance(x, ast.Name) and isinstance(x.ctx, ast.Load)
+                         and id(x) not in inside}
+        for t in ast.walk(target):
+            if isinstance(t, ast.Name) and t.id not in outside_reads:
+                assigned.discard(t.id)
+                mutated.discard(t.id)
     glob = set()
     for n in ast.walk(tree):
         if isinstance(n, ast.Global):
             glob.update(n.names)
-    return frozenset(v.assigned), frozenset(v.mutated), frozenset(glob)
+    return frozenset(assigned), frozenset(mutated), frozenset(glob)
 
 
 def _is_module_frame(frame) -> bool:
@@ -333,7 +349,8 @@ def capture(scopes: list[tuple[str, Any, int]], registered: dict[str, Any]) -> t
         # 2. names the loop assigns or mutates
         plain: dict[str, Any] = {}
         for name in sorted((assigned | mutated)):
-            src = gns if (name in glob and not module) else ns
+            # a function's name that is not one of its locals is a global of its module
+            src = gns if (not module and (name in glob or name not in ns)) else ns
             if name not in src:
                 continue
             v = src[name]

@@ -14,6 +14,7 @@ from flightlog.query import db
 from flightlog.replay import runner
 
 torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # several torch processes per test
 sys.path.insert(0, os.path.dirname(__file__))
 from _train_script import GRAD, WNORM, script  # noqa: E402
 

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(__file__))
 from _state_script import AFTER_LOOP, EPOCH, IN_BATCH, TICKS, state_script  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # several torch processes each
 
 NAMES = ["avg", "lr_plain", "best", "bad", "sched_lr", "ema", "momentum", "running"]
 
