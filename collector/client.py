@@ -350,7 +350,11 @@ class CollectorSink:
     # -- the Sink protocol --------------------------------------------------------------
 
     def write(self, table: str, data: pa.Table) -> None:
-        """Send one batch, or spool it behind our older spooled ones; never waits longer than the timeout."""
+        """Send one batch, or spool it behind our older spooled ones.
+
+        Runs on the flush thread; takes at most a resend slice of the spool (2 × timeout)
+        plus one request (2 × timeout), and never past the finish deadline.
+        """
         if data.num_rows == 0:
             return
         payload = encode(data)
@@ -405,9 +409,10 @@ class CollectorSink:
         return len(spool_files(self.spool))
 
     def compact(self, run_id: str) -> None:
-        """Ask the collector to merge this writer's parts; only once every batch of ours is stored.
+        """Ask the collector to merge this writer's parts, once every batch of ours is stored.
 
-        A spooled batch sent after a merge would look like a resend of a merged one.
+        A batch delivered after a merge is stored correctly (merges record their batch
+        numbers), but it would stay a separate part until the next merge.
         """
         with self._lock:
             if (self.backing_off() or self.past_deadline() or self._mine
