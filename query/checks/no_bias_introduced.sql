@@ -1,12 +1,13 @@
 -- name: no_bias_introduced
 -- severity: error
 -- description: an operation recorded by fl.inspect (a filter, dropna, query, join, or a call that dropped rows) cut a sensitive group's share of the rows by more than the threshold (MLINSPECT's NoBiasIntroducedFor)
+-- needs: operations recorded by fl.inspect(sensitive=...) with counts of a sensitive column | SELECT count(*) FROM spans WHERE run_id = $run_id AND json_extract_string(attributes, '$."flightlog.inspect.groups"') IS NOT NULL
 -- param min_relative_change = -0.3 : lowest allowed (share after - share before) / share before of a group
 -- param min_rows = 1 : groups with fewer rows than this before the operation are not judged
 -- Reads the spans fl.inspect writes: attribute flightlog.inspect.groups holds, per sensitive column
 -- and value, the rows before (summed over the inputs that have the column) and after the call.
 -- Shares are over all rows of the column, nulls included; the null group itself is not judged.
--- A run without fl.inspect has no such spans and passes.
+-- A run without fl.inspect data is skipped (the needs: line).
 WITH ops AS (
     SELECT span_id, start_time,
            json_extract_string(attributes, '$."flightlog.inspect.op"') AS op,

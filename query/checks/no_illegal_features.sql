@@ -1,11 +1,12 @@
 -- name: no_illegal_features
 -- severity: error
 -- description: a model was fitted (fit / fit_transform / fit_predict recorded by fl.inspect) on a feature named as illegal: race, gender, age by default, or what fl.inspect(illegal=...) set (MLINSPECT's NoIllegalFeatures)
+-- needs: model fits recorded by fl.inspect with known feature names | SELECT count(*) FROM spans WHERE run_id = $run_id AND json_extract_string(attributes, '$."flightlog.inspect.model"') = 'true' AND json_extract_string(attributes, '$."flightlog.inspect.features"') IS NOT NULL
 -- param extra = '' : more illegal names, comma-separated, checked on top of the ones the run recorded
 -- A feature matches a name when it is the name, starts with "<name>_" (one-hot columns such as
 -- race_White), or has a scikit-learn prefix ("cat__race", "cat__race_White"); case-insensitive.
 -- Features are the names the model part was fitted on (a Pipeline's steps before the model, else the
--- columns of X). A run without fl.inspect has no such spans and passes.
+-- columns of X). A run without fl.inspect data is skipped (the needs: line).
 WITH fits AS (
     SELECT span_id, start_time,
            json_extract_string(attributes, '$."flightlog.inspect.op"') AS op,

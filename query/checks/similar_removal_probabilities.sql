@@ -1,6 +1,7 @@
 -- name: similar_removal_probabilities
 -- severity: warn
 -- description: an operation recorded by fl.inspect (a filter, dropna, query, join, or a call that dropped rows) removed the rows of one sensitive group with a much higher probability than those of another (MLINSPECT's SimilarRemovalProbabilitiesFor)
+-- needs: operations recorded by fl.inspect(sensitive=...) with counts of a sensitive column | SELECT count(*) FROM spans WHERE run_id = $run_id AND json_extract_string(attributes, '$."flightlog.inspect.groups"') IS NOT NULL
 -- param max_ratio = 2.0 : highest allowed removal probability of a group over the lowest one of the same column and operation
 -- param min_difference = 0.05 : and the two probabilities must differ by at least this much
 -- param min_rows = 1 : groups with fewer rows than this before the operation are not judged
@@ -8,7 +9,7 @@
 -- duplicated its rows). Unlike MLINSPECT, whose reference is the lowest *non-zero* probability (so a
 -- filter that removes rows of one group only passes), the reference here is the lowest probability,
 -- zero included; min_difference keeps chance differences of a light filter out. The null group is
--- not judged. A run without fl.inspect has no such spans and passes.
+-- not judged. A run without fl.inspect data is skipped (the needs: line).
 WITH ops AS (
     SELECT span_id, start_time,
            json_extract_string(attributes, '$."flightlog.inspect.op"') AS op,
