@@ -788,26 +788,46 @@ def _query_result(root: str, sql: str, params: Any, limit: int, timeout: float, 
 # -- /v1/query in its own process ----------------------------------------------------------
 # DuckDB checks its interrupt flag between vectors, not inside one long expression
 # (repeat('ab', 10^9) ran 53 s past a 1 s interrupt here), and a thread cannot be killed.
-# So each query runs in a process forked from a forkserver that has DuckDB, pyarrow and the
-# views module loaded (~10 ms per fork): killed at the time limit, its data segment capped
-# (RLIMIT_DATA) at the memory limit, and a crash of DuckDB takes down only that process.
+# So each query runs in a process of its own, forked (~5 ms) from a "zygote": a helper
+# process started once per server, single-threaded, with DuckDB, pyarrow and the views module
+# loaded; one process is always forked ahead and warmed up (DuckDB's first connection). The query process is killed at the time limit, its data segment is capped
+# (RLIMIT_DATA) at the memory limit, and a crash inside DuckDB takes down only that process.
+# (multiprocessing's forkserver would re-import the server's __main__ script in every child.)
+# Frames on the per-query socket: child -> its pid; server -> the request (JSON); child -> a
+# JSON header, then the reply body.
 
-_PRELOAD = ["duckdb", "pyarrow", "flightlog.query.db", "flightlog.query.lineage", "flightlog._format",
-            "flightlog.collector.server"]
-_mp_lock = threading.Lock()
-_mp_ctx = None
+_PRELOAD = ("duckdb", "pyarrow", "pyarrow.ipc", "pyarrow.parquet", "fsspec", "flightlog.query.db",
+            "flightlog.query._snapshot", "flightlog.query.lineage", "flightlog._format")
+_zygote_lock = threading.Lock()
+_zygote: Any = None  # (Popen, socket) of the running zygote
 
 
-def _forkserver():
-    global _mp_ctx
-    with _mp_lock:
-        if _mp_ctx is None:
-            import multiprocessing
+def _send_frame(sock, data: bytes) -> None:
+    sock.sendall(struct.pack("<Q", len(data)) + data if len(data) < 65536 else struct.pack("<Q", len(data)))
+    if len(data) >= 65536:
+        sock.sendall(data)
 
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(_PRELOAD)
-            _mp_ctx = ctx
-        return _mp_ctx
+
+def _recv_exact(sock, n: int, deadline: float | None) -> bytes:
+    import socket
+
+    buf = bytearray()
+    while len(buf) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("deadline")
+            sock.settimeout(left)
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError("the query process closed its socket")
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv_frame(sock, deadline: float | None = None) -> bytes:
+    (n,) = struct.unpack("<Q", _recv_exact(sock, 8, deadline))
+    return _recv_exact(sock, n, deadline)
 
 
 def _cap_memory(limit: int) -> None:
@@ -832,23 +852,140 @@ def _cap_memory(limit: int) -> None:
         pass
 
 
-def _query_child(conn, root: str, sql: str, params: Any, limit: int, timeout: float, fmt: str,
-                 memory: int | None, max_bytes: int | None) -> None:
-    """Body of the query process: one query, its reply sent back over ``conn``."""
+def _query_child(fd: int) -> None:
+    """A query process: one request from the server, one reply."""
+    import socket
+
+    conn = socket.socket(fileno=fd)
+    _send_frame(conn, str(os.getpid()).encode())
+    req = json.loads(_recv_frame(conn))
+    memory = req["memory"]
+    out = b""
     try:
         if memory:
             _cap_memory(memory)
-        out, truncated, rows = _query_result(root, sql, params, limit, timeout, fmt, max_bytes)
-        conn.send(("ok", truncated, rows))
-        conn.send_bytes(out)
+        out, truncated, rows = _query_result(req["root"], req["sql"], req["params"], req["limit"],
+                                             req["timeout"], req["fmt"], req["max_bytes"])
+        head = {"ok": True, "truncated": truncated, "rows": rows}
     except BadRequest as e:
-        conn.send(("error", e.status, e.message))
+        head = {"ok": False, "status": e.status, "message": e.message}
     except MemoryError:
-        conn.send(("error", 422, f"query exceeded the memory limit of {(memory or 0) >> 20} MiB"))
-    except BaseException as e:  # a bug: say what it was, the server stays up
-        conn.send(("error", 500, f"query failed: {type(e).__name__}: {str(e)[:300]}"))
+        head = {"ok": False, "status": 422, "message": f"query exceeded the memory limit of {(memory or 0) >> 20} MiB"}
+    except BaseException as e:  # a bug: say what it was; the server stays up
+        head = {"ok": False, "status": 500, "message": f"query failed: {type(e).__name__}: {str(e)[:300]}"}
+    _send_frame(conn, json.dumps(head).encode())
+    _send_frame(conn, out)
+    conn.close()
+
+
+def _warm_up(empty_store: str) -> None:
+    """What every query process pays once (DuckDB's first connection, the views), paid ahead."""
+    try:
+        from flightlog.query import db
+
+        con = db.connect(empty_store)
+        try:
+            con.execute("SELECT 1").fetchall()
+        finally:
+            con.close()
+    except Exception:
+        pass
+
+
+def _fork_spare(server_sock, empty_store: str) -> Any:
+    """Fork a query process that warms up, then waits for its query; returns the socket to hand it one."""
+    import signal
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            ours.close()
+            server_sock.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _warm_up(empty_store)
+            msg, fds, _, _ = socket.recv_fds(theirs, 1, 1)
+            if fds:
+                _query_child(fds[0])
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    theirs.close()
+    return ours
+
+
+def _zygote_main(fd: int) -> None:
+    """The zygote's loop: hand each query the server sends to a warm spare process; exit with the server.
+
+    The zygote itself stays single-threaded (it never opens DuckDB), so forking it is safe; one spare
+    is always forked ahead and warms up while idle, so a query does not wait for DuckDB's start.
+    """
+    import importlib
+    import signal
+    import socket
+    import tempfile
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server's Ctrl-C is for the server
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # query processes are reaped by the kernel
+    for m in _PRELOAD:  # what every query imports, once, instead of in every query process
+        try:
+            importlib.import_module(m)
+        except ImportError:
+            pass
+    sock = socket.socket(fileno=fd)
+    empty = tempfile.mkdtemp(prefix="flightlog-warmup-")  # an empty store to warm up on
+    try:
+        spare = _fork_spare(sock, empty)
+        while True:
+            try:
+                msg, fds, _, _ = socket.recv_fds(sock, 1, 4)
+            except OSError:
+                return
+            if not msg:  # the server is gone (the spare sees its socket close and exits too)
+                return
+            for q in fds:
+                try:
+                    socket.send_fds(spare, [b"q"], [q])
+                except OSError:  # the spare died: a fresh one takes the query
+                    spare.close()
+                    spare = _fork_spare(sock, empty)
+                    socket.send_fds(spare, [b"q"], [q])
+                spare.close()
+                os.close(q)
+                spare = _fork_spare(sock, empty)
     finally:
-        conn.close()
+        try:
+            os.rmdir(empty)
+        except OSError:
+            pass
+
+
+def _zygote_socket(restart: bool = False):
+    """The socket to the running zygote, starting one when there is none (or ``restart``)."""
+    import socket
+    import subprocess
+    import sys
+
+    global _zygote
+    with _zygote_lock:
+        if _zygote is not None and not restart and _zygote[0].poll() is None:
+            return _zygote[1]
+        if _zygote is not None:
+            _zygote[1].close()
+            if _zygote[0].poll() is None:
+                _zygote[0].kill()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        code = "import sys; from flightlog.collector.server import _zygote_main; _zygote_main(int(sys.argv[1]))"
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            theirs.close()
+        _zygote = (proc, ours)
+        return ours
 
 
 def query_in_process(root: str, sql: str, params: Any, limit: int, timeout: float, fmt: str = "json", *,
@@ -859,37 +996,56 @@ def query_in_process(root: str, sql: str, params: Any, limit: int, timeout: floa
     BadRequest: 400 bad SQL, 403 refused, 408 past ``timeout`` (the process is
     killed), 422 past ``memory`` or ``max_bytes``, 503 when no process can start.
     """
+    import signal
+    import socket
+
     label = timeout_label if timeout_label is not None else timeout
-    ctx = _forkserver()
-    recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_query_child, name="flightlog-query", daemon=True,
-                    args=(send, os.fspath(root), sql, params, limit, timeout, fmt, memory, max_bytes))
+    request = json.dumps({"root": os.fspath(root), "sql": sql, "params": params, "limit": limit,
+                          "timeout": timeout, "fmt": fmt, "memory": memory, "max_bytes": max_bytes}).encode()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = None
+    done = False
+    # the zygote may take a few seconds to load DuckDB the first time; that is not the query's time
+    start_deadline = time.monotonic() + max(30.0, timeout)
     try:
         try:
-            p.start()
-        except (OSError, RuntimeError) as e:
+            for attempt in (0, 1):
+                try:
+                    zsock = _zygote_socket(restart=attempt > 0)
+                    with _zygote_lock:
+                        socket.send_fds(zsock, [b"q"], [theirs.fileno()])
+                    break
+                except OSError:
+                    if attempt:
+                        raise
+            theirs.close()
+            pid = int(_recv_frame(ours, start_deadline))
+        except (OSError, EOFError, ValueError) as e:
             raise BadRequest(503, f"cannot start a query process: {e}") from None
-        finally:
-            send.close()
-        if not recv.poll(timeout + 0.5):  # the child's own interrupt fires at `timeout`; this is the hard stop
-            raise BadRequest(408, f"query exceeded the time limit of {label:g} s")
+        deadline = time.monotonic() + timeout + 0.5  # the child's own interrupt fires at `timeout`
         try:
-            head = recv.recv()
-            if head[0] == "ok":
-                return recv.recv_bytes(), head[1], head[2]
-        except EOFError:  # the process died without a word: killed by the kernel or a crash in DuckDB
-            p.join(2)
-            code = p.exitcode
-            why = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+            _send_frame(ours, request)
+            head = json.loads(_recv_frame(ours, deadline))
+            body = _recv_frame(ours, deadline)
+            done = True
+        except socket.timeout:
+            raise BadRequest(408, f"query exceeded the time limit of {label:g} s") from None
+        except (EOFError, OSError, ValueError):
+            # the process died without a word: killed by the kernel or a crash in DuckDB
             mem = f" (likely past the memory limit of {memory >> 20} MiB)" if memory else ""
-            raise BadRequest(422, f"the query's process died with {why}{mem}") from None
-        raise BadRequest(head[1], head[2])
+            raise BadRequest(422, f"the query's process died before answering{mem}") from None
+        if not head.get("ok"):
+            raise BadRequest(int(head.get("status", 500)), str(head.get("message", "query failed")))
+        return body, bool(head["truncated"]), int(head["rows"])
     finally:
-        recv.close()
-        if p.is_alive():
-            p.kill()
-        if p.pid is not None:
-            p.join(5)
+        if pid is not None and not done:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        ours.close()
+        if theirs.fileno() != -1:
+            theirs.close()
 
 
 def run_query(root: str, sql: str, params: Any, limit: int, timeout: float, *,

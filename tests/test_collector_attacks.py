@@ -530,9 +530,40 @@ def test_served_process_survives_crafted_and_compressed_bodies(store):
               f"server peak RSS grew {grown:.1f} MB")
         assert grown < 200, f"peak RSS grew by {grown:.0f} MB"
         _intact(url, store, before)
+        helpers = _query_helpers(p.pid)
+        assert helpers, "queries run in a helper process"
     finally:
-        p.terminate()
+        p.kill()  # even a killed server leaves no query process behind
         p.wait(10)
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{h}") and not _zombie(h) for h in helpers):
+        assert time.monotonic() < deadline, "the query helper outlived the server"
+        time.sleep(0.1)
+
+
+def _query_helpers(parent: int) -> list[int]:
+    """Pids of the query zygote started by process ``parent``."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{d}/cmdline", "rb") as fh:
+                    cmd = fh.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == parent and b"_zygote_main" in cmd:
+                out.append(int(d))
+    return out
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 @pytest.mark.slow
