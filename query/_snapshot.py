@@ -103,7 +103,7 @@ class Held:
             raise PermissionError(f"not a file of this store snapshot: {path}")
         if e.fd is None:
             return open(path, "rb", buffering=0)
-        return _PreadFile(e.fd, e.size, path)
+        return _PreadFile(e.fd, e.size, path, self)
 
     def paths(self) -> list[str]:
         return list(self._files)
@@ -129,9 +129,10 @@ class Held:
 class _PreadFile(io.RawIOBase):
     """Positioned reads on a shared descriptor: independent positions, never closes the descriptor."""
 
-    def __init__(self, fd: int, size: int, name: str) -> None:
+    def __init__(self, fd: int, size: int, name: str, owner: Held) -> None:
         super().__init__()
         self._fd, self._size, self._pos, self.name = fd, size, 0, name
+        self._owner = owner  # the descriptor stays open while any reader of it is alive
 
     def readable(self) -> bool:
         return True

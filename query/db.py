@@ -533,8 +533,8 @@ def _one(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None):
 def resolve_run(con: duckdb.DuckDBPyConnection, run: str | None) -> str:
     """A full run id from ``latest``, a full id or a unique prefix."""
     if run is None or run == "latest":
-        row = _one(con, "SELECT run_id FROM runs WHERE kind IS DISTINCT FROM 'replay' "
-                          "ORDER BY started_at DESC LIMIT 1")
+        row = _one(con, "SELECT run_id FROM runs WHERE kind IS DISTINCT FROM 'replay' AND run_id IS NOT NULL "
+                          "ORDER BY started_at DESC NULLS LAST LIMIT 1")
         if row is None:
             raise RunNotFound("the store holds no runs yet")
         return row[0]

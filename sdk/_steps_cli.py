@@ -52,7 +52,7 @@ def load_call(con, span: str) -> dict:
     if len(rows) > 1:
         raise ReplayError(f"span id {span!r} is ambiguous: {', '.join(r['span_id'] for r in rows)}")
     row = rows[0]
-    attrs = json.loads(row["attributes"] or "{}")
+    attrs = _json_object(row["attributes"])
     inputs = db.sql_arrow(con, "SELECT arg, fingerprint, type, payload, summary FROM io WHERE span_id = ? "
                                "AND direction = 'input' AND arg <> 'artifact' AND NOT contains(arg, '[') "
                                "ORDER BY time", [row["span_id"]]).to_pylist()
@@ -61,6 +61,15 @@ def load_call(con, span: str) -> dict:
     script = db.sql_arrow(con, "SELECT script, cwd FROM runs WHERE run_id = ?", [row["run_id"]]).to_pylist()
     return {"span": row, "attrs": attrs, "inputs": inputs, "output_fp": output[0]["fingerprint"] if output else None,
             "script": script[0] if script else {}}
+
+
+def _json_object(text: Any) -> dict:
+    """A stored JSON object column; {} when it is empty, malformed or not an object (stored rows are untrusted)."""
+    try:
+        v = json.loads(text) if isinstance(text, str) and text else {}
+    except (ValueError, RecursionError):
+        return {}
+    return v if isinstance(v, dict) else {}
 
 
 def import_function(attrs: dict, run: dict) -> Any:
@@ -122,7 +131,7 @@ def load_inputs(store: str, inputs: list[dict]) -> list[tuple[str, Any]]:
     for r in inputs:
         ref = r["payload"]
         if not ref:
-            note = json.loads(r["summary"] or "{}").get("capture_note")
+            note = _json_object(r["summary"]).get("capture_note")
             missing.append(f"{r['arg']} ({note or 'not captured'})")
             continue
         codec, _, digest = ref.partition(":")

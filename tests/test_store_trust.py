@@ -294,7 +294,8 @@ def test_hostile_rows_do_not_take_readers_down(store, capsys):
             # a part written straight into the store: a run id no partition can have, pid past any pid_max
             d = os.path.join(store, "runs", "run_id=direct")
             os.makedirs(d)
-            pq.write_table(pa.Table.from_pylist([_runs_row(run_id="../../etc", pid=2**40, updated_at=MAXI)],
+            pq.write_table(pa.Table.from_pylist([_runs_row(run_id="../../etc", pid=2**40, updated_at=MAXI),
+                                                 _runs_row(run_id=None, started_at=4_000_000_000_000_000)],
                                                 schema=schema.RUNS), os.path.join(d, "part-00000001-zz.parquet"))
             for sql in ("SELECT * FROM runs", "SELECT * FROM metrics", "SELECT run_id, status, pid FROM runs"):
                 r = c.post("/v1/query", json={"sql": sql})
@@ -310,7 +311,7 @@ def test_hostile_rows_do_not_take_readers_down(store, capsys):
             "../../etc"} <= {x["run_id"] for x in runs}
     t = fl.query("SELECT run_id, started_at FROM runs WHERE run_id IN ('max-ts', 'min-ts')", store=store)
     assert t.column("started_at").to_pylist() == [None, None]
-    for args in (["runs"], ["show", "huge-pid"], ["show", "bad-json"], ["show", "wrong-types"], ["show", "max-ts"],
+    for args in (["runs"], ["show"], ["show", "huge-pid"], ["show", "bad-json"], ["show", "wrong-types"], ["show", "max-ts"],
                  ["show", "absurd"], ["sql", "SELECT * FROM runs"], ["sql", "SELECT * FROM metrics", "--format", "json"],
                  ["sql", "SELECT * FROM runs", "--format", "csv"], ["runs", "--format", "json"]):
         assert cli.main([*args, "--store", store]) == 0, args
