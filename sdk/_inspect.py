@@ -943,8 +943,7 @@ class _Pre:
             elif out is not None and kind == "filter" and len(self.objs) == 1:
                 parent = None
                 try:
-                    pos = _positions(self.objs[0], out, args[1] if len(args) > 1 and spec.inputs is _in_self
-                                     else None)
+                    pos = _positions(self.objs[0], out, _mask_key(spec, args))
                     if pos is not None:
                         parent = (self.objs[0], pos)
                 except Exception:
@@ -963,6 +962,8 @@ class _Pre:
         attrs: dict[str, Any] = {"code.function.name": func, "code.namespace": mod, "code.file.path": path,
                                  "code.line.number": line}
         self.op = spec.op
+        if spec.inputs is _in_indexer and args and type(args[0]).__name__ == "_iLocIndexer":
+            self.op = "DataFrame.iloc[]"
         if spec.sklearn and est is not None:
             self.op = f"{type(est).__name__}.{spec.op}"
             attrs[PREFIX + "estimator"] = f"{type(est).__module__}.{type(est).__qualname__}"
@@ -1038,6 +1039,16 @@ def _positions(src, out, key=None):
     if not np.array_equal(pos * si.step + si.start, ov):
         return None
     return pos
+
+
+def _mask_key(spec: _Spec, args: tuple):
+    """The row key of ``df[key]`` / ``df.loc[key]`` / ``df.iloc[key]`` (a boolean mask is used as such)."""
+    if len(args) < 2 or not (spec.op == "DataFrame[]" or spec.inputs is _in_indexer):
+        return None
+    key = args[1]
+    if spec.inputs is _in_indexer and isinstance(key, tuple):
+        key = key[0] if key else None
+    return key
 
 
 def _label_positions(si, ov):

@@ -350,3 +350,19 @@ def test_large_frame_fingerprints_follow_content():
     d.loc[n - 1, "race"] = "Z"
     shuffled = a.iloc[::-1]
     assert len({fp(a), fp(c), fp(d), fp(shuffled), fp(shuffled.reset_index(drop=True))}) == 5
+
+
+def test_loc_mask_and_head_counts_match_pandas():
+    """df.loc[mask, cols], iloc slices and head(): recorded after-counts equal pandas' own value counts."""
+    fl.init(project="t")
+    data = census(2000)
+    with fl.inspect(sensitive=["race"]):
+        a = data.loc[data["income"] > 50_000, ["income", "race"]]
+        b = a.iloc[10:500]
+        c = b.head(100)
+    rec = [s for s in ops() if s["a"]["flightlog.inspect.kind"] == "filter"]
+    assert [s["a"]["flightlog.inspect.op"] for s in rec] == ["DataFrame.loc[]", "DataFrame.iloc[]", "DataFrame.head"]
+    for span, frame in zip(rec, (a, b, c)):
+        after = {g["value"]: g["after"] for g in json.loads(span["a"]["flightlog.inspect.groups"])}
+        assert after == frame["race"].value_counts().to_dict()
+        assert span["a"]["flightlog.inspect.rows_out"] == len(frame)
