@@ -1020,7 +1020,7 @@ def query_in_process(root: str, sql: str, params: Any, limit: int, timeout: floa
                         raise
             theirs.close()
             pid = int(_recv_frame(ours, start_deadline))
-        except (OSError, EOFError, ValueError) as e:
+        except (OSError, EOFError, ValueError, AttributeError) as e:  # AttributeError: no send_fds (not Unix)
             raise BadRequest(503, f"cannot start a query process: {e}") from None
         deadline = time.monotonic() + timeout + 0.5  # the child's own interrupt fires at `timeout`
         try:

@@ -69,11 +69,11 @@ def _snapshot(store: str) -> dict:
 
 def _intact(url: str, store: str, before: dict) -> None:
     """/healthz answers, the 10 seeded rows are countable, and no file of the store changed."""
+    from flightlog.query import db
+
     assert httpx.get(url + "/healthz", timeout=5).json()["status"] == "ok"
-    r = httpx.post(url + "/v1/query", json={"sql": "SELECT count(*) AS n FROM metrics WHERE run_id = 'keep'"},
-                   headers=AUTH, timeout=30)
-    assert r.status_code == 200, r.text
-    assert r.json()["rows"] == [{"n": 10}]
+    n = db.run_sql("SELECT count(*) AS n FROM metrics WHERE run_id = 'keep'", store=store).to_pylist()
+    assert n == [{"n": 10}]
     assert _snapshot(store) == before
     for dirpath, dirs, files in os.walk(store):
         assert not [f for f in files if f.endswith(".tmp")], dirpath
@@ -292,8 +292,9 @@ def test_run_ids_with_a_newline_or_look_alikes(guarded):
         rs.scope_spans.add().spans.add(trace_id=b"\x08" * 16, span_id=bytes([i + 1]) * 8, name=svc)
     r = httpx.post(guarded.url + "/v1/traces", content=req.SerializeToString(), headers=PB)
     assert r.status_code == 200
-    q = httpx.post(guarded.url + "/v1/query", headers=AUTH,
-                   json={"sql": "SELECT name, run_id FROM spans ORDER BY name"}).json()["rows"]
+    from flightlog.query import db
+
+    q = db.run_sql("SELECT name, run_id FROM spans ORDER BY name", store=guarded.store).to_pylist()
     ids = {row["name"]: row["run_id"] for row in q}
     assert ids["etl_job"] == "etl_job" and len(set(ids.values())) == 3
     assert all(v.startswith("etl_job") for v in ids.values())
