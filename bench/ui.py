@@ -176,7 +176,7 @@ def bench_browser(stores: dict, series: dict, repeat: int) -> None:
         t = time.perf_counter()
         app.state.index.table()  # the server builds it in the background at start; wait for it here
         print(f"runs index of 5,000 runs built in {time.perf_counter() - t:.1f} s after server start "
-              "(once per server process; later refreshes stat each run directory and re-read changed files only)",
+              "(once per server process; later requests re-read only new or live runs' files)",
               flush=True)
         srv = UIServer(app)
         try:

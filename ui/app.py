@@ -610,7 +610,7 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
             names = con.execute("SELECT name, list(DISTINCT run_id) FROM metrics GROUP BY name ORDER BY name").fetchall()
         finally:
             con.close()
-        label = {r["run_id"]: (r.get("name") or r["run_id"]) + f" ({r['run_id'][:8]})" for r in rs}
+        label = {r["run_id"]: (r.get("name") or r["run_id"]) + f" ({r['run_id'][-6:]})" for r in rs}
         charts = []
         for name, have in names:
             cfg = {"x": x, "title": name, "marks": [],
