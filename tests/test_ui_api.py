@@ -275,7 +275,10 @@ def test_collector_mounts_ui_under_ui(tmp_path):
         srv.stop()
 
 
-@pytest.mark.parametrize("lo,hi", [(None, None), (20_000.5, 81_234), (0, 99_999), (-50, 1e9), (40_000, 45_000)])
+@pytest.mark.parametrize("lo,hi", [(None, None), (20_000.5, 81_234),
+                                   pytest.param(0, 99_999, marks=pytest.mark.slow),
+                                   pytest.param(-50, 1e9, marks=pytest.mark.slow),
+                                   pytest.param(40_000, 45_000, marks=pytest.mark.slow)])
 def test_pyramid_cache_keeps_extremes_and_counts(srv, monkeypatch, lo, hi):
     """The cached M4 pyramid (big series) returns real points only, exact counts, and every bucket's extremes."""
     from flightlog.ui import data as D
@@ -307,3 +310,36 @@ def test_pyramid_cache_keeps_extremes_and_counts(srv, monkeypatch, lo, hi):
             continue
         near = (xs >= lo_j - w) & (xs <= hi_j + w)
         assert ys[near].max() >= inb.max() and ys[near].min() <= inb.min(), j
+
+
+def test_live_run_row_updates_without_rescan(srv):
+    """A running run is marked live on the runs page and its new status shows on the next refresh."""
+    from flightlog.collector import schema as S
+    from flightlog.collector import store as st
+
+    now = dt.datetime.now(dt.timezone.utc)
+    sink = st.LocalSink(srv["store"])
+
+    def row(status):
+        return pa.table({"run_id": ["live-run"], "project": ["live"], "name": ["live one"], "kind": ["train"],
+                         "status": [status], "started_at": pa.array([now], S.TS), "host": ["elsewhere"],
+                         "updated_at": pa.array([dt.datetime.now(dt.timezone.utc)], S.TS)})
+
+    sink.write("runs", row("running"))
+    st.touch_heartbeat(srv["store"], "live-run", sink.writer)
+    r = srv["c"].get("/", params={"project": "live"})
+    assert "data-live=" in r.text and "st-running" in r.text
+    sink.write("runs", row("finished"))
+    part = srv["c"].get("/", params={"project": "live", "partial": 1}).text
+    assert "st-finished" in part and "st-running" not in part and "<html" not in part
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys):
+    """`flightlog ui` on a missing store or a bad port prints one error line and exits 2."""
+    from flightlog import cli
+
+    assert cli.main(["ui", "--store", str(tmp_path / "nope")]) == 2
+    assert "no flightlog store" in capsys.readouterr().err
+    (tmp_path / "s").mkdir()
+    assert cli.main(["ui", "--store", str(tmp_path / "s"), "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
