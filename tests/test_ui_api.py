@@ -343,3 +343,25 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     (tmp_path / "s").mkdir()
     assert cli.main(["ui", "--store", str(tmp_path / "s"), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_slices_section_finds_planted_slice(srv):
+    """With predictions logged, the run's slices section names the slice where the errors are."""
+    import json as _json
+
+    from flightlog.collector import store as st
+
+    rng = np.random.default_rng(3)
+    n = 600
+    color = rng.choice(["red", "blue", "green"], n)
+    size = rng.integers(0, 10, n)
+    wrong = (color == "red") & (size >= 5)
+    st.LocalSink(srv["store"]).write("predictions", pa.table({
+        "run_id": ["planted"] * n, "item_id": [str(i) for i in range(n)],
+        "y_true": ["1"] * n, "y_pred": np.where(wrong, "0", "1").tolist(),
+        "features": [_json.dumps({"color": str(c), "size": int(s)}) for c, s in zip(color, size)]}))
+    r = srv["c"].get("/runs/planted/slices")
+    assert r.status_code == 200 and "<table" in r.text, r.text[:500]
+    first = r.text.split("<tbody>", 1)[1].split("</tr>", 1)[0]
+    assert "color" in first and "red" in first, first
+    assert "600 prediction rows" in srv["c"].get("/runs/planted").text
