@@ -109,6 +109,13 @@ def _batch_rows(payload: bytes) -> int | None:
         return None
 
 
+def _local_spool(home: str) -> Path:
+    """``<store>/spool`` for a local store; a local cache folder for a store on object storage."""
+    from flightlog.collector import fs as _fs
+
+    return _fs.spool_dir(home) / "collector" if _fs.is_remote(home) else Path(home) / "spool"
+
+
 class CollectorSink:
     """Sends batches to a collector's ``/v1/ingest``; spools them while it is unreachable.
 
@@ -122,7 +129,7 @@ class CollectorSink:
         if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
             raise ValueError(f"collector URL must look like http://host:port, got {url!r}")
         self.url = url.rstrip("/")
-        self.spool = Path(spool) if spool is not None else Path(_config.store_home(None)) / "spool"
+        self.spool = Path(spool) if spool is not None else _local_spool(_config.store_home(None))
         self.token = token
         self.timeout = float(timeout)
         self.writer = writer or _new_writer()
@@ -485,7 +492,7 @@ def run_sync(args: argparse.Namespace) -> int:
     from flightlog._errors import StoreError
 
     url = _config.resolve(args.collector, _config.ENV_COLLECTOR, None)
-    spool = Path(args.spool) if args.spool else Path(_config.store_home(args.store)) / "spool"
+    spool = Path(args.spool) if args.spool else _local_spool(_config.store_home(args.store))
     if not spool.is_dir():
         print(f"nothing to sync: no spool at {spool}")
         return 0

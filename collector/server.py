@@ -210,10 +210,10 @@ def write_batch(root: str | os.PathLike, table: str, data: pa.Table, writer: str
         sub = data if len(uniq) == 1 else data.filter(pc.equal(runs, rid))
         d = _store.part_dir(root, table, rid)
         path = d / f"part-{seq:08d}-{writer}.parquet"
-        if path.exists() or (retry and _covered_by_compact(d, writer, seq)):
+        if _store.exists(path) or (retry and _covered_by_compact(d, writer, seq)):
             dup += sub.num_rows
             continue
-        existed = d.is_dir()
+        existed = _store.is_dir(d)
         try:
             _store.write_parquet_atomic(path, sub, table, fsync=fsync)
         except BaseException:
@@ -478,7 +478,8 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
 
     token = check_token(token)
     root = _config.store_home(os.fspath(store) if store is not None else None)
-    os.makedirs(root, exist_ok=True)
+    if not _store._fs.is_remote(root):  # an object store has no folder to create
+        os.makedirs(root, exist_ok=True)
     stats = Stats()
     tok = token.encode() if token else None
     max_decoded = DECODED_FACTOR * max_body
@@ -658,7 +659,7 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
         merged = 0
         for table in _schema.TABLES:
             d = _store.part_dir(root, table, body.run_id)
-            if d.is_dir() and _store.compact_dir(d, table, body.writer, fsync=True) is not None:
+            if _store.is_dir(d) and _store.compact_dir(d, table, body.writer, fsync=True) is not None:
                 merged += 1
         return {"merged_partitions": merged}
 
@@ -790,7 +791,8 @@ def _query_result(root: str, sql: str, params: Any, limit: int, timeout: float, 
 # (repeat('ab', 10^9) ran 53 s past a 1 s interrupt here), and a thread cannot be killed.
 # So each query runs in a process of its own, forked (~5 ms) from a "zygote": a helper
 # process started once per server, single-threaded, with DuckDB, pyarrow and the views module
-# loaded; one process is always forked ahead and warmed up (DuckDB's first connection). The query process is killed at the time limit, its data segment is capped
+# loaded; one process is always forked ahead and warmed up (DuckDB's first connection, and the
+# validation of the files of the store the previous query read). The query process is killed at the time limit, its data segment is capped
 # (RLIMIT_DATA) at the memory limit, and a crash inside DuckDB takes down only that process.
 # (multiprocessing's forkserver would re-import the server's __main__ script in every child.)
 # Frames on the per-query socket: child -> its pid; server -> the request (JSON); child -> a
@@ -878,12 +880,13 @@ def _query_child(fd: int) -> None:
     conn.close()
 
 
-def _warm_up(empty_store: str) -> None:
-    """What every query process pays once (DuckDB's first connection, the views), paid ahead."""
+def _warm_up(store: str) -> None:
+    """What every query process pays once, paid ahead: DuckDB's first connection, and the
+    validation of the store's files (cached per process; a big store has thousands)."""
     try:
         from flightlog.query import db
 
-        con = db.connect(empty_store)
+        con = db.connect(store)
         try:
             con.execute("SELECT 1").fetchall()
         finally:
@@ -892,7 +895,7 @@ def _warm_up(empty_store: str) -> None:
         pass
 
 
-def _fork_spare(server_sock, empty_store: str) -> Any:
+def _fork_spare(server_sock, store: str) -> Any:
     """Fork a query process that warms up, then waits for its query; returns the socket to hand it one."""
     import signal
     import socket
@@ -905,7 +908,7 @@ def _fork_spare(server_sock, empty_store: str) -> Any:
             ours.close()
             server_sock.close()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            _warm_up(empty_store)
+            _warm_up(store)
             msg, fds, _, _ = socket.recv_fds(theirs, 1, 1)
             if fds:
                 _query_child(fds[0])
@@ -936,16 +939,17 @@ def _zygote_main(fd: int) -> None:
         except ImportError:
             pass
     sock = socket.socket(fileno=fd)
-    empty = tempfile.mkdtemp(prefix="flightlog-warmup-")  # an empty store to warm up on
+    empty = tempfile.mkdtemp(prefix="flightlog-warmup-")  # an empty store to warm up on at first
     try:
         spare = _fork_spare(sock, empty)
         while True:
             try:
-                msg, fds, _, _ = socket.recv_fds(sock, 1, 4)
+                msg, fds, _, _ = socket.recv_fds(sock, 65536, 4)  # a message: the query's store + its socket
             except OSError:
                 return
             if not msg:  # the server is gone (the spare sees its socket close and exits too)
                 return
+            store = msg.decode("utf-8", "surrogateescape")
             for q in fds:
                 try:
                     socket.send_fds(spare, [b"q"], [q])
@@ -955,7 +959,7 @@ def _zygote_main(fd: int) -> None:
                     socket.send_fds(spare, [b"q"], [q])
                 spare.close()
                 os.close(q)
-                spare = _fork_spare(sock, empty)
+                spare = _fork_spare(sock, store if os.path.isdir(store) else empty)
     finally:
         try:
             os.rmdir(empty)
@@ -977,7 +981,7 @@ def _zygote_socket(restart: bool = False):
             _zygote[1].close()
             if _zygote[0].poll() is None:
                 _zygote[0].kill()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message per query
         code = "import sys; from flightlog.collector.server import _zygote_main; _zygote_main(int(sys.argv[1]))"
         try:
             proc = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
@@ -1013,7 +1017,8 @@ def query_in_process(root: str, sql: str, params: Any, limit: int, timeout: floa
                 try:
                     zsock = _zygote_socket(restart=attempt > 0)
                     with _zygote_lock:
-                        socket.send_fds(zsock, [b"q"], [theirs.fileno()])
+                        socket.send_fds(zsock, [os.fspath(root).encode("utf-8", "surrogateescape")],
+                                        [theirs.fileno()])
                     break
                 except OSError:
                     if attempt:

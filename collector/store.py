@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flightlog._errors import StoreError
+from flightlog.collector import fs as _fs
 from flightlog.collector import schema as _schema
 
 log = logging.getLogger("flightlog")
@@ -56,6 +57,8 @@ def make_private_dirs(d: str | os.PathLike) -> None:
 
     Directories that already exist are left as they are.
     """
+    if _fs.is_remote(d):  # object stores have no directories
+        return
     d = Path(d)
     if d.is_dir():
         return
@@ -73,7 +76,7 @@ def make_private_dirs(d: str | os.PathLike) -> None:
 
 
 def new_writer_id() -> str:
-    """A file-name-safe id, unique per process (and per fork)."""
+    """A file-name-safe id, unique per process (and per fork) and, by its random part, per host."""
     return f"p{os.getpid()}{uuid.uuid4().hex[:6]}"
 
 
@@ -101,10 +104,15 @@ def _column_encodings(table: str, data: pa.Table) -> dict:
 
 
 def write_parquet_atomic(path: Path, data: pa.Table, table: str, fsync: bool = False) -> None:
-    """Write ``data`` to ``path`` via a temporary name and a rename."""
+    """Write ``data`` to ``path`` via a temporary name and a rename (object stores: once, under its name)."""
+    enc = _column_encodings(table, data)
+    if _fs.is_remote(path):
+        _fs.put(path, _fs.parquet_bytes(lambda sink: pq.write_table(
+            data, sink, use_dictionary=[f.name for f in data.schema if f.name not in enc],
+            column_encoding=enc or None, **_WRITE_OPTS)))
+        return
     make_private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    enc = _column_encodings(table, data)
     try:
         pq.write_table(
             data,
@@ -153,6 +161,8 @@ class LocalSink:
         self._seq = 0
         self._lock = threading.Lock()
         self._written: dict[tuple[str, str], list[int]] = {}
+        # object stores: parts that cannot be uploaded wait in a local spool (see fs.Spool)
+        self.spool = _fs.Spool(os.fspath(root)) if _fs.is_remote(root) else None
 
     def write(self, table: str, data: pa.Table) -> None:
         """Write one batch (rows of possibly several runs) as one part per run."""
@@ -171,7 +181,10 @@ class LocalSink:
                 self._seq += 1
                 seq = self._seq
             path = part_dir(self.root, table, run_id) / f"part-{seq:08d}-{self.writer}.parquet"
-            write_parquet_atomic(path, sub, table, fsync=self.fsync)
+            if self.spool is not None:
+                self.spool.write(path, sub, table)
+            else:
+                write_parquet_atomic(path, sub, table, fsync=self.fsync)
             with self._lock:
                 self._written.setdefault((table, run_id), []).append(seq)
 
@@ -179,14 +192,17 @@ class LocalSink:
         """Merge this writer's parts of ``run_id`` into one file per table."""
         for table in tables or _schema.TABLES:
             d = part_dir(self.root, table, run_id)
-            if d.is_dir():
+            if is_dir(d):
                 compact_dir(d, table, self.writer, fsync=self.fsync)
 
     def heartbeat(self, run_id: str) -> None:
         touch_heartbeat(self.root, run_id, self.writer)
 
     def close(self) -> None:
-        pass
+        if self.spool is not None:  # a last try at uploading what waits in the local spool
+            import time
+
+            self.spool.drain(deadline=time.monotonic() + 10.0)
 
 
 def compact_dir(d: Path, table: str, writer: str, fsync: bool = False) -> Path | None:
@@ -194,7 +210,13 @@ def compact_dir(d: Path, table: str, writer: str, fsync: bool = False) -> Path |
 
     One merge per writer and partition at a time (an advisory lock): two merges at once
     (the collector's at finish and ``flightlog compact``) could each delete the other's inputs.
+    Object stores have no such lock: there merges of one writer are serialised within the
+    process, and across processes two merges only repeat each other's work (each deletes only
+    inputs it has written out, and readers skip files a compact file holds).
     """
+    if _fs.is_remote(d):
+        with _remote_compact_lock:
+            return _compact_locked(d, table, writer, fsync)
     try:
         import fcntl
     except ImportError:  # no advisory locks here: merge unlocked
@@ -208,6 +230,19 @@ def compact_dir(d: Path, table: str, writer: str, fsync: bool = False) -> Path |
         return _compact_locked(d, table, writer, fsync)
     finally:
         os.close(fd)
+
+
+_remote_compact_lock = threading.Lock()
+
+
+def is_dir(d: Path) -> bool:
+    """Whether partition/folder ``d`` exists (object stores: whether anything is stored under it)."""
+    return _fs.isdir(d) if _fs.is_remote(d) else d.is_dir()
+
+
+def exists(p: Path) -> bool:
+    """Whether file ``p`` is stored (local or object store)."""
+    return _fs.exists(p) if _fs.is_remote(p) else p.exists()
 
 
 def _compact_locked(d: Path, table: str, writer: str, fsync: bool) -> Path | None:
@@ -230,9 +265,10 @@ def _compact_locked(d: Path, table: str, writer: str, fsync: bool) -> Path | Non
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     sch = _schema.schema(table).with_metadata({MEMBERS_KEY: json.dumps(members, separators=(",", ":")).encode()})
     enc = {"value": "BYTE_STREAM_SPLIT"} if table == "metrics" else {}
+    remote = _fs.is_remote(d)
     try:
         with pq.ParquetWriter(
-            tmp,
+            buf := pa.BufferOutputStream() if remote else tmp,
             sch,
             use_dictionary=[f.name for f in sch if f.name not in enc],
             column_encoding=enc or None,
@@ -240,23 +276,30 @@ def _compact_locked(d: Path, table: str, writer: str, fsync: bool) -> Path | Non
         ) as w:
             for f in files:
                 try:
-                    t = pq.ParquetFile(f).read()  # (read_table imports pyarrow.dataset and pandas)
+                    t = pq.ParquetFile(_fs.open_input(f) if remote else f).read()  # (read_table imports pandas)
                 except Exception as e:  # a torn or foreign file: leave it where it is
                     log.warning("flightlog: not compacting unreadable file %s: %s", f, e)
                     raise
                 w.write_table(_schema.conform(table, t).cast(sch))
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, target)
-        if fsync:
+        if remote:
+            _fs.put(target, buf.getvalue())
+        else:
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, target)
+        if fsync and not remote:
             _fsync_dir(d)
     except Exception:
         try:
-            tmp.unlink()
+            if not remote:
+                tmp.unlink()
         except OSError:
             pass
         return None
     for f in files:
         if f.name == target.name:  # an earlier merge with the same range, replaced just now
+            continue
+        if remote:
+            _fs.delete(f)
             continue
         try:
             f.unlink()
@@ -292,17 +335,21 @@ def compact_members(path: Path) -> tuple[tuple[int, int], ...] | None:
     if not m:
         return None
     try:
-        st = os.stat(path)
+        if _fs.is_remote(path):
+            size, mtime = _fs.stat(path)
+            key = (0, mtime, size)
+        else:
+            st = os.stat(path)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
     except OSError:
         return None
-    key = (st.st_ino, st.st_mtime_ns, st.st_size)
     with _members_lock:
         hit = _members_cache.get(str(path))
     if hit is not None and hit[0] == key:
         return hit[1]
     lo, hi = int(m.group(2)), int(m.group(3))
     try:
-        meta = pq.read_metadata(path).metadata or {}
+        meta = pq.read_metadata(_fs.open_input(path) if _fs.is_remote(path) else path).metadata or {}
     except Exception:
         return None
     raw = meta.get(MEMBERS_KEY)
@@ -336,7 +383,7 @@ def compact_holds(d: Path, writer: str, seq: int) -> bool:
     """True when a compact file of ``writer`` in partition ``d`` holds batch ``seq`` (not just spans it)."""
     prefix = f"compact-{writer}-"
     try:
-        names = os.listdir(d)
+        names = _listdir(d)
     except OSError:
         return False
     for n in names:
@@ -364,7 +411,7 @@ def visible_files(d: Path) -> list[Path]:
     Skips temporaries and parts already merged into a compact file.
     """
     try:
-        names = os.listdir(d)
+        names = _listdir(d)
     except OSError:
         return []
     compacts: dict[str, list[tuple[int, int]]] = {}
@@ -409,6 +456,10 @@ def visible_files(d: Path) -> list[Path]:
     return [p for _, p in out] + [d / n for n in sorted(others)]
 
 
+def _listdir(d: Path) -> list[str]:
+    return list(_fs.listdir(d)) if _fs.is_remote(d) else os.listdir(d)
+
+
 def table_files(root: str | os.PathLike, table: str, run_ids: Iterable[str] | None = None) -> list[Path]:
     """Every visible Parquet file of ``table`` (optionally only some runs)."""
     tdir = table_dir(root, table)
@@ -416,7 +467,7 @@ def table_files(root: str | os.PathLike, table: str, run_ids: Iterable[str] | No
         dirs = [tdir / f"run_id={r}" for r in run_ids]
     else:
         try:
-            dirs = sorted(tdir / n for n in os.listdir(tdir) if n.startswith("run_id="))
+            dirs = sorted(tdir / n for n in _listdir(tdir) if n.startswith("run_id="))
         except OSError:
             return []
     out: list[Path] = []
@@ -450,7 +501,8 @@ def blob_path(root: str | os.PathLike, digest: str) -> Path:
 def has_blob(root: str | os.PathLike, digest: Any) -> bool:
     """Whether blob ``digest`` is stored; False for a reference that cannot name a blob."""
     try:
-        return blob_path(root, digest).is_file()
+        p = blob_path(root, digest)
+        return _fs.exists(p) if _fs.is_remote(p) else p.is_file()
     except BlobError:
         return False
 
@@ -466,7 +518,11 @@ def write_bytes_atomic(path: Path, data, fsync: bool = False) -> None:
     """Write ``data`` (bytes, or a list of buffers written one after another) via a temp name + rename.
 
     The file is readable by its owner only (0o600), whatever the umask.
+    On an object store the object is written once under its name (see ``fs.put``).
     """
+    if _fs.is_remote(path):
+        _fs.put(path, data)
+        return
     make_private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -493,6 +549,11 @@ def put_blob(root: str | os.PathLike, digest: str, data, fsync: bool = False) ->
     Identical blobs are stored once. Returns the path and whether a new file was written.
     """
     path = blob_path(root, digest)
+    if _fs.is_remote(path):  # content-addressed: an existing object already holds these bytes
+        if _fs.exists(path):
+            return path, False
+        _fs.put(path, data)
+        return path, True
     if path.exists():
         try:  # a fresh mtime: `flightlog gc` spares recent blobs whose reference may not be written yet
             os.utime(path)
@@ -514,12 +575,15 @@ def read_blob(root: str | os.PathLike, digest: str, what: str = "blob") -> bytes
     blob is FileNotFoundError.
     """
     path = blob_path(root, digest)
-    base = os.path.realpath(os.path.join(os.fspath(root), "blobs"))
-    real = os.path.realpath(path)
-    if os.path.commonpath([base, real]) != base:
-        raise BlobError(f"{what} {digest} resolves outside the store ({real}); refusing to read it")
-    with open(real, "rb") as fh:
-        data = fh.read()
+    if _fs.is_remote(path):  # object stores have no links: the key is the only name
+        data = _fs.read_bytes(path)
+    else:
+        base = os.path.realpath(os.path.join(os.fspath(root), "blobs"))
+        real = os.path.realpath(path)
+        if os.path.commonpath([base, real]) != base:
+            raise BlobError(f"{what} {digest} resolves outside the store ({real}); refusing to read it")
+        with open(real, "rb") as fh:
+            data = fh.read()
     got = blob_digest(data)
     if got != digest:
         raise BlobError(f"{what} {digest} is corrupt or was tampered with: its content hashes to {got}; "
@@ -530,6 +594,9 @@ def read_blob(root: str | os.PathLike, digest: str, what: str = "blob") -> bytes
 def touch_heartbeat(root: str | os.PathLike, run_id: str, writer: str) -> None:
     """Refresh the heartbeat file readers use to tell a live run from a crashed one."""
     d = part_dir(root, "runs", run_id)
+    if _fs.is_remote(d):
+        _fs.touch(d / f".heartbeat-{writer}")
+        return
     make_private_dirs(d)
     p = d / f".heartbeat-{writer}"
     try:
@@ -543,6 +610,12 @@ def heartbeat_age(root: str | os.PathLike, run_id: str, now: float) -> float | N
     """Seconds since the newest heartbeat of ``run_id``, or None without one."""
     d = part_dir(root, "runs", run_id)
     newest = None
+    if _fs.is_remote(d):
+        try:
+            ts = [mt / 1e9 for n, (_, mt) in _fs.listdir(d).items() if n.startswith(".heartbeat-") and mt]
+        except OSError:
+            return None
+        return now - max(ts) if ts else None
     try:
         for n in os.listdir(d):
             if n.startswith(".heartbeat-"):

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from flightlog import _config, _format
 from flightlog._errors import QueryError, RunNotFound, StoreError
+from flightlog.collector import fs as _fs
 from flightlog.collector import schema as _schema
 from flightlog.collector import store as _store
 from flightlog.query import _snapshot
@@ -85,6 +86,13 @@ def _check_file(path: Path, table: str, held: _snapshot.Held | None = None) -> b
     """Validate one file (cached by size and mtime); FileNotFoundError when it vanished since listing."""
     if held is not None:
         size, mtime_ns = held.stat(str(path))
+    elif _fs.is_remote(path):
+        try:
+            size, mtime_ns = _fs.stat(path)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            return False
     else:
         try:
             st = path.stat()
@@ -101,7 +109,7 @@ def _check_file(path: Path, table: str, held: _snapshot.Held | None = None) -> b
     ok, why = True, ""
     names: tuple = ()
     try:
-        src = held.reader(key) if held is not None else path
+        src = held.reader(key) if held is not None else (_fs.open_input(path) if _fs.is_remote(path) else path)
         sch = pq.read_schema(src)
         names = tuple(sch.names)
         target = _schema.schema(table)
@@ -200,12 +208,14 @@ def read_runs(root: str) -> pa.Table:
     value is untrusted: nothing here converts a stored timestamp to a Python
     datetime or hands a stored pid to the OS unchecked.
     """
+    remote = _fs.is_remote(root)
     held = _snapshot.Held()
     parts = []
     try:
-        for f in _listed(root, "runs", held):
+        for f in _listed(root, "runs", None if remote else held):
             try:
-                parts.append(_schema.conform("runs", pq.ParquetFile(held.reader(str(f))).read()))
+                src = _fs.open_input(f) if remote else held.reader(str(f))
+                parts.append(_schema.conform("runs", pq.ParquetFile(src).read()))
             except Exception as e:
                 warnings.warn(f"flightlog: skipping {f}: {e}", StoreWarning, stacklevel=3)
     finally:
@@ -251,13 +261,15 @@ def read_runs(root: str) -> pa.Table:
     return t.take(pc.sort_indices(started))
 
 
-def _create_runs(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[Path], ref=str) -> None:
+def _create_runs(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[Path], ref=str,
+                 body: str | None = None) -> None:
     """The runs table: newest row per run, then ``crashed`` for runs whose process is gone.
 
     Built in SQL from the files (no Arrow registration: that makes DuckDB import pandas,
     ~0.2 s of start-up for every CLI command).
     """
-    body = _files_select("runs", files, ref) if files else _empty_select("runs")
+    if body is None:
+        body = _files_select("runs", files, ref) if files else _empty_select("runs")
     # tags and notes come from the row with the newest annotated_at (flightlog tag/note on a live run)
     con.execute(f"""CREATE TABLE runs AS SELECT * EXCLUDE (_ann) REPLACE (
             CASE WHEN _ann IS NULL THEN tags ELSE _ann.t END AS tags,
@@ -339,8 +351,11 @@ def connect(store: str | os.PathLike | None = None, *, sandbox: bool = True,
             must_exist: bool = True) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with a view per table of ``store`` (sandboxed: see the module docstring)."""
     root = _config.store_home(os.fspath(store) if store is not None else None)
-    if must_exist and not os.path.isdir(root):
+    remote = _fs.is_remote(root)
+    if must_exist and not (_fs.isdir(root) if remote else os.path.isdir(root)):
         raise StoreError(f"no flightlog store at {root} (set FLIGHTLOG_HOME or pass --store)")
+    if remote:
+        return _connect_remote(root, sandbox)
     con = duckdb.connect(":memory:")
     try:
         for setting in ("SET TimeZone='UTC'", "SET enable_progress_bar=false"):
@@ -361,6 +376,52 @@ def connect(store: str | os.PathLike | None = None, *, sandbox: bool = True,
         _extra_views(con)
         if sandbox:
             _lock(con, [_snapshot.url(p) for p in held.paths()])
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _remote_select(con: duckdb.DuckDBPyConnection, root: str, table: str) -> str:
+    """A SELECT over ``table`` of an object-store store: its listed, valid files as a pyarrow dataset.
+
+    DuckDB scans the dataset through pyarrow (its own S3 support is an extension that cannot
+    be downloaded here); each file carries its ``run_id`` partition as an exact expression, so
+    a ``run_id`` filter DuckDB pushes down skips other runs' files without opening them.
+    """
+    import pyarrow.dataset as ds
+
+    files = _listed(root, table, None)
+    if not files:
+        return _empty_select(table)
+    fs, _ = _fs.split(root)
+    parts = []
+    for f in files:
+        rid = f.parent.name.partition("=")[2]
+        parts.append(ds.field("run_id") == rid)
+    data = ds.FileSystemDataset.from_paths([_fs.split(f)[1] for f in files], schema=_schema.schema(table),
+                                           format=ds.ParquetFileFormat(), filesystem=fs, partitions=parts)
+    name = f"_flightlog_{table}"
+    con.register(name, data)
+    return f"SELECT {', '.join(_column(f) for f in _schema.schema(table))} FROM {name}"
+
+
+def _connect_remote(root: str, sandbox: bool) -> duckdb.DuckDBPyConnection:
+    """:func:`connect` for a store on an object store: views over pyarrow datasets, no file system at all."""
+    con = duckdb.connect(":memory:")
+    try:
+        for setting in ("SET TimeZone='UTC'", "SET enable_progress_bar=false"):
+            try:
+                con.execute(setting)
+            except duckdb.Error:
+                pass
+        _create_runs(con, root, (), body=_remote_select(con, root, "runs"))
+        for table in _schema.TABLES:
+            if table != "runs":
+                con.execute(f"CREATE VIEW {table} AS {_remote_select(con, root, table)}")
+        _extra_views(con)
+        if sandbox:  # the data comes in through Python objects: no path needs to be allowed
+            _lock(con, [])
     except BaseException:
         con.close()
         raise

@@ -44,7 +44,13 @@ def resolve(value, env: str, default, cast=str):
 
 
 def store_home(store=None) -> str:
-    return os.path.abspath(os.fspath(resolve(store, ENV_HOME, DEFAULT_HOME)))
+    """The store: an absolute local directory, or an object-store URI such as ``s3://bucket/prefix``."""
+    home = os.fspath(resolve(store, ENV_HOME, DEFAULT_HOME))
+    from flightlog.collector import fs as _fs
+
+    if _fs.is_remote(home):
+        return _fs.canonical(home)
+    return os.path.abspath(home)
 
 
 def disabled() -> bool:

@@ -1,0 +1,297 @@
+"""Where the store's bytes live: a local directory, or an object store named by a URI.
+
+A store is a local directory or a URI that ``pyarrow.fs`` understands (``s3://bucket/prefix``,
+``gs://bucket/prefix``, ``abfs://container/prefix`` where pyarrow was built with them). Every
+path the store layer hands around is still a ``pathlib.Path`` so that ``d / name``, ``.name``
+and ``.parent`` keep working; a URI inside a ``Path`` is normalised to ``s3:/bucket/...`` (one
+slash) and :func:`split` turns either spelling back into ``(FileSystem, path)``.
+
+Configuration is each file system's standard one. For S3 that is the AWS credential chain
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and
+``~/.aws``), ``AWS_REGION``/``AWS_DEFAULT_REGION``, and ``AWS_ENDPOINT_URL`` (or
+``AWS_ENDPOINT_URL_S3``) for MinIO and other S3-compatible servers; options pyarrow takes in the
+URI's query string (``?endpoint_override=...``) work as well.
+
+Atomicity: object stores have no rename, so a file is serialised in memory and written once
+under its final name (:func:`put`). An S3 object becomes visible only when its upload completes
+(on close), so a writer killed mid-write leaves nothing behind.
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+# "s3://b/p" as given, and "s3:/b/p" as pathlib spells it; two letters at least (not "C:/").
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/{1,2}(?!/)(.*)$")
+_LOCAL_SCHEMES = {"file", "local"}
+_fs_cache: dict[tuple, Any] = {}
+_fs_lock = threading.Lock()
+
+
+def is_remote(p: Any) -> bool:
+    """Whether ``p`` (str or Path) names something on an object store rather than the local disk."""
+    if p is None:
+        return False
+    m = _URI.match(os.fspath(p))
+    return bool(m) and m.group(1).lower() not in _LOCAL_SCHEMES
+
+
+def canonical(uri: str) -> str:
+    """``scheme://bucket/prefix`` without a trailing slash (the spelling runs record and print)."""
+    m = _URI.match(os.fspath(uri))
+    if not m:
+        raise ValueError(f"not a store URI: {uri!r}")
+    rest, _, query = m.group(2).partition("?")
+    rest = rest.strip("/")
+    if not rest:
+        raise ValueError(f"store URI {uri!r} names no bucket")
+    return f"{m.group(1).lower()}://{rest}" + (f"?{query}" if query else "")
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _filesystem(scheme: str, bucket: str, query: str):
+    """The pyarrow FileSystem for ``scheme://bucket`` (cached: S3 clients are costly to build)."""
+    endpoint = _endpoint() if scheme == "s3" else None
+    key = (scheme, bucket, query, endpoint, os.environ.get("AWS_PROFILE"), os.environ.get("AWS_ACCESS_KEY_ID"))
+    with _fs_lock:
+        hit = _fs_cache.get(key)
+    if hit is not None:
+        return hit
+    import pyarrow.fs as pafs
+
+    if scheme == "s3" and endpoint and not query:
+        # pyarrow does not read AWS_ENDPOINT_URL itself; without it from_uri would also ask AWS for the region
+        scheme_, _, host = endpoint.partition("://")
+        if not host:
+            scheme_, host = "https", endpoint
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        fs = pafs.S3FileSystem(endpoint_override=host.rstrip("/"), scheme=scheme_, region=region,
+                               connect_timeout=5, request_timeout=30)
+    else:
+        fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))
+    with _fs_lock:
+        _fs_cache[key] = fs
+    return fs
+
+
+def split(p: Any) -> tuple[Any, str]:
+    """``(pyarrow FileSystem, path inside it)`` for a remote path (either spelling)."""
+    m = _URI.match(os.fspath(p))
+    if not m or m.group(1).lower() in _LOCAL_SCHEMES:
+        raise ValueError(f"not a remote path: {p!r}")
+    rest, _, query = m.group(2).partition("?")
+    rest = rest.strip("/")
+    bucket = rest.split("/", 1)[0]
+    return _filesystem(m.group(1).lower(), bucket, query), rest
+
+
+def uri(p: Any) -> str:
+    """The ``scheme://...`` spelling of a remote path (for messages and for other tools)."""
+    m = _URI.match(os.fspath(p))
+    return f"{m.group(1).lower()}://{m.group(2).lstrip('/')}" if m else os.fspath(p)
+
+
+# -- operations (remote paths only; the local store keeps its os-level code) ----------------------
+
+
+def listdir(d: Any) -> dict[str, tuple[int, int]]:
+    """``{name: (size, mtime_ns)}`` of the objects directly under ``d``; empty when there are none."""
+    import pyarrow.fs as pafs
+
+    fs, path = split(d)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    out = {}
+    for i in infos:
+        mt = i.mtime_ns if i.type == pafs.FileType.File and i.mtime_ns is not None else 0
+        out[i.base_name] = (i.size or 0, mt) if i.type == pafs.FileType.File else (-1, 0)
+    return out
+
+
+def isdir(d: Any) -> bool:
+    """Whether anything is stored under ``d`` (object stores only have prefixes)."""
+    import pyarrow.fs as pafs
+
+    fs, path = split(d)
+    try:
+        if "/" not in path:  # a bucket
+            return fs.get_file_info(path).type == pafs.FileType.Directory
+        return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False)))
+    except OSError:
+        return False
+
+
+def stat(p: Any) -> tuple[int, int]:
+    """``(size, mtime_ns)`` of an object; FileNotFoundError when it is not there."""
+    import pyarrow.fs as pafs
+
+    fs, path = split(p)
+    i = fs.get_file_info(path)
+    if i.type != pafs.FileType.File:
+        raise FileNotFoundError(uri(p))
+    return i.size or 0, i.mtime_ns or 0
+
+
+def exists(p: Any) -> bool:
+    try:
+        stat(p)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def open_input(p: Any):
+    """A random-access reader of an object (what pyarrow.parquet and DuckDB's scans take)."""
+    fs, path = split(p)
+    return fs.open_input_file(path)
+
+
+def read_bytes(p: Any) -> bytes:
+    with open_input(p) as fh:
+        return fh.read()
+
+
+def put(p: Any, data) -> None:
+    """Write ``data`` (bytes, a pyarrow Buffer, or a list of them) as the object ``p``, all at once.
+
+    The object appears complete when the upload finishes, or not at all (a killed writer
+    never completes its upload). The bytes are gathered first so that no failure half-way
+    through producing them can reach the store.
+    """
+    fs, path = split(p)
+    parts = data if isinstance(data, (list, tuple)) else (data,)
+    out = fs.open_output_stream(path)
+    for part in parts:
+        out.write(part)
+    out.close()
+
+
+def delete(p: Any) -> bool:
+    """Delete one object; False when it was already gone or could not be deleted."""
+    fs, path = split(p)
+    try:
+        fs.delete_file(path)
+        return True
+    except OSError:
+        return False
+
+
+def touch(p: Any) -> None:
+    """Write an empty object (its modification time is the server's now): heartbeats."""
+    put(p, b"")
+
+
+def parquet_bytes(write) -> pa.Buffer:
+    """Run ``write(sink)`` against an in-memory sink and return the bytes (for :func:`put`)."""
+    sink = pa.BufferOutputStream()
+    write(sink)
+    return sink.getvalue()
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def as_path(root: str) -> Path:
+    """A ``Path`` for a store root, local or remote (remote ones keep their scheme)."""
+    return Path(root)
+
+
+# -- the local spool of an object-store store ------------------------------------------------------
+
+def spool_dir(store: str) -> Path:
+    """The local folder that holds parts for ``store`` while it cannot be reached (never on the store)."""
+    import hashlib
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", uri(store))[:80]
+    return Path(base) / "flightlog" / "spool" / f"{name}-{hashlib.sha1(uri(store).encode()).hexdigest()[:10]}"
+
+
+class Spool:
+    """Parts for an object store that failed to upload, kept locally under their final names.
+
+    A part that cannot be written goes to :func:`spool_dir` (``<table>/run_id=<id>/<part name>``,
+    the same relative key it will have in the store) and the writer backs off for a few seconds;
+    every later write and :meth:`drain` upload what is spooled, oldest first, and delete the local
+    copy once the upload completed. Leftovers of a process that died meanwhile are uploaded by the
+    next writer of the same store. Part names carry their writer and sequence number, so late
+    parts never collide with anything and readers order them by name.
+    """
+
+    BACKOFF = 5.0
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self.dir = spool_dir(root)
+        self._lock = threading.Lock()
+        self._until = 0.0
+        self._pending = True  # leftovers of an earlier process: looked for at the first write
+        self.spooled = 0
+        self.uploaded = 0
+
+    def write(self, path: Path, data: pa.Table, table: str) -> None:
+        from flightlog.collector import store as _store
+
+        key = self._key(path)
+        if time.monotonic() >= self._until:
+            if self._pending:
+                self.drain()
+            try:
+                _store.write_parquet_atomic(path, data, table)
+                return
+            except OSError as e:
+                self._until = time.monotonic() + self.BACKOFF
+                import logging
+
+                logging.getLogger("flightlog").warning(
+                    "flightlog: store %s unreachable (%s); spooling parts in %s", uri(self.root), e, self.dir)
+        local = self.dir / key
+        _store.write_parquet_atomic(local, data, table)  # raises only when the local disk fails too
+        with self._lock:
+            self._pending = True
+            self.spooled += 1
+
+    def _key(self, path: Path) -> str:
+        full, root = uri(path), uri(self.root)
+        if not full.startswith(root + "/"):
+            raise ValueError(f"{full} is outside the store {root}")
+        return full[len(root) + 1:]
+
+    def drain(self, deadline: float | None = None) -> int:
+        """Upload spooled parts (oldest first); returns how many are still waiting."""
+        with self._lock:
+            try:
+                files = sorted((p for p in self.dir.rglob("*.parquet") if not p.name.startswith(".")),
+                               key=lambda p: p.name)
+            except OSError:
+                files = []
+            left = len(files)
+            for p in files:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                rel = p.relative_to(self.dir).as_posix()
+                try:
+                    put(f"{self.root}/{rel}", p.read_bytes())
+                except OSError:
+                    self._until = time.monotonic() + self.BACKOFF
+                    break
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+                left -= 1
+                self.uploaded += 1
+            self._pending = left > 0
+            return left
