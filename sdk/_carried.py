@@ -204,6 +204,19 @@ def loop_scope(filename: str, lineno: int) -> tuple[frozenset, frozenset, frozen
     return frozenset(assigned), frozenset(mutated), frozenset(glob)
 
 
+def loop_end_line(filename: str, lineno: int) -> int | None:
+    """Last line of the ``for`` statement whose iterable is on ``lineno``."""
+    tree = _parse(filename)
+    if tree is None:
+        return None
+    best = None
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.For, ast.AsyncFor)) and n.iter.lineno <= lineno <= (n.iter.end_lineno or n.iter.lineno):
+            if best is None or (n.end_lineno - n.lineno) < (best.end_lineno - best.lineno):
+                best = n
+    return best.end_lineno if best is not None else None
+
+
 def _is_module_frame(frame) -> bool:
     return frame.f_code.co_name == "<module>" or frame.f_locals is frame.f_globals
 

@@ -277,22 +277,49 @@ class ReplayMode(Mode):
     def _left_loop(self, run, i: int, pyframe) -> None:
         """``break`` out of the outer loop (early stopping): iteration i is complete as recorded.
 
-        If an exception is what left the loop, the worker fails on it anyway. On a
-        break, the script's code after the loop must not run (unless a new statement
-        lives there): the first line it executes in the loop's frame ends the worker.
+        The generator cannot tell a ``break`` from an exception leaving the loop, so it
+        watches the loop's frame: the first line executed after the ``for`` statement
+        (or in a caller, after the function returned) means a break, and ends the worker
+        there, before the script's code after the loop (unless a new statement lives
+        there); an exception event means the exception fails the worker as it would
+        fail the script.
         """
         self._epoch_done(i)
         self.stopped_early = i
         if self.after_loop or pyframe is None:
             return
+        from flightlog import _carried
+
+        end = _carried.loop_end_line(pyframe.f_code.co_filename, self.outer.lineno) if self.outer else None
+
+        def stop():
+            sys.settrace(None)
+            _run._end(run, "finished", None)
+            sys.stdout.flush()
+            raise SystemExit(0)
+
+        def off(frame):
+            sys.settrace(None)
+            frame.f_trace = None
+            self.stopped_early = None
+
+        def caller(frame, event, arg):
+            if event == "exception":
+                off(frame)
+                return None
+            if event == "line":
+                stop()
+            return caller
 
         def local(frame, event, arg):
-            if event == "line":
-                sys.settrace(None)
-                frame.f_trace = None
-                _run._end(run, "finished", None)
-                sys.stdout.flush()
-                raise SystemExit(0)
+            if event == "exception":
+                off(frame)
+                return None
+            if event == "line" and (end is None or frame.f_lineno > end):
+                stop()
+            if event == "return" and frame.f_back is not None:
+                frame.f_back.f_trace = caller
+                frame.f_back.f_trace_lines = True
             return local
 
         def glob(frame, event, arg):
