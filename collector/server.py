@@ -792,8 +792,9 @@ def _query_result(root: str, sql: str, params: Any, limit: int, timeout: float, 
 # So each query runs in a process of its own, forked (~5 ms) from a "zygote": a helper
 # process started once per server, single-threaded, with DuckDB, pyarrow and the views module
 # loaded; one process is always forked ahead and warmed up (DuckDB's first connection, and the
-# validation of the files of the store the previous query read). The query process is killed at the time limit, its data segment is capped
-# (RLIMIT_DATA) at the memory limit, and a crash inside DuckDB takes down only that process.
+# validation of the files of the store the previous query read). The query process is killed
+# at the time limit, its data segment is capped (RLIMIT_DATA) at the memory limit, and a crash
+# inside DuckDB takes down only that process.
 # (multiprocessing's forkserver would re-import the server's __main__ script in every child.)
 # Frames on the per-query socket: child -> its pid; server -> the request (JSON); child -> a
 # JSON header, then the reply body.
