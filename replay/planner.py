@@ -43,6 +43,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from flightlog._carried import _PURE  # the same notion of "a call that changes its object" as capture
 from flightlog._errors import ReplayError
 
 
@@ -564,7 +565,8 @@ def _sets(node: ast.AST) -> set[str]:
                 b = b.value
             if isinstance(b, ast.Name):
                 out.add(b.id)
-        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute):
+        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and \
+                not (n.func.attr in _PURE and not n.func.attr.endswith("_")):
             b = n.func.value
             while isinstance(b, (ast.Attribute, ast.Subscript)):
                 b = b.value

@@ -55,6 +55,21 @@ _INPLACE_CONTAINERS = (list, dict, set, bytearray)
 
 # -- static analysis ----------------------------------------------------------------------
 
+# Methods that only read their object (tensors, arrays, containers, strings): calling them does not
+# make a variable loop state. Any other method call (``append``, ``step``, ``add_``, an unknown one)
+# counts as a mutation: capturing too much costs time, capturing too little would be wrong.
+_PURE = frozenset("""
+to float double half int long bool cpu cuda numpy item tolist detach clone size dim numel view view_as
+reshape flatten squeeze unsqueeze permute transpose t contiguous sum mean std var max min argmax argmin
+norm abs exp log sqrt pow softmax log_softmax sigmoid tanh relu astype copy any all eq ne gt lt ge le
+matmul mm bmm type keys values items get count index format join split strip startswith endswith lower
+upper replace encode decode state_dict parameters named_parameters buffers named_buffers children
+named_children modules named_modules expand expand_as repeat gather index_select masked_fill chunk unbind
+new_zeros new_ones new_tensor new_full new_empty round floor ceil clamp clip sort_values topk cumsum prod
+dot isnan isinf isfinite nonzero where ravel squeeze_dims
+""".split())
+
+
 class _Names(ast.NodeVisitor):
     """Names a statement assigns and names it mutates, without entering nested scopes."""
 
@@ -123,7 +138,7 @@ class _Names(ast.NodeVisitor):
 
     def visit_Call(self, n):
         f = n.func
-        if isinstance(f, ast.Attribute):
+        if isinstance(f, ast.Attribute) and not (f.attr in _PURE and not f.attr.endswith("_")):
             base = f.value
             while isinstance(base, (ast.Attribute, ast.Subscript)):
                 base = base.value
