@@ -27,6 +27,10 @@ def configure_replay(p: argparse.ArgumentParser) -> None:
                    help="torch threads per worker (default: as recorded, which keeps results bit-exact)")
     p.add_argument("--store", default=None, help="store directory (default: $FLIGHTLOG_HOME or ./.flightlog)")
     p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where workers run: local processes (default) or tasks on a Ray cluster")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address for --executor ray (default: $RAY_ADDRESS, else a local one)")
 
 
 def parse_replay(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -57,9 +61,12 @@ def run_replay(args) -> int:
     from flightlog.replay.runner import run
 
     extra = list(args.script_args) if getattr(args, "script_args", None) else None
-    res = run(args.script, extra or None, run=args.run, epochs=args.epochs, workers=args.workers,
-              dry_run=args.dry_run, all_runs=args.all_runs, runs=args.runs, force=args.force,
-              store=args.store, threads=args.threads, verify=not args.no_verify)
+    from flightlog.replay import ray_executor
+
+    with ray_executor.options(getattr(args, "executor", "local"), getattr(args, "address", None)):
+        res = run(args.script, extra or None, run=args.run, epochs=args.epochs, workers=args.workers,
+                  dry_run=args.dry_run, all_runs=args.all_runs, runs=args.runs, force=args.force,
+                  store=args.store, threads=args.threads, verify=not args.no_verify)
     if args.format == "json":
         print(json.dumps({
             "replay_id": res.replay_id, "runs": res.runs, "fidelity": res.fidelity if not args.dry_run else None,

@@ -428,6 +428,10 @@ def _worker_plan(job: Job, store: str, replay_id: str, tmp: str, con, threads: i
 
 def scratch_root(store: str, replay_id: str) -> str:
     """Where a replay's workers put the files the script writes."""
+    from flightlog.collector import fs as _fs
+
+    if _fs.is_remote(store):  # workers write files locally: a local folder for a store on object storage
+        return os.path.join(_fs.spool_dir(store), "scratch", replay_id)
     return os.path.join(store, "scratch", replay_id)
 
 
@@ -453,6 +457,10 @@ def _spawn(script_path: str, script_args: list[str], cwd: str | None, plan_path:
     log_path = os.path.join(tmp, f"worker-{tag}.log")
     logf = open(log_path, "w")
     cmd = [sys.executable, script_path, *script_args]
+    from flightlog.replay import ray_executor as _ray
+
+    if _ray.active():  # --executor ray: the same worker, as a Ray task (replay/ray_executor.py)
+        return _ray.spawn(cmd, env, cwd or os.getcwd(), plan_path, store, log_path), logf, log_path, time.time()
     p = subprocess.Popen(cmd, env=env, cwd=cwd or os.getcwd(), stdout=logf, stderr=subprocess.STDOUT,
                          stdin=subprocess.DEVNULL)
     return p, logf, log_path, time.time()
