@@ -330,6 +330,7 @@ def test_query_time_limit_holds_inside_one_expression(store):
         r = httpx.post(srv.url + "/v1/ingest/metrics", content=fl_client.encode(_metrics("keep", 10)),
                        headers={**ARROW, "X-Flightlog-Batch": "seed-1"})
         assert r.status_code == 200
+        assert httpx.post(srv.url + "/v1/query", json={"sql": "SELECT 1"}, headers=AUTH, timeout=60).status_code == 200
         before = _snapshot(store)
         t0 = time.monotonic()
         r = httpx.post(srv.url + "/v1/query", json={"sql": SLOW_SQL}, headers=AUTH, timeout=60)
