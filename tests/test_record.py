@@ -210,7 +210,10 @@ def test_kill_during_checkpoint_write_leaves_no_torn_checkpoint(tmp_path, store)
     script = tmp_path / "slow.py"
     script.write_text(SLOW_CKPT)
     p = subprocess.Popen([sys.executable, str(script)], env=_env(store))
-    time.sleep(3.0)
+    deadline = time.time() + 120  # start-up (imports) is slow on a loaded machine: wait for checkpoints
+    while time.time() < deadline and len(glob.glob(f"{store}/checkpoints/*/*.parquet")) < 1:
+        time.sleep(0.2)
+    time.sleep(1.0)  # more writes in flight
     p.send_signal(signal.SIGKILL)
     p.wait()
     rows = db.run_sql("SELECT content_hash, bytes FROM checkpoints", store=store).to_pylist()

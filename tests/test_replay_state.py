@@ -122,6 +122,7 @@ def test_resume_after_a_plain_lr_change_is_bit_for_bit(tmp_path):
     """A run killed after `lr` (a plain variable) changed resumes with the changed lr: losses equal a full run."""
     crash = state_script(extra={"        next(ticks)\n": "        next(ticks)\n"
                                 "        if epoch == 3 and n == 2 and os.environ.get('CRASH'):\n"
+                                "            import time; time.sleep(1.5)  # the last checkpoint's row reaches the store\n"
                                 "            os._exit(9)\n"})
     store = str(tmp_path / "s")
     path, p = _run(crash, store, tmp_path / "a", "train.py", env={"CRASH": "1"})
@@ -134,9 +135,16 @@ def test_resume_after_a_plain_lr_change_is_bit_for_bit(tmp_path):
     full = str(tmp_path / "full")
     _, p = _run(crash, full, tmp_path / "b", "train.py")
     assert p.returncode == 0, p.stderr
-    got = fl.dataframe("loss", "acc", run="latest", store=store)
-    want = fl.dataframe("loss", "acc", store=full)
-    assert got["loss"].tolist() == want["loss"].tolist() and got["acc"].tolist() == want["acc"].tolist()
+    child = db.run_sql("SELECT run_id FROM runs WHERE kind = 'resume'", store=store).column("run_id")[0].as_py()
+    q = "SELECT name, epoch, batch, step, value FROM metrics WHERE run_id = ? AND name IN ('loss', 'acc') " \
+        "ORDER BY name, step"
+    got = db.run_sql(q, [child], store=store).to_pylist()
+    full_id = db.run_sql("SELECT run_id FROM runs", store=full).column("run_id")[0].as_py()
+    want = {(r["name"], r["step"]): r for r in db.run_sql(q, [full_id], store=full).to_pylist()}
+    assert {r["epoch"] for r in got} >= {3, 4}  # the epochs after the crash, lr halved three times by then
+    assert [r["value"] for r in got] == [want[(r["name"], r["step"])]["value"] for r in got]  # bit for bit
+    assert [(r["epoch"], r["batch"]) for r in got] == [(want[(r["name"], r["step"])]["epoch"],
+                                                        want[(r["name"], r["step"])]["batch"]) for r in got]
 
 
 TWO_PHASE = r'''
@@ -174,8 +182,9 @@ def test_two_phase_script_and_uncaptured_state_fall_back_to_the_start(tmp_path):
     assert "exact re-execution from the start" in res.plan_text and "top-level loops" in res.plan_text
     assert res.ok and res.fidelity == "exact" and len(res.segments) == 1
     full = str(tmp_path / "full")
-    _, p = _run(new, full, tmp_path / "b", "train.py")
+    _run(new, full, tmp_path / "b", "train.py")
     for name in ("held", "w3"):
         got = fl.dataframe(name, store=store).dropna(subset=[name])
         want = fl.dataframe(name, store=full).dropna(subset=[name])
         assert got[name].tolist() == want[name].tolist() and got["step"].tolist() == want["step"].tolist()
+        assert len(got) == {"held": 3, "w3": 2}[name]
