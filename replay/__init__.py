@@ -6,8 +6,15 @@ Python form of ``flightlog replay``; see docs/hindsight.md.
 from __future__ import annotations
 
 
-def run(script, script_args=None, **kwargs):
-    """Replay recorded run(s) with ``script``; see :func:`flightlog.replay.runner.run`."""
+def run(script, script_args=None, *, cold: bool = False, **kwargs):
+    """Replay recorded run(s) with ``script``; see :func:`flightlog.replay.runner.run`.
+
+    Workers fork from this session when it imported torch and runs no other
+    thread, else from the store's warm pool (``flightlog.replay.pool``);
+    ``cold=True`` starts each as a new interpreter.
+    """
+    from flightlog.replay import pool
     from flightlog.replay.runner import run as _run
 
-    return _run(script, script_args, **kwargs)
+    with pool.options(cold=cold, out=kwargs.get("out")):
+        return _run(script, script_args, **kwargs)

@@ -8,8 +8,10 @@ import sys
 
 def configure_replay(p: argparse.ArgumentParser) -> None:
     p.usage = ("flightlog replay SCRIPT [script args] --run RUN [--epochs A:B|list] [--workers N] "
-               "[--dry-run] [--all-runs | --runs \"SQL predicate\"] [--force] [--no-verify]")
-    p.add_argument("script", help="today's version of the training script, with new fl.log statements")
+               "[--dry-run] [--all-runs | --runs \"SQL predicate\"] [--force] [--no-verify] [--cold]\n"
+               "       flightlog replay --status | --stop [--store DIR]")
+    p.add_argument("script", nargs="?", default=None,
+                   help="today's version of the training script, with new fl.log statements")
     p.epilog = ("Plain arguments the replay does not know are passed to the script; the script's own "
                 "options (anything starting with -) go after -- (flightlog replay train.py --run X -- --epochs 20); "
                 "an unknown option before -- is an error. Without script arguments the recorded ones are used.")
@@ -31,6 +33,10 @@ def configure_replay(p: argparse.ArgumentParser) -> None:
                    help="where workers run: local processes (default) or tasks on a Ray cluster")
     p.add_argument("--address", default=None,
                    help="Ray cluster address for --executor ray (default: $RAY_ADDRESS, else a local one)")
+    p.add_argument("--cold", action="store_true",
+                   help="start every worker as a new interpreter, bypassing the store's warm replay pool")
+    p.add_argument("--status", action="store_true", help="show the store's warm replay pool and exit")
+    p.add_argument("--stop", action="store_true", help="stop the store's warm replay pool and exit")
 
 
 def parse_replay(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -58,15 +64,48 @@ def parse_replay(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.N
 
 
 def run_replay(args) -> int:
+    from flightlog.replay import pool
     from flightlog.replay.runner import run
 
+    if getattr(args, "status", False) or getattr(args, "stop", False):
+        return _pool_command(args)
+    if not args.script:
+        from flightlog._errors import FlightlogError
+
+        raise FlightlogError("flightlog replay needs a SCRIPT (or --status / --stop)")
     extra = list(args.script_args) if getattr(args, "script_args", None) else None
     from flightlog.replay import ray_executor
 
-    with ray_executor.options(getattr(args, "executor", "local"), getattr(args, "address", None)):
-        res = run(args.script, extra or None, run=args.run, epochs=args.epochs, workers=args.workers,
-                  dry_run=args.dry_run, all_runs=args.all_runs, runs=args.runs, force=args.force,
-                  store=args.store, threads=args.threads, verify=not args.no_verify)
+    with pool.options(cold=getattr(args, "cold", False)), \
+            ray_executor.options(getattr(args, "executor", "local"), getattr(args, "address", None)):
+        res = _run(run, args, extra)
+    return _report(args, res)
+
+
+def _pool_command(args) -> int:
+    """``--status`` / ``--stop``: the store's warm replay pool."""
+    from flightlog import _config
+    from flightlog.replay import pool
+
+    home = _config.store_home(args.store)
+    if args.status:
+        if args.format == "json":
+            print(json.dumps(pool.status(home), default=str, indent=2))
+        else:
+            print(pool.describe_status(home))
+        return 0
+    pid = pool.stop(home)
+    print(f"stopped the warm replay pool (pid {pid})" if pid else f"no warm replay pool for {home}")
+    return 0
+
+
+def _run(run, args, extra):
+    return run(args.script, extra or None, run=args.run, epochs=args.epochs, workers=args.workers,
+              dry_run=args.dry_run, all_runs=args.all_runs, runs=args.runs, force=args.force,
+              store=args.store, threads=args.threads, verify=not args.no_verify)
+
+
+def _report(args, res) -> int:
     if args.format == "json":
         print(json.dumps({
             "replay_id": res.replay_id, "runs": res.runs, "fidelity": res.fidelity if not args.dry_run else None,

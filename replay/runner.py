@@ -461,8 +461,11 @@ def _spawn(script_path: str, script_args: list[str], cwd: str | None, plan_path:
 
     if _ray.active():  # --executor ray: the same worker, as a Ray task (replay/ray_executor.py)
         return _ray.spawn(cmd, env, cwd or os.getcwd(), plan_path, store, log_path), logf, log_path, time.time()
-    p = subprocess.Popen(cmd, env=env, cwd=cwd or os.getcwd(), stdout=logf, stderr=subprocess.STDOUT,
-                         stdin=subprocess.DEVNULL)
+    # warm (forked from the store's pool or this session) when it can be, else the lean cold entry
+    from flightlog.replay import pool as _pool
+
+    kw = dict(env=env, cwd=cwd or os.getcwd(), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    p = _pool.spawn(cmd, env, kw["cwd"], logf, store, kw, threads) or subprocess.Popen(_pool.cold_cmd(cmd), **kw)
     return p, logf, log_path, time.time()
 
 

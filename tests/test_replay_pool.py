@@ -1,0 +1,231 @@
+"""The warm replay pool: life cycle (start, reuse, idle exit, stale, killed), worker semantics, permissions."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flightlog.replay import pool
+
+pytestmark = pytest.mark.timeout(300)
+
+PLAIN = r'''
+import json, os, sys
+print("argv", json.dumps(sys.argv[1:]), "cwd", os.getcwd(), "x", os.environ.get("POOL_TEST_X"),
+      "path0", sys.path[0] == os.path.dirname(os.path.abspath(__file__)), "main", __name__)
+if len(sys.argv) > 1 and sys.argv[1] == "boom":
+    raise ValueError("planted")
+sys.exit(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+'''
+
+
+@pytest.fixture
+def pools(tmp_path, monkeypatch):
+    """A private pool directory for the test; every pool started in it is stopped afterwards."""
+    d = tmp_path / "pools"
+    monkeypatch.setenv(pool.ENV_DIR, str(d))
+    monkeypatch.delenv(pool.ENV_IDLE, raising=False)
+    started: list[str] = []
+    yield started
+    for store in started:
+        pool.stop(store)
+
+
+def _spawn(store, script, args, tmp_path, env_extra=None, name="w"):
+    env = dict(os.environ, **(env_extra or {}))
+    logf = open(tmp_path / f"{name}.log", "w")
+    kw = dict(env=env, cwd=str(tmp_path), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    cmd = [sys.executable, str(script), *args]
+    w = pool.spawn(cmd, env, str(tmp_path), logf, store, kw) or subprocess.Popen(pool.cold_cmd(cmd), **kw)
+    rc = w.wait(timeout=120)
+    logf.close()
+    return w, rc, (tmp_path / f"{name}.log").read_text()
+
+
+@pytest.mark.slow
+def test_worker_runs_the_script_like_python_would(tmp_path, pools):
+    """A forked worker sees argv, cwd, env, sys.path[0] and __main__ as `python script` would; exit status kept."""
+    store = str(tmp_path / "store")
+    pools.append(store)
+    script = tmp_path / "plain" / "s.py"
+    script.parent.mkdir()
+    script.write_text(PLAIN)
+    out = io.StringIO()
+    with pool.options(out=out):
+        w, rc, log = _spawn(store, script, ["a b", "3"], tmp_path, {"POOL_TEST_X": "42"})
+    assert isinstance(w, pool.Worker) and w.how == "pool", out.getvalue()
+    assert rc == 3
+    assert f'argv ["a b", "3"] cwd {tmp_path} x 42 path0 True main __main__' in log
+    assert "started a warm replay pool" in out.getvalue()
+    with pool.options(out=out):
+        w, rc, log = _spawn(store, script, ["boom"], tmp_path, name="boom")
+    assert rc == 1 and "ValueError: planted" in log
+    # the same as a cold worker
+    cold = subprocess.run(pool.cold_cmd([sys.executable, str(script), "a b", "3"]), cwd=str(tmp_path),
+                          env=dict(os.environ, POOL_TEST_X="42"), capture_output=True, text=True, timeout=120)
+    first = _spawn(store, script, ["a b", "3"], tmp_path, {"POOL_TEST_X": "42"}, name="again")[2]
+    assert cold.returncode == 3 and cold.stdout.splitlines()[0] == first.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_reuse_idle_exit_and_status(tmp_path, pools, monkeypatch, capsys):
+    """A second request reuses the pool (same pid); --status shows it; it exits after FLIGHTLOG_REPLAY_IDLE s."""
+    from flightlog import cli
+
+    monkeypatch.setenv(pool.ENV_IDLE, "2")
+    store = str(tmp_path / "store")
+    pools.append(store)
+    script = tmp_path / "s.py"
+    script.write_text(PLAIN)
+    d = pool.ensure(store, str(script))
+    pid = pool.read_info(d)["pid"]
+    w, rc, _ = _spawn(store, script, [], tmp_path)
+    assert rc == 0 and w.how == "pool"
+    assert pool.read_info(d)["pid"] == pid
+    assert cli.main(["replay", "--status", "--store", store]) == 0
+    line = capsys.readouterr().out
+    assert f"pool pid {pid}" in line and "1 workers forked" in line
+    end = time.time() + 30
+    while time.time() < end and pool._alive(pid):
+        time.sleep(0.1)
+    assert not pool._alive(pid)
+    assert not os.path.exists(os.path.join(d, "sock")) and pool.read_info(d) is None
+    assert cli.main(["replay", "--status", "--store", store]) == 0
+    assert "no warm replay pool" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_stale_environment_and_killed_pool_are_replaced(tmp_path, pools):
+    """A changed import-time environment restarts the pool; a SIGKILLed pool is detected and replaced."""
+    store = str(tmp_path / "store")
+    pools.append(store)
+    script = tmp_path / "s.py"
+    script.write_text(PLAIN)
+    out = io.StringIO()
+    with pool.options(out=out):
+        d = pool.ensure(store, str(script), dict(os.environ))
+        p1 = pool.read_info(d)["pid"]
+        d = pool.ensure(store, str(script), dict(os.environ, OMP_NUM_THREADS="1"))
+        p2 = pool.read_info(d)["pid"]
+        assert p2 != p1 and not pool._alive(p1)
+        assert "restarting the warm replay pool: the Python environment changed" in out.getvalue()
+        os.kill(p2, signal.SIGKILL)
+        time.sleep(0.2)
+        w, rc, log = _spawn(store, script, [], tmp_path, {"OMP_NUM_THREADS": "1"})
+    p3 = pool.read_info(d)["pid"]
+    assert p3 not in (p1, p2) and rc == 0 and w.how == "pool" and "argv []" in log
+    assert f"the pool (pid {p2}) is gone" in out.getvalue()
+
+
+def test_stop_cold_and_shadowing(tmp_path, pools, capsys):
+    """--stop ends the pool; --cold bypasses it; a script folder shadowing a pool module starts cold."""
+    from flightlog import cli
+
+    store = str(tmp_path / "store")
+    pools.append(store)
+    script = tmp_path / "s.py"
+    script.write_text(PLAIN)
+    with pool.options(cold=True):
+        assert pool.spawn([sys.executable, str(script)], dict(os.environ), str(tmp_path),
+                          open(tmp_path / "c.log", "w"), store, {}) is None
+    assert pool.status(store) is None  # --cold started nothing
+    d = pool.ensure(store, str(script))
+    pid = pool.read_info(d)["pid"]
+    (tmp_path / "json.py").write_text("raise SystemExit('the local json was imported')\n")
+    out = io.StringIO()
+    with pool.options(out=out):
+        w, rc, log = _spawn(store, script, [], tmp_path)
+    assert w.how == "cold" and "its own json" in out.getvalue()
+    assert rc == 1 and "the local json was imported" in log  # what `python s.py` does too
+    assert cli.main(["replay", "--stop", "--store", store]) == 0
+    assert f"stopped the warm replay pool (pid {pid})" in capsys.readouterr().out
+    assert not pool._alive(pid)
+
+
+def test_only_the_owner_can_use_the_pool(tmp_path, monkeypatch):
+    """Directories are 0o700 and checked, the socket 0o600; a peer with another uid is refused."""
+    base = tmp_path / "open"
+    base.mkdir(mode=0o755)
+    os.chmod(base, 0o755)
+    monkeypatch.setenv(pool.ENV_DIR, str(base))
+    with pytest.raises(pool.Unavailable, match="open to other users"):
+        pool.pool_dir(str(tmp_path / "store"))
+    out = io.StringIO()
+    with pool.options(out=out):
+        logf = open(tmp_path / "x.log", "w")
+        assert pool.spawn([sys.executable, str(tmp_path / "s.py")], dict(os.environ), str(tmp_path), logf,
+                          str(tmp_path / "store"), {}) is None
+    assert "warm replay pool unavailable" in out.getvalue() and "workers start cold" in out.getvalue()
+    a, b = socket.socketpair(socket.AF_UNIX)
+    try:
+        assert pool.peer_allowed(a) and not pool.peer_allowed(a, os.getuid() + 1)
+    finally:
+        a.close()
+        b.close()
+    monkeypatch.setenv(pool.ENV_DIR, str(tmp_path / "private"))
+    store = str(tmp_path / "store")
+    script = tmp_path / "s.py"
+    script.write_text(PLAIN)
+    try:
+        d = pool.ensure(store, str(script))
+        assert os.stat(d).st_mode & 0o777 == 0o700
+        assert os.stat(os.path.dirname(d)).st_mode & 0o777 == 0o700
+        assert os.stat(os.path.join(d, "sock")).st_mode & 0o777 == 0o600
+    finally:
+        pool.stop(store)
+
+
+def test_script_imports_reads_top_level_imports(tmp_path):
+    """The pool imports what the script imports at top level, not what functions import or relative imports."""
+    s = tmp_path / "s.py"
+    s.write_text("from __future__ import annotations\nimport numpy as np, torch.nn\nfrom sklearn.datasets import "
+                 "load_digits\nfrom . import x\ntry:\n    import scipy\nexcept ImportError:\n    pass\n"
+                 "def f():\n    import pandas\n")
+    assert pool.script_imports(str(s)) == ["numpy", "torch.nn", "sklearn.datasets",
+                                           "sklearn.datasets.load_digits", "scipy"]
+
+
+@pytest.mark.slow
+def test_warm_replay_is_bit_equal_to_cold_and_to_a_full_run(tmp_path, pools, monkeypatch):
+    """Two replays reuse one pool (same pid); their values equal a --cold replay's and a full re-run's bit for bit."""
+    pytest.importorskip("torch")
+    import flightlog as fl
+    import flightlog.replay as replay
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _train_script import WNORM, script
+
+    def run(code, store, name):
+        path = tmp_path / name
+        path.write_text(code)
+        p = subprocess.run([sys.executable, str(path)], env=dict(os.environ, FLIGHTLOG_HOME=store),
+                           capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
+        assert p.returncode == 0, p.stderr
+        return str(path)
+
+    store, full = str(tmp_path / "rec"), str(tmp_path / "full")
+    pools.append(store)
+    run(script(), store, "train.py")
+    run(script(epoch=WNORM), full, "full.py")
+    new = str(tmp_path / "new.py")
+    (tmp_path / "new.py").write_text(script(epoch=WNORM))
+    truth = fl.dataframe("weight_norm", store=full).dropna(subset=["weight_norm"])["weight_norm"].tolist()
+    got, pids = [], []
+    for cold in (False, False, True):
+        out = io.StringIO()
+        res = replay.run(new, store=store, cold=cold, out=out, progress=False)
+        assert res.ok and res.fidelity == "exact", (res.plan_text, [s.error for s in res.segments])
+        st = pool.status(store)
+        pids.append(st and st["pid"])
+        vals = fl.dataframe("weight_norm", store=store).dropna(subset=["weight_norm"])["weight_norm"].tolist()
+        got.append(vals)
+        if cold:
+            assert "warm replay pool" not in out.getvalue()
+    assert pids[0] and pids[0] == pids[1] == pids[2]
+    assert got[0] == got[1] == got[2] == truth and len(truth) == 5
