@@ -9,6 +9,30 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _replay_pools(tmp_path_factory):
+    """Warm replay pools started by tests live in a session folder and are stopped when the session ends."""
+    d = str(tmp_path_factory.mktemp("replay-pools"))
+    old = {k: os.environ.get(k) for k in ("FLIGHTLOG_REPLAY_POOL_DIR", "FLIGHTLOG_REPLAY_IDLE")}
+    os.environ["FLIGHTLOG_REPLAY_POOL_DIR"] = d
+    os.environ["FLIGHTLOG_REPLAY_IDLE"] = "120"
+    yield
+    import json
+    import signal
+
+    for sub in os.listdir(d):
+        try:
+            with open(os.path.join(d, sub, "info.json")) as fh:
+                os.kill(int(json.load(fh)["pid"]), signal.SIGTERM)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     """Point FLIGHTLOG_HOME at a fresh directory and reset process state around each test."""
