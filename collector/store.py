@@ -240,6 +240,19 @@ def is_dir(d: Path) -> bool:
     return _fs.isdir(d) if _fs.is_remote(d) else d.is_dir()
 
 
+def read_file(p: Path) -> pa.Table:
+    """One stored Parquet file as a table (local or object store)."""
+    return pq.ParquetFile(_fs.open_input(p) if _fs.is_remote(p) else p).read()
+
+
+def remove(p: Path) -> None:
+    """Delete one stored file (local or object store); OSError when it cannot be deleted locally."""
+    if _fs.is_remote(p):
+        _fs.delete(p)
+    else:
+        os.unlink(p)
+
+
 def exists(p: Path) -> bool:
     """Whether file ``p`` is stored (local or object store)."""
     return _fs.exists(p) if _fs.is_remote(p) else p.exists()

@@ -801,7 +801,7 @@ def _supersede(store: str, run_id: str, replay_id: str, names: list[str], epochs
         if not w or not w.startswith("rp") or w.startswith(replay_id):
             continue
         try:
-            t = pq.read_table(f)
+            t = _store.read_file(f)
         except Exception:
             continue
         drop = pc.and_(pc.is_in(t.column("name"), pa.array(names)),
@@ -811,7 +811,7 @@ def _supersede(store: str, run_id: str, replay_id: str, names: list[str], epochs
             continue
         keep = t.filter(pc.invert(drop))
         if keep.num_rows == 0:
-            os.unlink(f)
+            _store.remove(f)
         else:
             _store.write_parquet_atomic(f, _schema.conform("metrics", keep), "metrics")
 

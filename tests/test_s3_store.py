@@ -267,6 +267,10 @@ def test_collector_writes_to_object_storage(s3, tmp_path):
         p = _script(tmp_path, code, env={"FLIGHTLOG_COLLECTOR": f"http://127.0.0.1:{port}",
                                          "FLIGHTLOG_HOME": str(tmp_path / "local")})
         assert p.returncode == 0, p.stderr
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/query", timeout=60,
+                       json={"sql": "SELECT count(*) AS n FROM metrics WHERE name = 'x'"})
+        assert r.status_code == 200, r.text
+        assert "500" in r.text  # the collector's query processes read the bucket too
     finally:
         srv.terminate()
         srv.wait(10)
