@@ -8,7 +8,8 @@ import sys
 
 def configure_replay(p: argparse.ArgumentParser) -> None:
     p.usage = ("flightlog replay SCRIPT [script args] --run RUN [--epochs A:B|list] [--workers N] "
-               "[--dry-run] [--all-runs | --runs \"SQL predicate\"] [--force] [--no-verify] [--cold]\n"
+               "[--dry-run] [--all-runs | --runs \"SQL predicate\"] [--force] [--no-verify] [--cold] "
+               "[--executor ray [--address ADDR]]\n"
                "       flightlog replay --status | --stop [--store DIR]")
     p.add_argument("script", nargs="?", default=None,
                    help="today's version of the training script, with new fl.log statements")
