@@ -289,7 +289,7 @@ class CollectorSink:
         self.unconfirmed += 1
         d = self.spool / "unconfirmed"
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            _store.make_private_dirs(d)
             target = d / f"{batch_id}.{table}.arrows"
             if path is not None:
                 os.replace(path, target)
@@ -304,12 +304,12 @@ class CollectorSink:
         self.rejected += 1
         d = self.spool / "rejected"
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            _store.make_private_dirs(d)
             target = d / f"{batch_id}.{table}.arrows"
             if path is not None:
                 os.replace(path, target)
             else:
-                target.write_bytes(payload)
+                _store.write_bytes_atomic(target, payload, fsync=True)
         except OSError:
             pass
         _warn.problem("collector_rejected", f"collector {self.url} rejected {table} rows "

@@ -479,7 +479,7 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
     token = check_token(token)
     root = _config.store_home(os.fspath(store) if store is not None else None)
     if not _store._fs.is_remote(root):  # an object store has no folder to create
-        os.makedirs(root, exist_ok=True)
+        _store.make_private_dirs(root)
     stats = Stats()
     tok = token.encode() if token else None
     max_decoded = DECODED_FACTOR * max_body
@@ -737,11 +737,8 @@ def _query_result(root: str, sql: str, params: Any, limit: int, timeout: float, 
     timer.daemon = True
     timer.start()
     try:
-        db.check_read_only(con, sql)
-        stmts = con.extract_statements(sql)
-        for s in stmts[:-1]:
-            con.execute(s)
-        rel = con.sql(stmts[-1] if len(stmts) > 1 else sql, params=params)
+        db.check_read_only(con, sql)  # exactly one plain query gets through
+        rel = con.sql(sql, params=params)
         table = pa.table({}) if rel is None else db._arrow(rel.limit(limit + 1))  # DuckDB stops at the limit
     except QueryError as e:
         raise BadRequest(400, str(e)) from None
