@@ -184,12 +184,21 @@ def _confirm(question: str) -> bool:
     return ans.strip().lower() in ("y", "yes")
 
 
+def _local_only(root: str, what: str) -> None:
+    from flightlog.collector import fs as _fs
+
+    if _fs.is_remote(root):
+        raise FlightlogError(f"flightlog {what} works on a local store; {root} is an object store (not supported "
+                             "yet: delete a run's run_id=<id> prefix under each table with the store's own tools)")
+
+
 def plan_rm(store: str | None, refs_in: list[str], force: bool = False) -> dict:
     """What ``rm`` would remove: runs (with their replay children) and replays, each checked."""
     from flightlog import _config
     from flightlog.query import db
 
     root = _config.store_home(store)
+    _local_only(root, "rm")
     con = db.connect(store)
     try:
         replay_ids = {r[0]: r[1] for r in con.execute("SELECT DISTINCT replay_id, run_id FROM replays").fetchall()}
@@ -397,6 +406,7 @@ def gc(store: str | None, keep_last: int | None = None, older_than: float | None
     if older_than is not None and not older_than >= 0:
         raise QueryError(f"--older-than must be a number of days >= 0, got {older_than}")
     root = _config.store_home(store)
+    _local_only(root, "gc")
     if not os.path.isdir(root):
         raise FlightlogError(f"no flightlog store at {root} (set FLIGHTLOG_HOME or pass --store)")
     now = time.time()

@@ -546,7 +546,9 @@ def _newest_row(root: str, run_id: str) -> dict:
     best, key = None, None
     for f in store.table_files(root, "runs", [run_id]):
         try:
-            t = schema.conform("runs", pq.read_table(f))
+            from flightlog.collector import fs as _fs
+
+            t = schema.conform("runs", pq.read_table(_fs.open_input(f) if _fs.is_remote(f) else f))
         except Exception:
             continue
         import pyarrow.compute as pc

@@ -38,7 +38,9 @@ def counts(store: str, run_id: str) -> dict[str, int]:
         n = 0
         for f in _store.table_files(store, table, [run_id]):
             try:
-                n += pq.read_metadata(f).num_rows
+                from flightlog.collector import fs as _fs
+
+                n += pq.read_metadata(_fs.open_input(f) if _fs.is_remote(f) else f).num_rows
             except Exception:
                 continue
         if n:
