@@ -12,6 +12,9 @@ against (a) bit for bit, and its fidelity verdict is printed. FlorDB's replay of
 runs side by side when bench/_flordb.py and bench/.venv are available.
 Targets (issue 4): (b) >= 20x faster than (a); (d) >= 8x; (c) 2 workers >= 1.7x faster than 1;
 start-up < 1.5 s; all exact.
+Warm pool (issue 13): (b) and (d) run three ways: --cold (every worker a new interpreter), the first
+warm replay (which starts the store's warm pool: replay/pool.py) and warm replays reusing it; the
+targets are (b) >= 20x cold, >= 50x warm, warm start-up < 1 s. The pool is stopped at the end.
 """
 from __future__ import annotations
 
@@ -81,7 +84,8 @@ def main() -> None:
         with open(os.path.join(work, name), "w") as fh:
             fh.write(code)
     store, full = os.path.join(work, "store"), os.path.join(work, "full")
-    env = dict(os.environ, FLIGHTLOG_HOME=store, FLIGHTLOG_PROGRESS="0")
+    env = dict(os.environ, FLIGHTLOG_HOME=store, FLIGHTLOG_PROGRESS="0",
+               FLIGHTLOG_REPLAY_POOL_DIR=os.path.join(work, "pools"))
     res: dict[str, list[float]] = {}
     info: dict[str, dict] = {}
     try:
@@ -115,9 +119,15 @@ def main() -> None:
                 print(f"{label}: {dt:.2f}s fidelity {j['fidelity']} equal-to-full-rerun {info[label]['equal']}",
                       file=sys.stderr)
 
-        replay("(b) epoch-level statement, all epochs", "train_epoch.py", [], ("weight_norm", None), a.reps)
         one = min(7, a.epochs - 1)
-        replay(f"(d) batch-level statement, --epochs {one}", "train_batch.py", ["--epochs", str(one)],
+        replay("(b) epoch-level statement, all epochs, --cold", "train_epoch.py", ["--cold"], ("weight_norm", None),
+               a.reps)
+        replay("(b) epoch-level, first warm replay (starts the pool)", "train_epoch.py", [], ("weight_norm", None), 1)
+        replay("(b) epoch-level statement, all epochs, warm pool", "train_epoch.py", [], ("weight_norm", None),
+               a.reps)
+        replay(f"(d) batch-level statement, --epochs {one}, --cold", "train_batch.py", ["--epochs", str(one), "--cold"],
+               ("grad_norm", [one]), a.reps)
+        replay(f"(d) batch-level statement, --epochs {one}, warm pool", "train_batch.py", ["--epochs", str(one)],
                ("grad_norm", [one]), a.reps)
         replay("(c) batch-level statement, all epochs, 1 worker", "train_batch.py", [], ("grad_norm", None), 1)
         replay("(c) batch-level statement, all epochs, 2 workers", "train_batch.py", ["--workers", "2"],
@@ -127,16 +137,21 @@ def main() -> None:
             flor_rows = run_flor(a, {"weight_norm": values(full, "weight_norm"), "grad_norm": values(full, "grad_norm"),
                                      "grad_norm_one": values(full, "grad_norm", [one])}, one)
     finally:
+        subprocess.run([FLIGHTLOG, "replay", "--stop", "--store", store], env=env, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     base = res["(a) full re-run of the modified script"][0]
     print(f"\nreplay speed — digits CNN (width {a.width}, {a.size}x{a.size}), {a.epochs} epochs, torch threads "
           f"{a.threads}; recording took {t_rec:.1f}s")
-    print(f"{'what':<52} {'seconds':>8} {'vs (a)':>8} {'start-up':>9} {'fidelity':>10} {'= full':>7}")
+    print(f"{'what':<56} {'seconds':>8} {'vs (a)':>8} {'start-up':>9} {'fidelity':>10} {'= full':>7}")
     for label, xs in res.items():
         m = statistics.median(xs)
-        st = info.get(label, {}).get("startup")
-        print(f"{label:<52} {m:8.2f} {base / m:7.1f}x {statistics.median(st) if st else float('nan'):8.2f}s "
+        st = [x for x in info.get(label, {}).get("startup") or [] if x is not None]
+        print(f"{label:<56} {m:8.2f} {base / m:7.1f}x {statistics.median(st) if st else float('nan'):8.2f}s "
               f"{info.get(label, {}).get('fidelity', '-'):>10} {str(info.get(label, {}).get('equal', '-')):>7}")
+    try:
+        print(f"load average during the run: {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores")
+    except OSError:
+        pass
     print(f"replay start-up = replay command start -> first planned epoch; the script's own start-up "
           f"(imports, data, model: a plain run from process start to its first epoch) is {script_startup:.2f}s "
           f"of it")

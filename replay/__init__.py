@@ -16,5 +16,11 @@ def run(script, script_args=None, *, cold: bool = False, **kwargs):
     from flightlog.replay import pool
     from flightlog.replay.runner import run as _run
 
+    asked, why = kwargs.get("workers", 1), None
+    if isinstance(asked, int) and asked > 1:  # split only over idle cores; the plan says why
+        kwargs["workers"], why = pool.fit_workers(asked)
     with pool.options(cold=cold, out=kwargs.get("out")):
-        return _run(script, script_args, **kwargs)
+        res = _run(script, script_args, **kwargs)
+    if why:
+        res.plan_text = (res.plan_text or "") + f"\n  workers: {why}"
+    return res

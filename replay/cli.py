@@ -77,9 +77,14 @@ def run_replay(args) -> int:
     extra = list(args.script_args) if getattr(args, "script_args", None) else None
     from flightlog.replay import ray_executor
 
+    asked, why = args.workers, None
+    if isinstance(asked, int) and asked > 1 and getattr(args, "executor", "local") == "local":
+        args.workers, why = pool.fit_workers(asked)  # split only over idle cores; the plan says why
     with pool.options(cold=getattr(args, "cold", False)), \
             ray_executor.options(getattr(args, "executor", "local"), getattr(args, "address", None)):
         res = _run(run, args, extra)
+    if why:
+        res.plan_text = (res.plan_text or "") + f"\n  workers: {why}"
     return _report(args, res)
 
 

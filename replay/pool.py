@@ -888,6 +888,31 @@ def spawn(cmd: list[str], env: dict, cwd: str, logf, store: str, cold_kwargs: di
     return Worker(cmd, cold_kwargs, sock=s, rc_path=rc_path)
 
 
+def fit_workers(requested: int) -> tuple[int, str]:
+    """How many of the ``requested`` workers the machine has idle cores for, and why, in words.
+
+    Idle cores = the cores this process may run on (``sched_getaffinity``) minus
+    the 1-minute load average. A second worker on a core that is already busy
+    only adds its start-up and slows the first one down.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return requested, f"{requested} worker(s) as asked (load average unknown)"
+    idle = max(0, int(cores - load + 0.5))
+    if requested <= 1:
+        return 1, f"1 worker (load {load:.1f} on {cores} cores)"
+    n = max(1, min(requested, idle))
+    if n == requested:
+        return n, f"{n} workers as asked: {idle} of {cores} cores idle (load {load:.1f})"
+    return n, (f"{n} worker(s) instead of {requested}: only {idle} of {cores} cores idle (load {load:.1f}); "
+               "more workers than idle cores would each pay the start-up and slow the others")
+
+
 # -- --status / --stop -----------------------------------------------------------------------
 
 def status(store: str) -> dict | None:

@@ -229,3 +229,15 @@ def test_warm_replay_is_bit_equal_to_cold_and_to_a_full_run(tmp_path, pools, mon
             assert "warm replay pool" not in out.getvalue()
     assert pids[0] and pids[0] == pids[1] == pids[2]
     assert got[0] == got[1] == got[2] == truth and len(truth) == 5
+
+
+def test_workers_split_only_over_idle_cores(monkeypatch):
+    """--workers N is used only where N cores are idle; otherwise fewer, and the reason names the load."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))
+    assert pool.fit_workers(2) == (2, "2 workers as asked: 4 of 4 cores idle (load 0.3)")
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 3.0, 3.0))
+    n, why = pool.fit_workers(3)
+    assert n == 1 and "instead of 3" in why and "only 1 of 4 cores idle (load 3.2)" in why
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert pool.fit_workers(2)[0] == 1 and pool.fit_workers(1)[0] == 1
