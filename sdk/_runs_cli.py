@@ -372,7 +372,7 @@ def compare(args) -> dict:
                 at[(v["run_id"], v["name"])] = (v["step"], v["value"])
         ck = {r["run_id"]: r for r in db.sql_arrow(con, """
             SELECT run_id, count(*) FILTER (WHERE status = 'ok') AS ok, count(*) FILTER (WHERE status <> 'ok') AS failed,
-                   sum(bytes) FILTER (WHERE status = 'ok') AS bytes, max(iteration) AS last_iteration
+                   CAST(sum(bytes) FILTER (WHERE status = 'ok') AS BIGINT) AS bytes, max(iteration) AS last_iteration
             FROM checkpoints WHERE list_contains(?, run_id) GROUP BY 1""", [ids]).to_pylist()}
     finally:
         con.close()
@@ -446,15 +446,17 @@ def render_compare(res: dict) -> str:
     runs = res["runs"]
     ids = [r["run_id"] for r in runs]
     labels = _labels(runs)
+    wide = 10 + sum(max(len(r["run_id"]), len(lb)) + 2 for r, lb in zip(runs, labels)) > _width()
     out = ["runs"]
-    out.append(_table(["", *labels], [
-        ["run id", *[r["run_id"] for r in runs]],
+    if wide:  # ids as a legend: a row of full ids would not fit the terminal
+        out += [f"  {lb:<{max(map(len, labels))}}  {r['run_id']}" for r, lb in zip(runs, labels)] + [""]
+    out.append(_table(["", *labels], ([] if wide else [["run id", *[r["run_id"] for r in runs]]]) + [
         ["status", *[r["status"] or "-" for r in runs]],
         ["started", *[r["started_at"].strftime("%Y-%m-%d %H:%M") if isinstance(r["started_at"], _dt.datetime)
                       else "-" for r in runs]],
         ["duration", *[_duration(r["duration_s"]) for r in runs]],
-        ["tags", *[_clip(",".join(r["tags"]) or "-", 24) for r in runs]],
-        ["script", *[_clip(os.path.basename(r["script"] or "-"), 24) for r in runs]],
+        ["tags", *[_clip(",".join(r["tags"]) or "-", 16 if wide else 24) for r in runs]],
+        ["script", *[_clip(os.path.basename(r["script"] or "-"), 16 if wide else 24) for r in runs]],
     ]))
     out.append("\nparams (differences first, marked *)")
     if res["params"]:

@@ -171,3 +171,14 @@ def test_gc_bad_inputs(two, store, capsys):
     """Negative retention values are one-line errors."""
     assert flcli(capsys, "gc", "--keep-last", "-1")[0] == 2
     assert flcli(capsys, "gc", "--older-than", "-2")[0] == 2
+
+
+def test_compare_counts_checkpoints(two, store, capsys):
+    """compare lists each run's checkpoints (count, MB, last iteration), in the table and in JSON."""
+    rc, out, _ = flcli(capsys, "compare", "a", "b", "--no-health")
+    assert rc == 0
+    ck = out.split("\ncheckpoints\n")[1].splitlines()
+    assert ck[2].split() == ["ok", "5", "5"] and ck[5].split() == ["last", "iteration", "3", "3"]
+    rc, out, _ = flcli(capsys, "compare", "a", "b", "--no-health", "--format", "json")
+    runs = json.loads(out)["runs"]
+    assert [r["checkpoints"]["ok"] for r in runs] == [5, 5] and all(r["checkpoints"]["bytes"] > 16000 for r in runs)
