@@ -345,7 +345,9 @@ class ReplayMode(Mode):
         if ck is None:
             if iteration < 0:
                 return  # no start-of-loop checkpoint: the script's own start state is used
-            raise RuntimeError(f"plan needs checkpoint {iteration} which is missing")
+            from flightlog._errors import ReplayError
+
+            raise ReplayError(f"plan needs checkpoint {iteration} which is missing")
         payload = _checkpoint.load(self.store, ck["content_hash"], f"checkpoint of iteration {iteration}")
         scopes = {"outer": self.outer.pyframe if self.outer is not None else None}
         if inner_frame is not None:
