@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[torch,server,test,ray]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[torch,server,test,ray,lightning,transformers]" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import flightlog, torch, sklearn, fastapi, moto, ray" >/dev/null
 
 # Browser for the UI tests (tests/test_ui_browser.py): Debian's chromium, driven by playwright-python

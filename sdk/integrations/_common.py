@@ -1,0 +1,117 @@
+"""What both framework callbacks share: the run, loop context, checkpoints, resume state.
+
+The callbacks drive flightlog's own primitives (the run's loop context tuple,
+its ``Checkpointer`` with the adaptive period, ``fl.log``/``fl.arg`` semantics
+and the resume state chosen by ``_modes``), so records of a framework run read
+exactly like records of an ``fl.loop`` run: ``epoch``/``batch`` columns, the
+``checkpoints`` table, ``flightlog resume``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from flightlog import _run, _warn
+from flightlog._record import NO_CTX
+
+
+def start_run(project=None, name=None, store=None) -> "tuple[Any, bool]":
+    """The active run (or a new one); True when this call started it (then the callback finishes it)."""
+    r = _run.ACTIVE
+    if r is not None and not r.finished:
+        return r, False
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        try:
+            from flightlog import _ddp
+
+            _ddp.prepare_env()
+        except Exception as e:
+            _warn.problem("ddp_setup", f"multi-process setup failed: {e!r}")
+    if project is None and name is None and store is None:
+        return _run._auto_start(), True
+    return _run.init(project=project, name=name, store=store), True
+
+
+def set_ctx(r, epoch: int | None, batch: int | None, loop_names=("epoch", "batch")) -> None:
+    """Set the run's context tuple as ``fl.loop`` would: ``(epoch, batch, json)``."""
+    if epoch is None:
+        r.ctx = NO_CTX
+        return
+    ctx = {loop_names[0]: epoch}
+    if batch is not None:
+        ctx[loop_names[1]] = batch
+    r.ctx = (epoch, batch, json.dumps(ctx, separators=(",", ":")))
+
+
+def mode_name(r) -> str:
+    return getattr(getattr(r, "mode", None), "name", "record")
+
+
+def log_value(r, name: str, value: Any) -> None:
+    """``fl.log`` semantics (step from the run's per-name counter), never raises."""
+    try:
+        if value is None:
+            return
+        if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+            value = value.item()
+        if isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, (int, float)):
+            return
+        if isinstance(value, float) and math.isinf(value) and False:
+            return
+        _run._log_slow(name, value, None) if r.mode.logs_slow else _run.log(name, value)
+    except Exception as e:
+        _warn.problem("log_error", f"integration log of {name!r} failed: {e!r}")
+
+
+def record_params(r, params: dict, prefix: str = "") -> None:
+    """Hyper-parameters into the run's params (flattened with dots), as ``fl.arg`` records them."""
+    try:
+        flat: dict = {}
+
+        def walk(p, d):
+            for k, v in d.items():
+                key = f"{p}{k}"
+                if isinstance(v, dict) and v and len(flat) < 2000:
+                    walk(key + ".", v)
+                else:
+                    flat[key] = v
+
+        walk(prefix, dict(params))
+        for k, v in flat.items():
+            if k not in r.params:
+                r.params[k] = _run._jsonable(v)
+        r._params_dirty = True
+    except Exception as e:
+        _warn.problem("params_error", f"hyper-parameters not recorded: {e!r}")
+
+
+def refuse_replay(r, framework: str) -> None:
+    """Say clearly what a replay worker cannot do with this framework."""
+    if mode_name(r) == "replay":
+        _warn.problem("replay_unsupported",
+                      f"flightlog replay of a {framework} run is not supported by this integration: "
+                      "see docs/integrations-" + framework.lower() + ".md (replay levels)")
+
+
+def parent_steps(store: str, parent_run_id: str, last_epoch: int) -> dict:
+    """Per-name step counters of the parent chain up to the end of ``last_epoch``.
+
+    A framework logs some epoch values after the hook where the checkpoint is
+    taken (Lightning's epoch-aggregated ``self.log``); the parent's records, not
+    the checkpoint, say how many values of each name the uninterrupted run had.
+    """
+    from flightlog.query import db
+
+    con = db.connect(store)
+    try:
+        chain = db.run_chain(con, parent_run_id)
+        rows = db.sql_arrow(con, "SELECT name, max(step) + 1 AS n FROM metrics WHERE list_contains(?, run_id) "
+                                 "AND epoch <= ? AND source = 'record' GROUP BY name",
+                            [chain, int(last_epoch)]).to_pylist()
+    finally:
+        con.close()
+    return {r["name"]: int(r["n"]) for r in rows if r["n"] is not None}

@@ -1,0 +1,69 @@
+"""PyTorch Lightning integration: real Lightning training on digits, CPU, deterministic."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("lightning")
+
+import flightlog as fl  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "examples", "lightning_example.py")
+
+
+def _py(args, store, cwd, env=None, timeout=300):
+    e = dict(os.environ, FLIGHTLOG_HOME=store, FLIGHTLOG_PROGRESS="0", **(env or {}))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=e,
+                          cwd=str(cwd))
+
+
+def test_import_flightlog_does_not_import_lightning():
+    """`import flightlog` (and the integrations package) never imports lightning or transformers."""
+    code = ("import sys, flightlog, flightlog.integrations; "
+            "print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'transformers') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.slow
+def test_records_self_log_hparams_positions_and_checkpoints(tmp_path):
+    """self.log step/epoch values land in metrics with epoch/batch; hparams as params; one checkpoint per epoch."""
+    store = str(tmp_path / "s")
+    p = _py([EXAMPLE, "3"], store, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = fl.query("SELECT name, epoch, batch FROM metrics", store=store).to_pylist()
+    steps = [r for r in m if r["name"] == "train_loss_step"]
+    assert len(steps) == 30 and {r["batch"] for r in steps} == set(range(10))
+    assert sorted(r["epoch"] for r in m if r["name"] == "val_acc") == [0, 1, 2]
+    assert all(r["batch"] is None for r in m if r["name"] in ("val_acc", "train_loss_epoch"))
+    run = fl.query("SELECT params, status FROM runs", store=store).to_pylist()[0]
+    assert '"lr": 0.01' in run["params"] and '"hidden": 32' in run["params"] and run["status"] == "finished"
+    ck = fl.query("SELECT iteration, position FROM checkpoints ORDER BY iteration", store=store).to_pylist()
+    assert [c["iteration"] for c in ck] == [-1, 0, 1, 2]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
+    """A Lightning run SIGKILLed at epoch 2 and continued with `flightlog resume` equals an uninterrupted run."""
+    store, full = str(tmp_path / "s"), str(tmp_path / "full")
+    p = _py([EXAMPLE, "4"], store, tmp_path, env={"KILL_AT_EPOCH": "2"})
+    assert p.returncode == -9, p.stderr[-3000:]
+    w_res, w_full = str(tmp_path / "res.pt"), str(tmp_path / "full.pt")
+    p = _py(["-m", "flightlog.cli", "resume", "latest", "--", sys.executable, EXAMPLE, "4"], store, tmp_path,
+            env={"WEIGHTS_OUT": w_res})
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = _py([EXAMPLE, "4"], full, tmp_path, env={"WEIGHTS_OUT": w_full})
+    assert p.returncode == 0, p.stderr[-3000:]
+    import torch
+
+    a, b = torch.load(w_res), torch.load(w_full)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    q = "SELECT name, epoch, batch, step, value FROM metrics WHERE run_id = ? ORDER BY name, step"
+    res_id = fl.query("SELECT run_id FROM runs WHERE kind = 'resume'", store=store).column(0)[0].as_py()
+    got = fl.query(q.replace("?", f"'{res_id}'"), store=store).to_pylist()
+    want = [r for r in fl.query(q.replace("run_id = ?", "true"), store=full).to_pylist() if r["epoch"] >= 2]
+    assert got and got == want  # same names, positions, steps and values, bit for bit
