@@ -3,7 +3,7 @@
 ``flightlog.replay.run(script, run=..., epochs=..., workers=...)`` is the
 Python form of ``flightlog replay``; see docs/hindsight.md.
 """
-from __future__ import annotations
+__all__ = ["run"]
 
 
 def run(script, script_args=None, *, cold: bool = False, **kwargs):
