@@ -405,7 +405,7 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
                     evh += f'<p class="sub">{ev.num_rows - 20} more rows</p>'
             out.append(f"""<details class="check st-{e(res.status)}"{' open' if res.status in ('fail', 'error') else ''}>
 <summary><span class="st st-{e(res.status)}">{e(res.status)}</span> {e(res.name)}
-<span class="sub">{e(res.severity)} · {e(res.error or res.description)}</span></summary>{evh}</details>""")
+<span class="sub">{e(res.severity)} · {e(res.error or res.reason or res.description)}</span></summary>{evh}</details>""")
         return html("".join(out) or "<p>No checks.</p>")
 
     @app.get("/runs/{run_id}/slices")
