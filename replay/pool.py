@@ -564,11 +564,11 @@ def options(cold: bool = False, out=None):
         _OPTS.update(prev)
 
 
-def _say(line: str) -> None:
+def _say(line: str, out=None) -> None:
     if line in _OPTS["said"]:
         return
     _OPTS["said"].add(line)
-    out = _OPTS.get("out") or sys.stderr
+    out = out or _OPTS.get("out") or sys.stderr
     try:
         print(f"flightlog: {line}", file=out, flush=True)
     except Exception:
@@ -731,11 +731,12 @@ class Worker:
         self._rc_path = rc_path
         self._own = own_child
         self.how = "session" if own_child else "pool"
+        self._out = _OPTS.get("out")  # later notes (a cold fallback) go where this replay's notes go
         if sock is not None:
             sock.setblocking(False)
 
     def _cold(self, why: str) -> None:
-        _say(f"a worker starts cold: {why}")
+        _say(f"a worker starts cold: {why}", self._out)
         self.how = "cold"
         self._fallback = subprocess.Popen(cold_cmd(self.args), **self._cold_kwargs)
         self.pid = self._fallback.pid

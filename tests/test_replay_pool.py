@@ -241,3 +241,47 @@ def test_workers_split_only_over_idle_cores(monkeypatch):
     assert n == 1 and "instead of 3" in why and "only 1 of 4 cores idle (load 3.2)" in why
     monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
     assert pool.fit_workers(2)[0] == 1 and pool.fit_workers(1)[0] == 1
+
+
+SESSION = r'''
+import io, os, subprocess, sys, threading, time
+import torch
+from flightlog.replay import pool
+script, tmp = sys.argv[1], sys.argv[2]
+
+def start(name):
+    logf = open(os.path.join(tmp, name + ".log"), "w")
+    kw = dict(env=dict(os.environ), cwd=tmp, stdout=logf, stderr=subprocess.STDOUT)
+    out = io.StringIO()
+    with pool.options(out=out):
+        w = pool.spawn([sys.executable, script, "x", "5"], dict(os.environ), tmp, logf, os.path.join(tmp, "store"), kw)
+    rc = w.wait(60)
+    print(name, w.how, rc, open(os.path.join(tmp, name + ".log")).read().split()[:2], repr(out.getvalue()))
+
+start("single")
+stop = threading.Event()
+t = threading.Thread(target=stop.wait)
+t.start()
+start("threaded")
+stop.set()
+t.join()
+pool.stop(os.path.join(tmp, "store"))
+'''
+
+
+@pytest.mark.slow
+def test_a_torch_session_forks_its_workers_only_when_single_threaded(tmp_path, pools):
+    """In a session that imported torch a worker forks from the session; with another thread running it says why
+    and uses the pool."""
+    pytest.importorskip("torch")
+    script = tmp_path / "s.py"
+    script.write_text(PLAIN)
+    drv = tmp_path / "drv.py"
+    drv.write_text(SESSION)
+    p = subprocess.run([sys.executable, str(drv), str(script), str(tmp_path)], capture_output=True, text=True,
+                       timeout=240, env=dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr
+    single, threaded = p.stdout.splitlines()[-2:]
+    assert single.startswith("single session 5 ['argv', '[\"x\",'] ") and "fork from this Python session" in single
+    assert threaded.startswith("threaded pool 5 ") and "not forking this Python session: 1 other threads" in threaded, \
+        (threaded, p.stderr)
