@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flightlog import _config, _format
-from flightlog._errors import QueryError, RunNotFound, StoreError
+from flightlog._errors import FlightlogWarning, QueryError, RunNotFound, StoreError
 from flightlog.collector import fs as _fs
 from flightlog.collector import schema as _schema
 from flightlog.collector import store as _store
@@ -57,7 +57,7 @@ _DUCK_TYPES = {
 }
 
 
-class StoreWarning(UserWarning):
+class StoreWarning(FlightlogWarning):
     """A file in the store was skipped by readers."""
 
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 import numpy as np
 
 from flightlog import _run, _warn
-from flightlog._errors import FlightlogError
+from flightlog._errors import FlightlogError, FlightlogWarning
 
 MAX_ITEM_ROWS = 1000  # failure rows kept per assertion per call (the summary row counts them all)
 MODES = ("record", "warn", "raise")
@@ -44,7 +44,7 @@ _WATCHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> 
 from flightlog._errors import AssertionFailed  # noqa: E402  (re-exported here for compatibility)
 
 
-class AssertionWarning(UserWarning):
+class AssertionWarning(FlightlogWarning):
     """``fl.check(..., mode="warn")`` found failing items."""
 
 

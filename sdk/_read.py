@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from flightlog import _run
+from flightlog._errors import FlightlogWarning
 
 
 def active_store(store=None):
@@ -52,7 +53,7 @@ GOOD_REPLAY_ROWS = ("(m.source IS DISTINCT FROM 'replay' OR m.replay_id IS NULL 
                     "AND p.fidelity NOT IN ('failed') AND contains(p.new_names, '\"' || m.name || '\"')))")
 
 
-class UnknownMetricWarning(UserWarning):
+class UnknownMetricWarning(FlightlogWarning):
     """fl.dataframe was asked for a metric the run never logged (its column is empty)."""
 
 

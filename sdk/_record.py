@@ -29,19 +29,50 @@ NO_CTX = (None, None, None)
 
 
 class Sink(Protocol):
-    """Where finished batches go: a local store, a collector, or memory (tests)."""
+    """Where finished batches go: a local store, a collector, or memory (tests).
+
+    Everything a run writes goes through its sink: metrics, params, checkpoints
+    rows, and ``@fl.step`` spans and io rows (in remote mode too). Plug your own
+    with ``fl.init(sink=...)``; these are all the members the recorder and the
+    run call (on the flush thread, never on the training thread):
+
+    - ``writer``: a short id unique to this process; a forked child gets a new one.
+    - ``write(table, data)``: store one Arrow batch of a table of ``collector.schema``;
+      raising means "not stored": the recorder warns, counts ``write_failed`` and
+      retries the batch later, dropping (and counting) the oldest when its queue is full.
+    - ``heartbeat(run_id)``: the run is alive (every few seconds); failures are ignored.
+    - ``compact(run_id)``: the run ended; merge what this writer wrote (may do nothing).
+    - ``close()``: the last call.
+
+    Optional: ``finishing()``, called once when the run starts to finish (a remote
+    sink starts its deadline for network time then).
+    """
+
+    writer: str
 
     def write(self, table: str, data: pa.Table) -> None: ...
     def heartbeat(self, run_id: str) -> None: ...
+    def compact(self, run_id: str) -> None: ...
     def close(self) -> None: ...
 
 
-class MemorySink:
-    """Keeps every batch in memory; the in-process sink tests use."""
+SINK_MEMBERS = ("writer", "write", "heartbeat", "compact", "close")
 
-    def __init__(self) -> None:
+
+def missing_sink_members(sink: Any) -> list[str]:
+    """The :class:`Sink` members ``sink`` lacks (empty: it can be plugged in)."""
+    return [m for m in SINK_MEMBERS if not hasattr(sink, m) or (m != "writer" and not callable(getattr(sink, m)))]
+
+
+class MemorySink:
+    """Keeps every batch in memory: ``fl.init(sink=MemorySink())`` records without a store (tests)."""
+
+    def __init__(self, writer: str = "memory") -> None:
+        self.writer = writer
         self.batches: dict[str, list[pa.Table]] = {}
         self.beats = 0
+        self.compacted: list[str] = []
+        self.closed = False
 
     def write(self, table: str, data: pa.Table) -> None:
         self.batches.setdefault(table, []).append(data)
@@ -49,8 +80,11 @@ class MemorySink:
     def heartbeat(self, run_id: str) -> None:
         self.beats += 1
 
+    def compact(self, run_id: str) -> None:
+        self.compacted.append(run_id)
+
     def close(self) -> None:
-        pass
+        self.closed = True
 
     def table(self, name: str) -> pa.Table:
         parts = self.batches.get(name, [])

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flightlog import _config, _warn
-from flightlog._record import NO_CTX, Recorder, coerce, pid_writer
+from flightlog._record import NO_CTX, Recorder, Sink, coerce, missing_sink_members, pid_writer
 
 log_ = logging.getLogger("flightlog")
 
@@ -145,6 +145,7 @@ class Run:
 
         self.mode = RecordMode()  # record / resume / replay behaviour, chosen once at start
         self.extra: dict[str, Any] = {}
+        self.problems = _warn.counters  # this run's problem counts (fl.init starts a fresh counter per run)
         self.finished = False
         self.tags: list[str] = []  # fl.init(tags=...); `flightlog tag` adds later ones
         self.notes: str | None = None
@@ -192,7 +193,7 @@ class Run:
             "error_type": err[0] if err else None,
             "error_message": err[1] if err else None,
             "dropped_rows": self.dropped_rows,
-            "counters": json.dumps(dict(_warn.counters)),
+            "counters": json.dumps(dict(self.problems)),
             "tags": json.dumps(self.tags) if self.annotated_at else None,
             "notes": self.notes,
             "annotated_at": self.annotated_at,
@@ -241,12 +242,10 @@ class Run:
             self.rec.emit("runs", self.row())
         self.rec.flush()
         self.rec.abandon_pending()
-        compact = getattr(self.sink, "compact", None)
-        if compact is not None:
-            try:
-                compact(self.run_id)
-            except Exception as e:
-                _warn.problem("compact_failed", f"compaction failed: {e!r}")
+        try:
+            self.sink.compact(self.run_id)
+        except Exception as e:
+            _warn.problem("compact_failed", f"compaction failed: {e!r}")
         try:
             self.sink.close()
         except Exception:
@@ -329,8 +328,10 @@ def _after_fork_child():
         from flightlog.collector.store import new_writer_id
 
         r.writer = pid_writer()
-        if hasattr(r.sink, "writer"):
+        try:
             r.sink.writer = new_writer_id()
+        except Exception:
+            pass
         r.rec.reset_after_fork()
         try:
             r.rec.start()
@@ -385,14 +386,16 @@ def _end(r: Run, status: str, error) -> None:
 def init(project: str | None = None, name: str | None = None, store: str | os.PathLike | None = None,
          params: dict | None = None, *, resume: str | None = None, flush_interval: float | None = None,
          collector: str | None = None, tags: "list[str] | tuple[str, ...] | str | None" = None,
-         notes: str | None = None, system_metrics: bool | None = None) -> "Run | None":
+         notes: str | None = None, system_metrics: bool | None = None, sink: "Sink | None" = None) -> "Run | None":
     """Start a run explicitly (optional: the first ``log``/``arg`` starts one).
 
     A run already active is finished first. ``resume=RUN`` continues a crashed
     or killed run from its last checkpoint as a new run linked to it. ``name``,
     ``tags`` and ``notes`` label the run for ``flightlog runs``/``compare`` and
     run references; ``system_metrics=False`` turns off the ``sys/...`` samples
-    (CPU, RSS, GPU) taken every 10 s.
+    (CPU, RSS, GPU) taken every 10 s. ``sink`` replaces where rows go (the
+    store or the collector) with any object that has the members of
+    ``flightlog.Sink``, e.g. ``flightlog.MemorySink()`` in tests.
     """
     global ACTIVE, _FAST, _ENDED_ONCE
     if _config.disabled():
@@ -404,9 +407,16 @@ def init(project: str | None = None, name: str | None = None, store: str | os.Pa
     with _START_LOCK:
         if ACTIVE is not None:
             _end(ACTIVE, "finished", None)
+        _warn.begin_run()  # problems counted from here on are this run's
         try:
-            sink = None
-            if collector:
+            if sink is not None:
+                missing = missing_sink_members(sink)
+                if missing:
+                    _warn.problem("bad_sink", f"fl.init(sink=...) lacks {', '.join(missing)}; writing to the store")
+                    sink = None
+                elif collector:
+                    _warn.problem("bad_sink", "fl.init got both sink= and collector=; using the sink")
+            if sink is None and collector:
                 sink = _remote_sink(collector, _config.store_home(store))
             replay_plan = os.environ.get(_config.ENV_REPLAY)
             if replay_plan:

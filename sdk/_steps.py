@@ -6,12 +6,11 @@ Tracer provider: if the application already set a global SDK
 also reach the application's exporters and nest under its spans); otherwise
 flightlog uses a private ``TracerProvider`` that it never installs globally.
 
-Local mode: :class:`StoreSpanProcessor` turns each finished step span into a
-row of the ``spans`` table (``run.rec.emit``: Arrow/Parquet, no protobuf).
-Remote mode (``FLIGHTLOG_COLLECTOR`` set, or the run's sink is a collector
-client): step spans go *instead* to the stock OTLP/HTTP exporter
-(``<url>/v1/traces``) in a ``BatchSpanProcessor``; the collector writes the
-same rows. ``io`` rows always go through the run's sink.
+Each finished call becomes a row of the ``spans`` table and its ``io`` rows
+(``run.rec.emit``: Arrow, no protobuf), written by the run's sink like every
+other row: a local store, or in remote mode the collector client, which sends
+them with the run's token and spools them while the collector is unreachable
+or refuses them (counted as problems, never silently lost).
 
 Recording never raises into the user's code: every internal failure becomes
 ``_warn.problem`` and the user's function runs (and raises) exactly as it
@@ -30,7 +29,7 @@ import threading
 import time
 from typing import Any, Callable, TypeVar, overload
 
-from flightlog import _config, _fingerprint as _fpm, _run, _warn
+from flightlog import _fingerprint as _fpm, _run, _warn
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -43,7 +42,6 @@ _lock = threading.Lock()
 _tracer = None
 _provider = None
 _owns_provider = False
-_processor: "StoreSpanProcessor | None" = None
 _current: contextvars.ContextVar["_Call | None"] = contextvars.ContextVar("flightlog_step", default=None)
 _time_ns = time.time_ns
 _getsizeof = sys.getsizeof
@@ -56,7 +54,7 @@ _SCALAR_TYPES = (int, float, bool, type(None))
 
 def _get_tracer():
     """The tracer step spans come from (created on the first step call)."""
-    global _tracer, _provider, _owns_provider, _processor
+    global _tracer, _provider, _owns_provider
     with _lock:
         if _tracer is not None:
             return _tracer
@@ -76,8 +74,6 @@ def _get_tracer():
         from opentelemetry.trace import set_span_in_context
 
         _attach, _set_in_ctx, _detach_ctx = otel_context.attach, set_span_in_context, otel_context.detach
-        _processor = StoreSpanProcessor()
-        _provider.add_span_processor(_processor)
         _tracer = _provider.get_tracer(SCOPE, __version__)
         return _tracer
 
@@ -88,88 +84,8 @@ def provider():
     return _provider
 
 
-def _collector_url(r) -> str:
-    cached = r.extra.get("steps_collector")
-    if cached is not None:
-        return cached
-    url = os.environ.get(_config.ENV_COLLECTOR) or ""
-    if not url and "collector" in type(r.sink).__name__.lower():
-        url = getattr(r.sink, "url", None) or getattr(r.sink, "base_url", None) or ""
-    r.extra["steps_collector"] = str(url).rstrip("/")
-    return r.extra["steps_collector"]
-
-
-try:  # the processor base class; defined lazily-safe so `import flightlog._steps` stays light
-    from opentelemetry.sdk.trace import SpanProcessor as _SpanProcessorBase
-except Exception:  # pragma: no cover - opentelemetry-sdk is a dependency
-    _SpanProcessorBase = object  # type: ignore[assignment,misc]
-
 _KINDS: dict = {}
 _SERVICE: dict = {}
-
-
-class StoreSpanProcessor(_SpanProcessorBase):  # type: ignore[misc]
-    """Turns finished flightlog step spans into ``spans`` rows of the active run.
-
-    Spans of other instrumentation scopes (the application's own, when it
-    shares its provider) are ignored. In remote mode the span is handed to
-    an OTLP ``BatchSpanProcessor`` per collector URL instead.
-    """
-
-    def __init__(self) -> None:
-        self._remote: dict[str, Any] = {}
-        self._rlock = threading.Lock()
-
-    def on_start(self, span, parent_context=None) -> None:
-        pass
-
-    def on_end(self, span) -> None:
-        try:
-            scope = span.instrumentation_scope
-            if scope is None or scope.name != SCOPE:
-                return
-            r = _run.ACTIVE
-            if r is None:
-                return
-            url = r.extra.get("steps_collector")
-            if url is None:
-                url = _collector_url(r)
-            if url:
-                self._remote_processor(url).on_end(span)
-            # Local mode: the step call queues itself once its outputs are fingerprinted and the
-            # flush thread turns it into rows (see _drain), so nothing else happens here.
-        except Exception as e:
-            _warn.problem("span_export_failed", f"could not export a step span: {e!r}")
-
-    def _remote_processor(self, url: str):
-        p = self._remote.get(url)
-        if p is None:
-            with self._rlock:
-                p = self._remote.get(url)
-                if p is None:
-                    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-                    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-                    p = BatchSpanProcessor(OTLPSpanExporter(endpoint=url + "/v1/traces"))
-                    self._remote[url] = p
-        return p
-
-    def shutdown(self) -> None:
-        for p in list(self._remote.values()):
-            try:
-                p.shutdown()
-            except Exception:
-                pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        ok = True
-        for p in list(self._remote.values()):
-            try:
-                ok = p.force_flush(timeout_millis) and ok
-            except Exception:
-                ok = False
-        return ok
-
 
 _ctx_json_cache: list = [None, None]
 
@@ -466,7 +382,6 @@ def _drain(r) -> int:
         return 0
     n = 0
     emit = r.rec.emit
-    remote = bool(r.extra.get("steps_collector"))
     while True:
         try:
             call = q.popleft()
@@ -474,9 +389,8 @@ def _drain(r) -> int:
             break
         n += 1
         try:
-            span, io = _rows(call, remote)
-            if span is not None:
-                emit("spans", span)
+            span, io = _rows(call)
+            emit("spans", span)
             for row in io:
                 emit("io", row)
         except Exception as e:
@@ -484,32 +398,30 @@ def _drain(r) -> int:
     return n
 
 
-def _rows(record: tuple, remote: bool) -> tuple[dict | None, list]:
-    """``spans`` row (None in remote mode) and ``io`` rows of one packed call."""
+def _rows(record: tuple) -> tuple[dict, list]:
+    """``spans`` row and ``io`` rows of one packed call."""
     (run_id, writer, name, attrs_json, trace_id, sid, parent, start, end, epoch, batch, lctx, err, io,
      artifacts) = record
     span_id = "%016x" % sid
-    span = None
-    if not remote:
-        if err is not None:
-            span = err
+    if err is not None:
+        span = err
+    else:
+        if lctx is None:
+            attributes = attrs_json + "}"
         else:
-            if lctx is None:
-                attributes = attrs_json + "}"
-            else:
-                attributes = attrs_json + ',"flightlog.ctx":' + json.dumps(lctx)
-                if epoch is not None:
-                    attributes += ',"flightlog.epoch":%d' % epoch
-                if batch is not None:
-                    attributes += ',"flightlog.batch":%d' % batch
-                attributes += "}"
-            span = {
-                "run_id": run_id, "trace_id": "%032x" % trace_id, "span_id": span_id,
-                "parent_span_id": ("%016x" % parent) if parent is not None else None, "name": name,
-                "kind": "internal", "start_time": start // 1000, "end_time": end // 1000,
-                "duration_ms": (end - start) / 1e6, "status": "ok", "epoch": epoch, "batch": batch, "ctx": lctx,
-                "attributes": attributes, "service_name": _service_name(), "writer": writer,
-            }
+            attributes = attrs_json + ',"flightlog.ctx":' + json.dumps(lctx)
+            if epoch is not None:
+                attributes += ',"flightlog.epoch":%d' % epoch
+            if batch is not None:
+                attributes += ',"flightlog.batch":%d' % batch
+            attributes += "}"
+        span = {
+            "run_id": run_id, "trace_id": "%032x" % trace_id, "span_id": span_id,
+            "parent_span_id": ("%016x" % parent) if parent is not None else None, "name": name,
+            "kind": "internal", "start_time": start // 1000, "end_time": end // 1000,
+            "duration_ms": (end - start) / 1e6, "status": "ok", "epoch": epoch, "batch": batch, "ctx": lctx,
+            "attributes": attributes, "service_name": _service_name(), "writer": writer,
+        }
     rows = []
     for direction, arg, fp, tname, nbytes, summary, shape, dtype, path, ref, t in io:
         rows.append({"run_id": run_id, "span_id": span_id, "step_name": name, "direction": direction, "arg": arg,

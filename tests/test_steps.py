@@ -1,11 +1,10 @@
-"""@fl.step: spans, nesting, io rows, capture modes, faults, threads, async, remote (OTLP) mode."""
+"""@fl.step: spans, nesting, io rows, capture modes, faults, threads, async (remote mode: test_sink_seam.py)."""
 from __future__ import annotations
 
 import asyncio
 import json
 import threading
 import warnings
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pandas as pd
@@ -294,7 +293,7 @@ def test_disabled_and_no_run(monkeypatch):
 
 
 def test_user_tracer_provider_is_reused(monkeypatch):
-    """When the app set a global SDK TracerProvider, flightlog adds its processor to it and nests under app spans."""
+    """When the app set a global SDK TracerProvider, step spans are made on it (its exporters see them) and nest under app spans."""
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -304,7 +303,7 @@ def test_user_tracer_provider_is_reused(monkeypatch):
     mem = InMemorySpanExporter()
     app.add_span_processor(SimpleSpanProcessor(mem))
     monkeypatch.setattr(trace, "get_tracer_provider", lambda: app)
-    for name in ("_provider", "_processor", "_owns_provider"):  # restored after the test
+    for name in ("_provider", "_owns_provider"):  # restored after the test
         monkeypatch.setattr(_steps, name, getattr(_steps, name))
     monkeypatch.setattr(_steps, "_tracer", None)
     fl.init(project="t")
@@ -320,54 +319,6 @@ def test_user_tracer_provider_is_reused(monkeypatch):
     assert names == ["request", "s"]  # the app's exporter sees the step span too
     row = _read("select * from spans")
     assert len(row) == 1 and row[0]["parent_span_id"] == "%016x" % parent.get_span_context().span_id
-
-
-class _OTLP(BaseHTTPRequestHandler):
-    got: list = []
-
-    def do_POST(self):  # noqa: N802
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        _OTLP.got.append((self.path, body))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *a):
-        pass
-
-
-def test_remote_mode_exports_otlp(monkeypatch):
-    """With FLIGHTLOG_COLLECTOR set, step spans go to <url>/v1/traces as OTLP protobuf, with run id and context."""
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _OTLP)
-    th = threading.Thread(target=srv.serve_forever, daemon=True)
-    th.start()
-    try:
-        fl.init(project="t")
-        monkeypatch.setenv("FLIGHTLOG_COLLECTOR", f"http://127.0.0.1:{srv.server_port}")
-
-        @fl.step(name="remote_step")
-        def rs(x):
-            return x
-
-        for _ in fl.loop("epoch", range(1)):
-            rs(np.ones(2))
-        _steps._processor.force_flush()
-        traces = [b for p, b in _OTLP.got if p == "/v1/traces"]
-        assert traces
-        req = ExportTraceServiceRequest()
-        req.ParseFromString(traces[0])
-        span = req.resource_spans[0].scope_spans[0].spans[0]
-        attrs = {a.key: a.value for a in span.attributes}
-        assert span.name == "remote_step"
-        assert attrs["flightlog.run_id"].string_value == _run.ACTIVE.run_id
-        assert attrs["flightlog.epoch"].int_value == 0
-        assert _read("select count(*) as n from spans")[0]["n"] == 0  # instead of, not as well as
-        assert len(_read("select * from io")) == 2  # io rows still go through the run's sink
-    finally:
-        srv.shutdown()
 
 
 def test_internal_failure_is_a_warning(monkeypatch):
