@@ -168,6 +168,22 @@ def test_api_runs_and_run(ui):
 
 
 @pytest.mark.slow
+def test_user_tags_show_and_filter(ui):
+    """A tag set with `flightlog tag` after the run ended is shown on the runs page and filters /api/runs."""
+    from flightlog.cli import main
+
+    c, ids, store = ui["c"], ui["ids"], ui["store"]
+    assert main(["tag", ids[1], "baseline-v2", "--store", store]) == 0
+    r = c.get("/api/runs", params={"tag": "baseline-v2"})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert [r["run_id"] for r in d["runs"]] == [ids[1]]
+    d = c.get("/api/runs", params={"tag": "baseline-v2", "where": "1=1"}).json()
+    assert [r["run_id"] for r in d["runs"]] == [ids[1]]
+    assert "baseline-v2" in c.get("/").text
+
+
+@pytest.mark.slow
 def test_token_protects_every_page_and_api(ui):
     """Without the token every page, API and static file is 401; the bearer header or the login cookie opens them."""
     rid = ui["ids"][0]

@@ -147,7 +147,7 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
         for r in rows:
             rid = r["run_id"]
             p = D.params_of(r)
-            tags = [r.get("kind") or "", r.get("host") or ""]
+            tags = D.user_tags(r.get("tags")) + [r.get("kind") or "", r.get("host") or ""]
             if r.get("git_commit"):
                 tags.append(r["git_commit"][:8] + ("+dirty" if r.get("git_dirty") else ""))
             dur = _duration(r)

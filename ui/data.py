@@ -175,11 +175,21 @@ class RunsIndex:
                 self._files[f] = (size, mt, rows)
         if changed:
             latest: dict[str, dict] = {}
+            notes: dict[str, dict] = {}  # tags/notes come from the newest annotated row (as the CLI reads them)
             for _size, _m, rows in self._files.values():
                 for r in rows:
                     cur = latest.get(r["run_id"])
                     if cur is None or _rank(r) >= _rank(cur):
                         latest[r["run_id"]] = r
+                    a = r.get("annotated_at")
+                    if a is not None:
+                        had = notes.get(r["run_id"])
+                        if had is None or (had.get("annotated_at") or 0) <= a:
+                            notes[r["run_id"]] = r
+            for rid, a in notes.items():
+                if latest[rid] is not a:
+                    latest[rid] = dict(latest[rid], tags=a.get("tags"), notes=a.get("notes"),
+                                       annotated_at=a.get("annotated_at"))
             self._latest = latest
         now, host = time.time(), socket.gethostname()
         out = []
@@ -640,6 +650,8 @@ def filter_runs(root: str, runs: pa.Table, project: str | None = None, tag: str 
                                                        pc.starts_with(runs["git_commit"], tag))), False)
             if tag == "dirty":
                 m = pc.or_(m, pc.fill_null(runs["git_dirty"], False))
+            if "tags" in runs.column_names:  # user tags (fl.init(tags=), flightlog tag): a JSON list
+                m = pc.or_(m, pa.array([tag in user_tags(v) for v in runs["tags"].to_pylist()], pa.bool_()))
             mask = pc.and_(mask, m)
         t = runs.filter(mask)
         # newest first; the index is sorted oldest first with ties on run_id
@@ -656,8 +668,9 @@ def filter_runs(root: str, runs: pa.Table, project: str | None = None, tag: str 
             params.append(status)
         if tag:
             conds.append("(kind = ? OR host = ? OR project = ? OR starts_with(git_commit, ?) "
-                         "OR (? = 'dirty' AND git_dirty))")
-            params += [tag, tag, tag, tag, tag]
+                         "OR (? = 'dirty' AND git_dirty) "
+                         "OR coalesce(list_contains(TRY_CAST(TRY_CAST(tags AS JSON) AS VARCHAR[]), ?), false))")
+            params += [tag, tag, tag, tag, tag, tag]
         sql = f"SELECT * FROM runs WHERE {' AND '.join(conds)}"
         if where and where.strip():
             pred = where.strip()
@@ -672,6 +685,17 @@ def filter_runs(root: str, runs: pa.Table, project: str | None = None, tag: str 
             raise QueryError(f"bad filter: {db._clean(e)}") from None
     finally:
         con.close()
+
+
+def user_tags(raw: Any) -> list[str]:
+    """The user's tags of a runs row (a JSON list of strings); anything else reads as no tags."""
+    if not isinstance(raw, str) or not raw:
+        return []
+    try:
+        v = json.loads(raw)
+    except ValueError:
+        return []
+    return [t for t in v if isinstance(t, str)] if isinstance(v, list) else []
 
 
 def differing_params(param_dicts: list[dict]) -> list[str]:
