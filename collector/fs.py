@@ -219,6 +219,19 @@ def spool_dir(store: str) -> Path:
     return Path(base) / "flightlog" / "spool" / f"{name}-{hashlib.sha1(uri(store).encode()).hexdigest()[:10]}"
 
 
+_spools: dict[str, "Spool"] = {}
+
+
+def spool_for(root: str) -> "Spool":
+    """The one :class:`Spool` of this process for store ``root`` (shared by sinks and blob writes)."""
+    key = uri(root).rstrip("/")
+    with _fs_lock:
+        sp = _spools.get(key)
+        if sp is None:
+            sp = _spools[key] = Spool(key)
+    return sp
+
+
 class Spool:
     """Parts for an object store that failed to upload, kept locally under their final names.
 
@@ -240,6 +253,45 @@ class Spool:
         self._pending = True  # leftovers of an earlier process: looked for at the first write
         self.spooled = 0
         self.uploaded = 0
+
+    @property
+    def unreachable(self) -> bool:
+        """True while backing off after a failed upload, or while anything waits in the spool."""
+        return time.monotonic() < self._until or self._pending and self._leftovers()
+
+    def _leftovers(self) -> bool:
+        try:
+            return any(p.is_file() for p in self.dir.rglob("*") if not p.name.startswith("."))
+        except OSError:
+            return False
+
+    def put_bytes(self, path: Path, data) -> None:
+        """Upload a blob, or keep it in the spool when the store cannot be reached (OSError: local disk failed)."""
+        key = self._key(path)
+        if time.monotonic() >= self._until:
+            try:
+                put(path, data)
+                return
+            except OSError:
+                self._until = time.monotonic() + self.BACKOFF
+        local = self.dir / key
+        local.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = local.with_name(f".{local.name}.tmp")
+        with open(tmp, "wb") as fh:
+            for part in data if isinstance(data, (list, tuple)) else (data,):
+                fh.write(part)
+        os.replace(tmp, local)
+        with self._lock:
+            self._pending = True
+            self.spooled += 1
+
+    def local_copy(self, path: Path) -> Path | None:
+        """The spooled copy of ``path`` when it has not been uploaded yet."""
+        try:
+            p = self.dir / self._key(path)
+        except ValueError:
+            return None
+        return p if p.is_file() else None
 
     def write(self, path: Path, data: pa.Table, table: str) -> None:
         from flightlog.collector import store as _store
@@ -273,7 +325,9 @@ class Spool:
         """Upload spooled parts (oldest first); returns how many are still waiting."""
         with self._lock:
             try:
-                files = sorted((p for p in self.dir.rglob("*.parquet") if not p.name.startswith(".")),
+                files = sorted((p for p in self.dir.rglob("*") if p.is_file() and not p.name.startswith(".")
+                                and "scratch" not in p.relative_to(self.dir).parts[:1]
+                                and "collector" not in p.relative_to(self.dir).parts[:1]),
                                key=lambda p: p.name)
             except OSError:
                 files = []

@@ -162,7 +162,7 @@ class LocalSink:
         self._lock = threading.Lock()
         self._written: dict[tuple[str, str], list[int]] = {}
         # object stores: parts that cannot be uploaded wait in a local spool (see fs.Spool)
-        self.spool = _fs.Spool(os.fspath(root)) if _fs.is_remote(root) else None
+        self.spool = _fs.spool_for(os.fspath(root)) if _fs.is_remote(root) else None
 
     def write(self, table: str, data: pa.Table) -> None:
         """Write one batch (rows of possibly several runs) as one part per run."""
@@ -190,6 +190,8 @@ class LocalSink:
 
     def compact(self, run_id: str, tables: Iterable[str] | None = None) -> None:
         """Merge this writer's parts of ``run_id`` into one file per table."""
+        if self.spool is not None and self.spool.unreachable:  # later: `flightlog compact` merges them
+            return
         for table in tables or _schema.TABLES:
             d = part_dir(self.root, table, run_id)
             if is_dir(d):
@@ -563,9 +565,13 @@ def put_blob(root: str | os.PathLike, digest: str, data, fsync: bool = False) ->
     """
     path = blob_path(root, digest)
     if _fs.is_remote(path):  # content-addressed: an existing object already holds these bytes
-        if _fs.exists(path):
-            return path, False
-        _fs.put(path, data)
+        sp = _fs.spool_for(os.fspath(root))
+        try:
+            if not sp.unreachable and _fs.exists(path):
+                return path, False
+        except OSError:
+            pass
+        sp.put_bytes(path, data)  # uploaded now, or spooled locally until the store answers
         return path, True
     if path.exists():
         try:  # a fresh mtime: `flightlog gc` spares recent blobs whose reference may not be written yet
@@ -589,7 +595,12 @@ def read_blob(root: str | os.PathLike, digest: str, what: str = "blob") -> bytes
     """
     path = blob_path(root, digest)
     if _fs.is_remote(path):  # object stores have no links: the key is the only name
-        data = _fs.read_bytes(path)
+        local = _fs.spool_for(os.fspath(root)).local_copy(path)  # written here, not uploaded yet
+        if local is not None:
+            with open(local, "rb") as fh:
+                data = fh.read()
+        else:
+            data = _fs.read_bytes(path)
     else:
         base = os.path.realpath(os.path.join(os.fspath(root), "blobs"))
         real = os.path.realpath(path)
@@ -608,7 +619,8 @@ def touch_heartbeat(root: str | os.PathLike, run_id: str, writer: str) -> None:
     """Refresh the heartbeat file readers use to tell a live run from a crashed one."""
     d = part_dir(root, "runs", run_id)
     if _fs.is_remote(d):
-        _fs.touch(d / f".heartbeat-{writer}")
+        if not _fs.spool_for(os.fspath(root)).unreachable:  # no network retries while spooling
+            _fs.touch(d / f".heartbeat-{writer}")
         return
     make_private_dirs(d)
     p = d / f".heartbeat-{writer}"

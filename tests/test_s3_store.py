@@ -201,7 +201,7 @@ def test_health_checks_run_over_s3(s3, tmp_path):
 
 
 def test_unreachable_store_spools_locally_then_uploads(s3, tmp_path):
-    """With the object store unreachable, parts wait in the local spool; the next writer uploads them, none lost."""
+    """With the object store unreachable, parts and blobs wait in the local spool; the next writer uploads them."""
     dead = f"http://127.0.0.1:{_moto.free_port()}"
     p = _script(tmp_path, RECORD, env={"AWS_ENDPOINT_URL": dead}, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -210,7 +210,8 @@ def test_unreachable_store_spools_locally_then_uploads(s3, tmp_path):
     assert not _store.is_dir(_store.table_dir(s3, "metrics"))  # nothing reached the store
     sink = _store.LocalSink(s3)
     sink.close()  # uploads the leftovers
-    assert not list(_fs.spool_dir(s3).rglob("*.parquet"))
+    assert not [p for p in _fs.spool_dir(s3).rglob("*") if p.is_file()]
+    assert any(k.startswith("blobs/") for k in _keys(s3))  # the code snapshot was spooled and uploaded too
     t = fl.query("SELECT count(*) AS n FROM metrics WHERE name = 'loss'")
     assert t.column("n")[0].as_py() == 60
 
