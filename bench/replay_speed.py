@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the short replays (b) and (d)")
     ap.add_argument("--no-flor", action="store_true")
+    ap.add_argument("--no-all-epochs-batch", action="store_true",
+                    help="skip the (c) rows (batch-level replay of all epochs: each about a full run long)")
     a = ap.parse_args()
     args = ["--mode", "flightlog", "--epochs", str(a.epochs), "--width", str(a.width), "--size", str(a.size),
             "--threads", str(a.threads)]
@@ -129,13 +131,15 @@ def main() -> None:
                ("grad_norm", [one]), a.reps)
         replay(f"(d) batch-level statement, --epochs {one}, warm pool", "train_batch.py", ["--epochs", str(one)],
                ("grad_norm", [one]), a.reps)
-        replay("(c) batch-level statement, all epochs, 1 worker", "train_batch.py", [], ("grad_norm", None), 1)
-        replay("(c) batch-level statement, all epochs, 2 workers", "train_batch.py", ["--workers", "2"],
-               ("grad_norm", None), 1)
+        if not a.no_all_epochs_batch:
+            replay("(c) batch-level statement, all epochs, 1 worker", "train_batch.py", [], ("grad_norm", None), 1)
+            replay("(c) batch-level statement, all epochs, 2 workers", "train_batch.py", ["--workers", "2"],
+                   ("grad_norm", None), 1)
         flor_rows = []
         if not a.no_flor:
             flor_rows = run_flor(a, {"weight_norm": values(full, "weight_norm"), "grad_norm": values(full, "grad_norm"),
-                                     "grad_norm_one": values(full, "grad_norm", [one])}, one)
+                                     "grad_norm_one": values(full, "grad_norm", [one])}, one,
+                                 all_epochs_batch=not a.no_all_epochs_batch)
     finally:
         subprocess.run([FLIGHTLOG, "replay", "--stop", "--store", store], env=env, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -163,7 +167,7 @@ def main() -> None:
         print(row)
 
 
-def run_flor(a, truth: dict, one: int) -> list[str]:
+def run_flor(a, truth: dict, one: int, all_epochs_batch: bool = True) -> list[str]:
     """FlorDB 4.0.1 recording and replaying the same statements; values checked against the full re-run."""
     try:
         sys.path.insert(0, HERE)
@@ -183,7 +187,8 @@ def run_flor(a, truth: dict, one: int) -> list[str]:
         for label, level, epochs, key in (("(b) epoch-level statement, all epochs", "epoch", None, "weight_norm"),
                                           (f"(d) batch-level statement, --epochs {one}", "batch", str(one),
                                            "grad_norm_one"),
-                                          ("(c) batch-level statement, all epochs", "batch", None, "grad_norm")):
+                                          ("(c) batch-level statement, all epochs", "batch", None, "grad_norm"))[
+                                              :3 if all_epochs_batch else 2]:
             r = flor.flor_replay(rec["repo"], level, epochs=epochs)
             if r.get("ok", True) and "wall_s" in r:
                 got = [float(v) for v in (r.get("values") or [])]
