@@ -168,6 +168,7 @@ def child_main(script: str, argv: list[str], env: dict, cwd: str, log_fd: int,
                 pass
         try:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.set_wakeup_fd(-1)  # the parent's (the pool's, an event loop's): not the script's
         except (OSError, ValueError):
             pass
         os.environ.clear()

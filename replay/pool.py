@@ -52,6 +52,7 @@ from typing import Any
 ENV_IDLE = "FLIGHTLOG_REPLAY_IDLE"  # seconds a pool waits without work before it exits (default 600)
 ENV_DIR = "FLIGHTLOG_REPLAY_POOL_DIR"  # where pools keep their sockets (default $XDG_RUNTIME_DIR or /tmp)
 DEFAULT_IDLE = 600.0
+FORK_TIMEOUT = 300.0  # a pool still importing (or stuck) after this long: the worker starts cold
 # environment variables read when packages are imported: a pool imported with other values is stale
 _ENV_PREFIXES = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOTO", "TORCH", "PYTORCH", "CUDA_",
                  "NUMEXPR", "NUMBA", "VECLIB", "BLIS", "LD_", "VIRTUAL_ENV", "SKLEARN", "TF_", "JAX", "XLA")
@@ -395,17 +396,27 @@ class _Server:
 
     def serve(self) -> None:
         assert self.listener is not None
+        # a child's exit wakes the loop at once (SIGCHLD through a pipe), so its status goes out without delay
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self.wake = (wake_r, wake_w)
         while not self.stop:
             self.reap()
             if not self.children and time.time() - self.last > self.idle:
                 return
-            watch = [self.listener, *self.children.values()]
+            watch = [self.listener, wake_r, *self.children.values()]
             try:
-                ready, _, _ = select.select(watch, [], [], 0.2)
+                ready, _, _ = select.select(watch, [], [], 1.0)
             except InterruptedError:
                 continue
             for s in ready:
-                if s is self.listener:
+                if s is wake_r:
+                    with contextlib.suppress(OSError):
+                        os.read(wake_r, 4096)
+                elif s is self.listener:
                     self.accept()
                 else:  # a worker's client went away (runner killed): the worker goes too
                     for pid, c in list(self.children.items()):
@@ -488,6 +499,10 @@ class _Server:
                         c.close()
                 with contextlib.suppress(Exception):
                     conn.close()
+                with contextlib.suppress(Exception):
+                    signal.set_wakeup_fd(-1)
+                    for fd in getattr(self, "wake", ()):
+                        os.close(fd)
             finally:
                 from flightlog.replay import _worker
 
@@ -730,6 +745,7 @@ class Worker:
         self._orphan = False
         self._rc_path = rc_path
         self._own = own_child
+        self._t0 = time.time()
         self.how = "session" if own_child else "pool"
         self._out = _OPTS.get("out")  # later notes (a cold fallback) go where this replay's notes go
         if sock is not None:
@@ -793,6 +809,9 @@ class Worker:
                 self.returncode = os.waitstatus_to_exitcode(status)
             return self.returncode
         self._read()
+        if self._fallback is None and self.pid is None and time.time() - self._t0 > FORK_TIMEOUT:
+            self._close()  # the pool closes our connection's worker if it forks after all
+            self._cold(f"the warm pool did not fork within {FORK_TIMEOUT:g} s")
         if self._fallback is not None:
             return self.poll()
         if self._orphan and self.returncode is None and not _alive(self.pid):
