@@ -19,8 +19,13 @@ def run(script, script_args=None, *, cold: bool = False, **kwargs):
     asked, why = kwargs.get("workers", 1), None
     if isinstance(asked, int) and asked > 1:  # split only over idle cores; the plan says why
         kwargs["workers"], why = pool.fit_workers(asked)
-    with pool.options(cold=cold, out=kwargs.get("out")):
+    from flightlog import _config
+
+    home = _config.store_home(kwargs.get("store"))
+    with pool.options(cold=cold, out=kwargs.get("out"), store=home):
         res = _run(script, script_args, **kwargs)
+        if not kwargs.get("dry_run"):
+            pool.note_startup(home, res.startup_s)  # for the next dry run's estimate
     if why:
         res.plan_text = (res.plan_text or "") + f"\n  workers: {why}"
     return res

@@ -80,9 +80,14 @@ def run_replay(args) -> int:
     asked, why = args.workers, None
     if isinstance(asked, int) and asked > 1 and getattr(args, "executor", "local") == "local":
         args.workers, why = pool.fit_workers(asked)  # split only over idle cores; the plan says why
-    with pool.options(cold=getattr(args, "cold", False)), \
+    from flightlog import _config
+
+    home = _config.store_home(args.store)
+    with pool.options(cold=getattr(args, "cold", False), store=home), \
             ray_executor.options(getattr(args, "executor", "local"), getattr(args, "address", None)):
         res = _run(run, args, extra)
+        if not args.dry_run:
+            pool.note_startup(home, res.startup_s)  # for the next --dry-run's estimate
     if why:
         res.plan_text = (res.plan_text or "") + f"\n  workers: {why}"
     return _report(args, res)

@@ -568,10 +568,10 @@ def serve_main(argv: list[str]) -> None:
 # -- the client side -------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def options(cold: bool = False, out=None):
-    """Within: how workers start (``cold`` bypasses the pool) and where the one-line notes go."""
+def options(cold: bool = False, out=None, store: str | None = None):
+    """Within: how workers start (``cold`` bypasses the pool), where the one-line notes go, the store."""
     prev = dict(_OPTS)
-    _OPTS.update(cold=bool(cold), out=out, said=set())
+    _OPTS.update(cold=bool(cold), out=out, said=set(), store=store, how=set())
     try:
         yield
     finally:
@@ -722,6 +722,7 @@ def ensure(store: str, script: str, env: dict | None = None) -> str:
             _say(f"restarting the warm replay pool: {why}")
         imports = [n for n in script_imports(script) if n.split(".")[0] != "__main__"]
         _start(d, store, fp, imports, env)
+        _OPTS.setdefault("how", set()).add("started")
         info = read_info(d) or {}
         tops = sorted({n.split(".")[0] for n in imports}) or ["flightlog"]
         _say(f"started a warm replay pool (pid {info.get('pid')}) that imports {', '.join(tops)} and forks the "
@@ -753,6 +754,7 @@ class Worker:
 
     def _cold(self, why: str) -> None:
         _say(f"a worker starts cold: {why}", self._out)
+        _OPTS.setdefault("how", set()).add("cold")
         self.how = "cold"
         self._fallback = subprocess.Popen(cold_cmd(self.args), **self._cold_kwargs)
         self.pid = self._fallback.pid
@@ -873,7 +875,15 @@ def spawn(cmd: list[str], env: dict, cwd: str, logf, store: str, cold_kwargs: di
     ``cmd`` is ``[python, script, *args]`` as a cold start would run it.
     """
     if _OPTS["cold"] or os.environ.get("FLIGHTLOG_REPLAY_COLD") == "1":
+        _OPTS.setdefault("how", set()).add("cold")
         return None
+    w = _spawn_warm(cmd, env, cwd, logf, store, cold_kwargs, threads)
+    _OPTS.setdefault("how", set()).add("cold" if w is None else "warm")
+    return w
+
+
+def _spawn_warm(cmd: list[str], env: dict, cwd: str, logf, store: str, cold_kwargs: dict,
+                threads: int | None = None):
     script, argv = cmd[1], list(cmd[2:])
     rc_path = logf.name + ".rc"
     if "torch" in sys.modules:
@@ -906,6 +916,72 @@ def spawn(cmd: list[str], env: dict, cwd: str, logf, store: str, cold_kwargs: di
         _say(f"warm replay pool unavailable ({e}); workers start cold")
         return None
     return Worker(cmd, cold_kwargs, sock=s, rc_path=rc_path)
+
+
+# -- start-up: measured per store, used by the --dry-run estimate ----------------------------
+
+DEFAULT_STARTUP = 1.5  # seconds, when this store has no measured replay start-up yet
+
+
+def _startups_path(store: str) -> str:
+    return os.path.join(pool_dir(store), "startups.json")
+
+
+def note_startup(store: str, seconds: float | None) -> None:
+    """Remember a replay's measured start-up (command start -> first replayed epoch), per warm/cold path."""
+    how = _OPTS.get("how") or set()
+    if seconds is None or not how or seconds <= 0:
+        return
+    # a replay that had to start the pool paid the imports: it measured a cold start-up
+    kind = "cold" if "started" in how or how == {"cold"} else ("warm" if "cold" not in how else None)
+    if kind is None:
+        return
+    try:
+        path = _startups_path(store)
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except (OSError, ValueError):
+            data = {}
+        xs = [float(x) for x in data.get(kind, []) if isinstance(x, (int, float))][-4:] + [float(seconds)]
+        data[kind] = xs
+        _write_json(path, data)
+    except (Unavailable, OSError, ValueError):
+        pass
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh)
+    os.replace(tmp, path)
+
+
+def startup_estimate(store: str | None = None) -> tuple[float, str]:
+    """Expected start-up of the next replay of ``store`` and where the number comes from.
+
+    Warm when the store's pool is running and current (and not ``--cold``), else
+    cold; the median of the last measured start-ups of that kind, else
+    ``DEFAULT_STARTUP``.
+    """
+    store = store or _OPTS.get("store")
+    if not store:
+        return DEFAULT_STARTUP, "start-up not measured yet"
+    try:
+        d = pool_dir(store)
+        with open(os.path.join(d, "startups.json")) as fh:
+            data = json.load(fh)
+    except (Unavailable, OSError, ValueError):
+        return DEFAULT_STARTUP, "start-up not measured yet"
+    info = read_info(d) if not _OPTS.get("cold") else None
+    warm = bool(info and info.get("state") == "ready" and _alive(info["pid"]) and not _stale(info, info["fingerprint"]))
+    kind = "warm" if warm else "cold"
+    xs = sorted(x for x in data.get(kind, []) if isinstance(x, (int, float)))
+    if not xs:
+        return DEFAULT_STARTUP, f"{kind} start-up not measured yet"
+    m = xs[len(xs) // 2]
+    return m, f"{kind} start-up ~{m:.1f}s (median of this store's last {len(xs)} {kind} replays)"
 
 
 def fit_workers(requested: int) -> tuple[int, str]:

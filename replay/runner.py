@@ -365,9 +365,16 @@ def describe(jobs: list[Job], workers: int) -> str:
     if not info.checkpoints:
         lines.append("  no usable checkpoints: the planned epochs re-run from the start of the loop")
     lines.append(f"  checkpoints available: {len(info.checkpoints)}; recorded epochs {_span(info.epochs)}; "
-                 f"estimate ~{est_total + 1.5:.1f}s with {len(jobs)} worker(s) (full re-run ~{full_run:.1f}s)")
+                 f"estimate ~{est_total + _startup_s():.1f}s with {len(jobs)} worker(s) (full re-run ~{full_run:.1f}s)")
     lines.append("  files the script writes go to a scratch folder of the replay, never to their own paths")
     return "\n".join(lines)
+
+
+def _startup_s() -> float:
+    """Expected start-up of this replay: measured on earlier replays of the store, warm or cold (replay/pool.py)."""
+    from flightlog.replay import pool as _pool
+
+    return _pool.startup_estimate()[0]
 
 
 def _span(xs) -> str:

@@ -285,3 +285,17 @@ def test_a_torch_session_forks_its_workers_only_when_single_threaded(tmp_path, p
     assert single.startswith("single session 5 ['argv', '[\"x\",'] ") and "fork from this Python session" in single
     assert threaded.startswith("threaded pool 5 ") and "not forking this Python session: 1 other threads" in threaded, \
         (threaded, p.stderr)
+
+
+def test_dry_run_start_up_estimate_is_measured_per_store(tmp_path, pools):
+    """The estimate's start-up is the median of the store's measured warm or cold start-ups, else 1.5 s."""
+    store = str(tmp_path / "store")
+    assert pool.startup_estimate(store) == (pool.DEFAULT_STARTUP, "start-up not measured yet")
+    with pool.options(store=store):
+        pool._OPTS["how"] = {"cold"}
+        for s in (4.0, 6.0, 5.0):
+            pool.note_startup(store, s)
+        pool._OPTS["how"] = {"cold", "warm"}  # a mixed replay measures neither
+        pool.note_startup(store, 100.0)
+        assert pool.startup_estimate()[0] == 5.0  # no pool running: cold
+        assert "cold start-up ~5.0s (median of this store's last 3 cold replays)" in pool.startup_estimate()[1]
