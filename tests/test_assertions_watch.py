@@ -48,6 +48,7 @@ def train(net, lr=0.05, epochs=4, every=4, loss_scale=1.0, evaluate=False):
     return w
 
 
+@pytest.mark.slow
 def test_watch_records_norms_ratios_and_dead_relu_at_its_interval(store):
     """fl.watch logs per-parameter grad/weight norms and update ratios and per-ReLU dead fractions every N steps."""
     fl.init()
@@ -69,6 +70,7 @@ def test_watch_records_norms_ratios_and_dead_relu_at_its_interval(store):
     assert ep.column(0).to_pylist() == [0, 1]
 
 
+@pytest.mark.slow
 def test_healthy_training_passes_the_training_rules(store):
     """A sane learning rate passes the gradient, update-ratio and dead-ReLU rules."""
     fl.init()
@@ -78,6 +80,7 @@ def test_healthy_training_passes_the_training_rules(store):
     assert rep.ok and all(r.status == "pass" for r in rep), rep
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_is_caught(store):
     """A learning rate far too high kills the ReLUs, so the parameters stop learning: both rules warn."""
     fl.init()
@@ -88,6 +91,7 @@ def test_huge_learning_rate_is_caught(store):
     assert rep["update_ratio"].evidence.num_rows >= 2
 
 
+@pytest.mark.slow
 def test_vanishing_gradients_and_dead_relus_are_caught(store):
     """A loss scaled to nothing gives vanishing gradients; a huge negative bias kills a ReLU layer."""
     fl.init()

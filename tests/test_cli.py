@@ -35,6 +35,7 @@ def two_runs(store):
     return store
 
 
+@pytest.mark.slow
 def test_runs_lists_newest_first(two_runs):
     """`flightlog runs` lists runs newest first with their status."""
     out = cli("runs", store=two_runs, check=True).stdout
@@ -42,6 +43,7 @@ def test_runs_lists_newest_first(two_runs):
     assert "second" in lines[2] and "first" in lines[3] and "finished" in lines[2]
 
 
+@pytest.mark.slow
 def test_show_latest_and_prefix(two_runs):
     """`flightlog show` accepts latest and unique prefixes and prints params and metric summary."""
     first = fl.query("SELECT run_id FROM runs WHERE name = 'first'", store=two_runs).column("run_id")[0].as_py()
@@ -91,6 +93,7 @@ def test_sql_is_read_only_and_sandboxed(two_runs, sql, msg):
     assert not os.path.exists("/tmp/stolen.csv")
 
 
+@pytest.mark.slow
 def test_errors_for_unknown_run_and_empty_store(two_runs, tmp_path):
     """Unknown runs, a missing store and an empty store are one-line errors with exit code 2."""
     p = cli("show", "nope", store=two_runs)
@@ -104,6 +107,7 @@ def test_errors_for_unknown_run_and_empty_store(two_runs, tmp_path):
     assert p.returncode == 2 and "unknown command" in p.stderr
 
 
+@pytest.mark.slow
 def test_compact_merges_parts_of_crashed_runs(tmp_path, store):
     """`flightlog compact` merges the parts a killed run left behind, without changing the data."""
     import signal

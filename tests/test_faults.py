@@ -77,6 +77,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_a_readable_store_and_a_crashed_run(tmp_path, store):
     """After SIGKILL: no torn files, rows older than ~1 s are there, and the run reads as crashed."""
     script = tmp_path / "k.py"
@@ -155,6 +156,7 @@ for i in range(20000):
 """
 
 
+@pytest.mark.slow
 def test_two_processes_logging_at_once_lose_nothing(tmp_path, store):
     """Two processes writing the same store at the same time both keep every row."""
     script = tmp_path / "w.py"

@@ -227,6 +227,7 @@ def test_cli_list_shows_checks_and_params(capsys):
     assert "--set divergence.factor=3.0" in out and "stale_inputs" in out
 
 
+@pytest.mark.slow
 def test_cli_subprocess_gates_ci(store):
     """The installed `flightlog health` command exits non-zero on a failing run (the CI gate)."""
     make_run(store, losses=BAD)

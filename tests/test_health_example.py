@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_planted_bug_example_is_caught(tmp_path):
     """examples/planted_bug.py: exit 0 on the good run, non-zero with divergence and schema on the bad run."""
     p = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "planted_bug.py"), "--store",

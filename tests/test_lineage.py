@@ -117,6 +117,7 @@ def test_history_flags_old_and_superseded_inputs(store, capsys):
     assert main(["history", "scale", "--store", store, "--stale", "-1"]) == 2
 
 
+@pytest.mark.slow
 def test_example_pipeline_lineage_crosses_processes(tmp_path, store):
     """The example's training step traces back through a file written by another process to the raw CSV."""
     data = tmp_path / "data"
@@ -164,6 +165,7 @@ if __name__ == "__main__":
 '''
 
 
+@pytest.mark.slow
 def test_replay_step_reproduces_and_detects_fix(tmp_path, store):
     """replay-step re-runs a failed call with its recorded inputs; a fixed function reports different behaviour."""
     script = tmp_path / "job.py"

@@ -205,6 +205,7 @@ def test_import_is_light():
     assert out == ["1", "False", "False"]
 
 
+@pytest.mark.slow
 def test_hot_loop_relief_and_threads_keep_every_row(store, monkeypatch):
     """With a tiny buffer cap the logging threads encode batches themselves; no row is lost or doubled."""
     from flightlog import _config

@@ -149,6 +149,7 @@ def test_explicit_ids_are_recorded(store):
     assert [r["item_id"] for r in rows] == ["1001", "1002"]
 
 
+@pytest.mark.slow
 def test_big_batch_is_one_vectorised_write(store):
     """A 100k-row call is recorded completely (and reads back with the right count)."""
     n = 100_000
@@ -378,6 +379,7 @@ def test_slices_skips_rows_without_error_and_reports_no_slice(store, capsys):
     assert "no slice scores above 0" in out
 
 
+@pytest.mark.slow
 def test_example_runs(tmp_path):
     """examples/slices_example.py logs real predictions and prints slices for each command."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "slices_example.py"),

@@ -156,6 +156,7 @@ def _assert_matches(got: pa.Table, ref: list, df: pd.DataFrame, exact_ties: bool
     sigma=st.integers(1, 12),
     max_level=st.integers(1, 4),
 )
+@pytest.mark.slow
 def test_find_equals_brute_force(seed, n, n_cols, err_kind, k, alpha, sigma, max_level):
     """find() returns exactly the brute-force top-K (set, order, scores, stats) on random data."""
     rng = np.random.default_rng(seed)
