@@ -740,6 +740,7 @@ def _finish(jobs, plans, results, store, replay_id, started_at, ended_at, t0) ->
         if j.role != "segment" or r is None or not r.stored or t is None or t.num_rows == 0:
             continue
         t = t.filter(pc.is_in(t.column("name"), pa.array(r.stored)))
+        t = t.select([c for c in t.column_names if c in _schema.METRICS.names])  # a worker of another version
         r.data["stored_rows"] = t.num_rows
         for owner in sorted(set(t.column("run_id").to_pylist())):
             part = t.filter(pc.equal(t.column("run_id"), owner))
