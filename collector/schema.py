@@ -63,6 +63,7 @@ METRICS = pa.schema(
         ("source", pa.string()),  # record | replay
         ("writer", pa.string()),  # host:pid[:rank] of the process that logged it
         ("replay_id", pa.string()),  # the replay that wrote it (source='replay'), else null
+        ("rank", pa.int64()),  # torch.distributed rank (env RANK) of the process; null in a one-process run
     ]
 )
 

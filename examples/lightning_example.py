@@ -4,6 +4,10 @@
     flightlog show latest                            # what was recorded
     flightlog resume latest -- python examples/lightning_example.py   # continue a killed run
 
+Several processes (DDP, gloo on CPU):
+
+    DDP_DEVICES=2 torchrun --standalone --nproc_per_node=2 examples/lightning_example.py
+
 Environment: KILL_AT_EPOCH=N kills the process (SIGKILL) when epoch N starts,
 after the previous checkpoint is durable -- a crash to resume from.
 """
@@ -59,6 +63,8 @@ class KillAt(pl.Callback):
             if ck is not None:
                 ck._q.join()
             r.rec.flush()
+            if trainer.world_size > 1:
+                trainer.strategy.barrier()  # every rank has flushed before any dies
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -74,16 +80,19 @@ def data(n: int = 600):
 def main(epochs: int = 4):
     pl.seed_everything(0, workers=True)
     train, val = data()
-    callbacks = [FlightlogCallback()]
+    every = int(os.environ["CKPT_EVERY"]) if os.environ.get("CKPT_EVERY") else None  # default: adaptive
+    callbacks = [FlightlogCallback(every=every)]
     if os.environ.get("KILL_AT_EPOCH"):
         callbacks.append(KillAt(int(os.environ["KILL_AT_EPOCH"])))
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
+    ddp = int(os.environ.get("DDP_DEVICES", "1"))  # e.g. 2 under torchrun --nproc_per_node=2 (gloo on CPU)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=ddp, deterministic=True, logger=False,
+                         strategy="ddp" if ddp > 1 else "auto",
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          log_every_n_steps=1, callbacks=callbacks)
     model = Digits()
     trainer.fit(model, train, val)
     out = os.environ.get("WEIGHTS_OUT")
-    if out:
+    if out and trainer.global_rank == 0:
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, out)
 
 

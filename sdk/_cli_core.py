@@ -62,6 +62,10 @@ def run_show(args) -> int:
         children = db.sql_arrow(con, "SELECT run_id, kind, status FROM runs WHERE parent_run_id = ? "
                                      "ORDER BY started_at", [rid])
         feas = _feasibility_rows(con, rid)
+        ranks = db.sql_arrow(con, """
+            SELECT rank, count(*) AS rows, count(DISTINCT name) AS names, max(step) AS last_step,
+                   min(epoch) AS first_epoch, max(epoch) AS last_epoch, max(wall_time) AS last_row_at
+            FROM metrics WHERE run_id = ? AND rank IS NOT NULL GROUP BY rank ORDER BY rank""", [rid])
         hists = db.sql_arrow(con, """
             SELECT name, count(*) AS n, max(step) AS last_step, arg_max(edges, step) AS edges,
                    arg_max(counts, step) AS counts, arg_max(count, step) AS count, arg_max(min, step) AS min,
@@ -73,6 +77,7 @@ def run_show(args) -> int:
         out = {"run": run, "metrics": metrics.to_pylist(), "checkpoints": ckpts.to_pylist(),
                "replays": replays.to_pylist(), "children": children.to_pylist(),
                "feasibility": feas[0].to_pylist(),
+               "ranks": ranks.to_pylist(),
                "histograms": [{**h, "edges": _json_list(h["edges"]), "counts": _json_list(h["counts"])}
                               for h in hists.to_pylist()]}
         print(json.dumps(_format._clean_float(out), default=_format._json_default, indent=2))
@@ -106,6 +111,9 @@ def run_show(args) -> int:
     print("\n".join(lines))
     print("\nmetrics")
     print(_format.text_table(metrics) if metrics.num_rows else "  (none)")
+    if ranks.num_rows:
+        print(f"\nranks ({ranks.num_rows} processes recorded into this run; checkpoints are rank 0's)")
+        print(_format.text_table(ranks))
     print(f"\ncheckpoints ({ckpts.num_rows}, "
           f"{sum(b or 0 for b in ckpts.column('bytes').to_pylist()) / 1e6:.2f} MB)")
     if ckpts.num_rows:

@@ -178,6 +178,16 @@ def dict_batch(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return rows_table(rows, schema)
 
 
+def _rank_column(n: int) -> pa.Array:
+    """The process's distributed rank (env ``RANK``, set by torchrun/Lightning/accelerate) for every row."""
+    raw = os.environ.get("RANK")
+    try:
+        rank = int(raw) if raw not in (None, "") else None
+    except ValueError:
+        rank = None
+    return pa.nulls(n, pa.int64()) if rank is None else pa.array(np.full(n, rank, dtype=np.int64))
+
+
 def metric_batch(rows: list, run_id: str, source: str, writer: str) -> pa.Table:
     """Turn buffered ``(name, value, step, time, ctx)`` tuples into a metrics batch.
 
@@ -241,6 +251,7 @@ def metric_batch(rows: list, run_id: str, source: str, writer: str) -> pa.Table:
         _dict_column(zeros, [source]),
         _dict_column(zeros, [writer]),
         pa.nulls(n, pa.string()),  # replay_id: replay rows are built by the replay mode
+        _rank_column(n),
     ]
     # String columns stay dictionary-encoded (20 bytes a row in memory instead of ~130);
     # Parquet stores them as dictionaries anyway and readers see strings.

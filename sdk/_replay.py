@@ -441,6 +441,8 @@ class ReplayMode(Mode):
             cols["source"].append("replay")
             cols["writer"].append(self.run.writer)
             cols["replay_id"].append(self.plan.get("replay_id"))
+            if "rank" in cols:
+                cols["rank"].append(None)  # replay workers are single processes
         self.rows_written += len(rows)
 
     def write_result(self) -> None:

@@ -42,6 +42,9 @@ def _now() -> _dt.datetime:
 
 
 def new_run_id() -> str:
+    shared = os.environ.get("FLIGHTLOG_RUN_ID")  # the ranks of one multi-process job share one id (_ddp)
+    if shared:
+        return shared
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 

@@ -17,13 +17,27 @@ from flightlog import _run, _warn
 from flightlog._record import NO_CTX
 
 
-def start_run(project=None, name=None, store=None) -> "tuple[Any, bool]":
-    """The active run (or a new one); True when this call started it (then the callback finishes it)."""
+def start_run(project=None, name=None, store=None, rank: int | None = None,
+              world_size: int | None = None) -> "tuple[Any, bool]":
+    """The active run (or a new one); True when this call started it (then the callback finishes it).
+
+    ``rank``/``world_size``: what the framework knows (its launcher may not export
+    ``RANK``/``WORLD_SIZE`` to every process); with more than one process all
+    ranks get the job's shared run id and their rows a ``rank``.
+    """
     r = _run.ACTIVE
     if r is not None and not r.finished:
         return r, False
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+    if world_size is None:
         try:
+            world_size = int(os.environ.get("WORLD_SIZE") or 1)
+        except ValueError:
+            world_size = 1
+    if world_size > 1:
+        try:
+            if rank is not None:
+                os.environ.setdefault("RANK", str(rank))
+            os.environ.setdefault("WORLD_SIZE", str(world_size))
             from flightlog import _ddp
 
             _ddp.prepare_env()

@@ -132,7 +132,8 @@ class FlightlogCallback(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         try:
             if self.run is None:
-                self.run, self._owns = _common.start_run(self.project, self.name, self.store)
+                self.run, self._owns = _common.start_run(self.project, self.name, self.store,
+                                                         trainer.global_rank, trainer.world_size)
             if self.run is None:
                 return
             self._primary = trainer.global_rank == 0

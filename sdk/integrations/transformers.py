@@ -115,7 +115,8 @@ class FlightlogCallback(TrainerCallback):
     def on_init_end(self, args, state, control, **kw):
         try:
             if self.run is None:
-                self.run, self._owns = _common.start_run(self.project, self.name, self.store)
+                self.run, self._owns = _common.start_run(self.project, self.name, self.store,
+                                                         args.process_index, args.world_size)
             r = self.run
             if r is None:
                 return
