@@ -120,6 +120,22 @@ def test_second_run_does_not_report_the_first_runs_problems(store):
     assert fl.health(second.run_id, store=store, checks=["lost_records"], params=params)[0].status == "pass"
 
 
+def test_lost_records_counts_rows_the_collector_refused(store):
+    """Export failures the run counted (collector_rejected / _unconfirmed, step_record_failed) fail lost_records."""
+    import datetime as dt
+
+    from flightlog.collector import schema as sch
+
+    t0 = dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc)
+    for rid, counters in (("r-ok", {"collector_auth": 3}), ("r-lost", {"collector_rejected": 2})):
+        row = dict(run_id=rid, project="p", kind="train", status="finished", started_at=t0, updated_at=t0,
+                   ended_at=t0, dropped_rows=0, counters=json.dumps(counters))
+        LocalSink(store).write("runs", pa.Table.from_pylist([row], schema=sch.schema("runs")))
+    assert fl.health("r-ok", store=store, checks=["lost_records"])[0].status == "pass"  # spooled, not lost
+    res = fl.health("r-lost", store=store, checks=["lost_records"])[0]
+    assert res.status == "fail" and res.evidence.column("location").to_pylist() == ["collector_rejected"]
+
+
 # -- remote mode: @fl.step spans go through the collector sink, with the token ---------------------
 
 STEP_SCRIPT = """

@@ -1,7 +1,7 @@
 -- name: lost_records
 -- severity: error
 -- description: checkpoint writes that failed, and rows the recorder had to drop (the record is incomplete)
--- param counters = 'encode_error|checkpoint.*(fail|error)' : regular expression of the run's problem counters that also count as lost records
+-- param counters = 'encode_error|step_record_failed|collector_(rejected|unconfirmed)|checkpoint.*(fail|error)' : regular expression of the run's problem counters that also count as lost records (rows the collector refused or did not confirm are set aside in the spool, not stored)
 WITH r AS (SELECT dropped_rows, counters FROM runs WHERE run_id = $run_id)
 SELECT 'checkpoint write failed' AS problem, loop || '[' || iteration || ']' AS location,
        CAST(1 AS BIGINT) AS count, error AS detail
