@@ -67,3 +67,34 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
     got = fl.query(q.replace("?", f"'{res_id}'"), store=store).to_pylist()
     want = [r for r in fl.query(q.replace("run_id = ?", "true"), store=full).to_pylist() if r["epoch"] >= 2]
     assert got and got == want  # same names, positions, steps and values, bit for bit
+
+
+@pytest.mark.slow
+def test_batch_level_replay_of_new_statements_equals_a_full_rerun(tmp_path):
+    """New fl.log in validation_step and training_step, replayed from checkpoints, equal a run of the new script."""
+    src = open(EXAMPLE).read()
+    new = src.replace('        self.log("val_acc", (logits.argmax(1) == y).float().mean())\n',
+                      '        self.log("val_acc", (logits.argmax(1) == y).float().mean())\n'
+                      '        if not self.trainer.sanity_checking:\n'
+                      '            fl.log("val_err", 1 - (logits.argmax(1) == y).float().mean())\n')
+    new = new.replace('        self.log("train_loss", loss, on_step=True, on_epoch=True)\n',
+                      '        self.log("train_loss", loss, on_step=True, on_epoch=True)\n'
+                      '        fl.log("w_norm", sum((p ** 2).sum() for p in self.parameters()))\n')
+    assert new != src
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    old_path, new_path = tmp_path / "a" / "train.py", tmp_path / "b" / "train.py"
+    old_path.write_text(src)
+    new_path.write_text(new)
+    store, full = str(tmp_path / "s"), str(tmp_path / "full")
+    assert _py([str(old_path), "3"], store, tmp_path / "a").returncode == 0
+    p = _py(["-m", "flightlog.cli", "replay", str(new_path), "3", "--run", "latest", "--epochs", "1:3",
+             "--cold"], store, tmp_path / "b")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "exact" in p.stdout, p.stdout[-2000:]
+    assert _py([str(new_path), "3"], full, tmp_path / "b").returncode == 0
+    q = "SELECT name, epoch, batch, value FROM metrics WHERE name IN ('val_err', 'w_norm') AND epoch >= 1 AND SRC " \
+        "ORDER BY name, epoch, step"
+    got = fl.query(q.replace("SRC", "source = 'replay'"), store=store).to_pylist()
+    want = fl.query(q.replace("SRC", "true"), store=full).to_pylist()
+    assert len(want) == 2 * 2 + 2 * 10 and got == want

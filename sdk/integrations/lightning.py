@@ -126,6 +126,7 @@ class FlightlogCallback(Callback):
         self._epoch_t0 = 0.0
         self._frame = None
         self._primary = True
+        self._replay: "_Replay | None" = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -139,8 +140,10 @@ class FlightlogCallback(Callback):
             self._primary = trainer.global_rank == 0
             if not any(lg is self._logger for lg in trainer.loggers):
                 trainer.loggers = list(trainer.loggers) + [self._logger]
-            _common.refuse_replay(self.run, "Lightning")
-            if stage == "fit" and self.checkpoints and self._primary:
+            if _common.mode_name(self.run) == "replay":
+                if stage == "fit":
+                    self._replay = _Replay(self.run, trainer)
+            elif stage == "fit" and self.checkpoints and self._primary:
                 self._register(trainer)
         except Exception as e:
             _warn.problem("integration_error", f"FlightlogCallback.setup failed: {e!r}")
@@ -200,7 +203,9 @@ class FlightlogCallback(Callback):
         self._frame = Frame(LOOP, 0, total)
         if not r.loops:
             r.loops.append(self._frame)
-        if not self._resumed and self._ckpt is not None and trainer.current_epoch == 0:
+        if self._replay is not None:
+            self._replay.start()
+        elif not self._resumed and self._ckpt is not None and trainer.current_epoch == 0:
             try:  # the state before the first epoch (replay of epoch 0 from its start)
                 self._ckpt.take(LOOP, -1, 0.0, "loop_start")
             except Exception as e:
@@ -214,14 +219,26 @@ class FlightlogCallback(Callback):
         if self._frame is not None:
             self._frame.index = trainer.current_epoch
         _common.set_ctx(r, trainer.current_epoch, None)
+        if self._replay is not None:
+            self._replay.epoch_start(trainer.current_epoch)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         r = self.run
         if r is not None:
             _common.set_ctx(r, trainer.current_epoch, batch_idx)
+            if self._replay is not None and self._replay.skipping:
+                raise StopIteration  # Lightning ends this epoch's training loop: not in the replay plan
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         pass  # step values arrive through the logger, in this batch's context
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        if self._replay is not None:
+            self._replay.mode.cur_epoch = -2  # not training: its values are not replayed (never emitted)
+
+    def on_sanity_check_end(self, trainer, pl_module) -> None:
+        if self._replay is not None:
+            self._replay.mode.cur_epoch = None
 
     def on_validation_start(self, trainer, pl_module) -> None:
         r = self.run
@@ -234,6 +251,8 @@ class FlightlogCallback(Callback):
             return
         e = trainer.current_epoch
         _common.set_ctx(r, e, None)
+        if self._replay is not None:
+            self._replay.epoch_end(trainer, e)
         if self._ckpt is not None:
             # flightlog's policy: every epoch when affordable, else an adaptive period
             self._ckpt.on_boundary(r, LOOP, e, time.perf_counter() - self._epoch_t0, "iteration_end")
@@ -243,6 +262,8 @@ class FlightlogCallback(Callback):
         r = self.run
         if r is None:
             return
+        if self._replay is not None:
+            self._replay.end()  # ends the worker (SystemExit) unless the plan runs the script's tail
         if self._frame is not None and r.loops and r.loops[0] is self._frame:
             r.loops.pop()
         _common.set_ctx(r, None, None)
@@ -263,3 +284,101 @@ class FlightlogCallback(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         pass  # the run's own exit hooks mark it failed/killed
+
+
+class _Replay:
+    """A ``flightlog replay`` worker running a Lightning script: follows the worker's plan.
+
+    Supported: epochs planned ``full`` (batch-level replay: every training batch
+    re-executed, from the checkpoint of the epoch before when the previous epoch
+    was not replayed) -- what the planner plans for statements inside a
+    LightningModule, whose hooks the script does not call visibly. Epochs not in
+    the plan end their training loop at the first batch. ``tail`` epochs
+    (epoch-level replay that skips the training batches) are refused: Lightning
+    runs validation only after training batches, so skipping them would skip the
+    statements to replay too.
+    """
+
+    def __init__(self, run, trainer) -> None:
+        from flightlog import FlightlogError
+
+        mode = run.mode
+        for attr in ("actions", "_restore", "_epoch_done", "objects"):
+            if not hasattr(mode, attr):
+                raise FlightlogError(f"this replay worker has no {attr!r}: replay of Lightning runs needs it")
+        tails = sorted(e for e, a in mode.actions.items() if a != "full")
+        if tails:
+            raise FlightlogError(f"epoch-level replay (skipping training batches) of a Lightning run is not "
+                                 f"supported (epochs {tails[:5]}): replay with a plan that re-executes epochs")
+        self.run, self.mode, self.trainer = run, mode, trainer
+        self.mode.checkpointing(run, {"lightning": _TrainerState(trainer)})
+        self.last = max(mode.actions) if mode.actions else -1
+        self.prev: int | None = None
+        self.current: int | None = None
+        self.skipping = False
+        self.recorded_steps: dict[int, dict[str, int]] = {}
+
+    def start(self) -> None:
+        if self.mode.actions.get(0) == "full":
+            self.mode._restore(-1)  # the recorded loop-start state, if any
+            self.prev = -1
+        self._load_recorded_steps()
+
+    def _load_recorded_steps(self) -> None:
+        """Per epoch, each recorded name's step counter at its start (the record, not the checkpoint)."""
+        from flightlog.query import db
+
+        con = db.connect(self.mode.store)
+        try:
+            rows = db.sql_arrow(con, "SELECT name, epoch, max(step) + 1 AS n FROM metrics WHERE run_id = ? "
+                                     "AND source = 'record' AND epoch IS NOT NULL GROUP BY name, epoch",
+                                [self.run.run_id]).to_pylist()
+        finally:
+            con.close()
+        for e in sorted({r["epoch"] for r in rows}):
+            upto: dict[str, int] = {}
+            for r in rows:
+                if r["epoch"] <= e and r["n"] is not None:
+                    upto[r["name"]] = max(upto.get(r["name"], 0), int(r["n"]))
+            self.recorded_steps[e + 1] = upto
+
+    def epoch_start(self, e: int) -> None:
+        self._complete()  # the previous epoch's epoch-level values (logged after its end hook) are in
+        action = self.mode.actions.get(e)
+        self.mode.cur_epoch = e
+        if action != "full":
+            self.skipping = True
+            self.mode.cur_mode = None
+            return
+        self.skipping = False
+        if self.prev != e - 1:
+            self.mode._restore(e - 1)  # model, optimizers, schedulers, RNG of the end of epoch e-1
+        if e in self.recorded_steps or e == 0:
+            steps = self.recorded_steps.get(e, {})
+            for name in self.mode.recorded_names:
+                self.run.steps[name] = steps.get(name, 0)
+        self.mode.cur_mode = "full"
+        self.current = e
+        if getattr(self.mode, "first_epoch_at", 0) is None:
+            import time as _t
+
+            self.mode.first_epoch_at = _t.time()
+
+    def epoch_end(self, trainer, e: int) -> None:
+        if e >= self.last:
+            trainer.should_stop = True  # the segment is done
+
+    def _complete(self) -> None:
+        if self.current is not None:
+            self.mode._epoch_done(self.current)
+            self.prev, self.current = self.current, None
+
+    def end(self) -> None:
+        self._complete()
+        self.mode.cur_epoch = None
+        if not getattr(self.mode, "after_loop", False):
+            import sys
+
+            _run._end(self.run, "finished", None)
+            sys.stdout.flush()
+            raise SystemExit(0)
