@@ -63,6 +63,12 @@ class Held:
             hit = self._files.get(path)
             if hit is not None:
                 return hit
+            from flightlog.collector import fs as _fs
+
+            if _fs.is_remote(path):  # an object cannot be held open: its size and time as listed
+                size, mtime_ns = _fs.stat(path)
+                e = self._files[path] = _Entry(None, size, mtime_ns)
+                return e
             if self._open < self._max:
                 fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 try:
@@ -102,6 +108,10 @@ class Held:
         if e is None:
             raise PermissionError(f"not a file of this store snapshot: {path}")
         if e.fd is None:
+            from flightlog.collector import fs as _fs
+
+            if _fs.is_remote(path):  # read-only random access through pyarrow's file system
+                return _fs.open_input(path)
             return open(path, "rb", buffering=0)
         return _PreadFile(e.fd, e.size, path, self)
 

@@ -208,14 +208,12 @@ def read_runs(root: str) -> pa.Table:
     value is untrusted: nothing here converts a stored timestamp to a Python
     datetime or hands a stored pid to the OS unchecked.
     """
-    remote = _fs.is_remote(root)
     held = _snapshot.Held()
     parts = []
     try:
-        for f in _listed(root, "runs", None if remote else held):
+        for f in _listed(root, "runs", held):
             try:
-                src = _fs.open_input(f) if remote else held.reader(str(f))
-                parts.append(_schema.conform("runs", pq.ParquetFile(src).read()))
+                parts.append(_schema.conform("runs", pq.ParquetFile(held.reader(str(f))).read()))
             except Exception as e:
                 warnings.warn(f"flightlog: skipping {f}: {e}", StoreWarning, stacklevel=3)
     finally:
@@ -354,8 +352,6 @@ def connect(store: str | os.PathLike | None = None, *, sandbox: bool = True,
     remote = _fs.is_remote(root)
     if must_exist and not (_fs.isdir(root) if remote else os.path.isdir(root)):
         raise StoreError(f"no flightlog store at {root} (set FLIGHTLOG_HOME or pass --store)")
-    if remote:
-        return _connect_remote(root, sandbox)
     con = duckdb.connect(":memory:")
     try:
         for setting in ("SET TimeZone='UTC'", "SET enable_progress_bar=false"):
@@ -376,52 +372,6 @@ def connect(store: str | os.PathLike | None = None, *, sandbox: bool = True,
         _extra_views(con)
         if sandbox:
             _lock(con, [_snapshot.url(p) for p in held.paths()])
-    except BaseException:
-        con.close()
-        raise
-    return con
-
-
-def _remote_select(con: duckdb.DuckDBPyConnection, root: str, table: str) -> str:
-    """A SELECT over ``table`` of an object-store store: its listed, valid files as a pyarrow dataset.
-
-    DuckDB scans the dataset through pyarrow (its own S3 support is an extension that cannot
-    be downloaded here); each file carries its ``run_id`` partition as an exact expression, so
-    a ``run_id`` filter DuckDB pushes down skips other runs' files without opening them.
-    """
-    import pyarrow.dataset as ds
-
-    files = _listed(root, table, None)
-    if not files:
-        return _empty_select(table)
-    fs, _ = _fs.split(root)
-    parts = []
-    for f in files:
-        rid = f.parent.name.partition("=")[2]
-        parts.append(ds.field("run_id") == rid)
-    data = ds.FileSystemDataset.from_paths([_fs.split(f)[1] for f in files], schema=_schema.schema(table),
-                                           format=ds.ParquetFileFormat(), filesystem=fs, partitions=parts)
-    name = f"_flightlog_{table}"
-    con.register(name, data)
-    return f"SELECT {', '.join(_column(f) for f in _schema.schema(table))} FROM {name}"
-
-
-def _connect_remote(root: str, sandbox: bool) -> duckdb.DuckDBPyConnection:
-    """:func:`connect` for a store on an object store: views over pyarrow datasets, no file system at all."""
-    con = duckdb.connect(":memory:")
-    try:
-        for setting in ("SET TimeZone='UTC'", "SET enable_progress_bar=false"):
-            try:
-                con.execute(setting)
-            except duckdb.Error:
-                pass
-        _create_runs(con, root, (), body=_remote_select(con, root, "runs"))
-        for table in _schema.TABLES:
-            if table != "runs":
-                con.execute(f"CREATE VIEW {table} AS {_remote_select(con, root, table)}")
-        _extra_views(con)
-        if sandbox:  # the data comes in through Python objects: no path needs to be allowed
-            _lock(con, [])
     except BaseException:
         con.close()
         raise
