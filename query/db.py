@@ -259,15 +259,13 @@ def read_runs(root: str) -> pa.Table:
     return t.take(pc.sort_indices(started))
 
 
-def _create_runs(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[Path], ref=str,
-                 body: str | None = None) -> None:
+def _create_runs(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[Path], ref=str) -> None:
     """The runs table: newest row per run, then ``crashed`` for runs whose process is gone.
 
     Built in SQL from the files (no Arrow registration: that makes DuckDB import pandas,
     ~0.2 s of start-up for every CLI command).
     """
-    if body is None:
-        body = _files_select("runs", files, ref) if files else _empty_select("runs")
+    body = _files_select("runs", files, ref) if files else _empty_select("runs")
     # tags and notes come from the row with the newest annotated_at (flightlog tag/note on a live run)
     con.execute(f"""CREATE TABLE runs AS SELECT * EXCLUDE (_ann) REPLACE (
             CASE WHEN _ann IS NULL THEN tags ELSE _ann.t END AS tags,
