@@ -267,8 +267,10 @@ class Recorder:
         self.interval = float(_config.resolve(flush_interval, _config.ENV_FLUSH_INTERVAL,
                                               _config.DEFAULT_FLUSH_INTERVAL, float))
         run.buf = []  # metric tuples, on the Run for the hot path; swapped out whole by the flush thread
-        self._old: list | None = None  # last swapped-out buffer and how much of it was taken
-        self._old_taken = 0
+        # Swapped-out buffers of the last few seconds and how much of each was taken: a logging
+        # thread preempted between reading run.buf and appending to it may append to a buffer
+        # after one, or several, swaps (relief by other logging threads swaps often).
+        self._olds: list[list] = []  # [buffer, taken, monotonic time of the swap]
         # Everything waiting to be encoded, in the order it was produced: [table, payload, kind]
         # with kind "rows" (dict rows), "table" (a ready batch) or "slot" (metric rows taken from
         # the buffer and being encoded by some thread; the flush stops there until it is filled).
@@ -359,29 +361,32 @@ class Recorder:
 
     def _take_metrics(self) -> list:
         rows: list = []
-        old = self._old
-        if old is not None:
-            # A thread preempted between reading run.buf and appending to it may have
-            # added rows to the previous buffer after the swap: pick them up now.
+        now = time.monotonic()
+        olds = self._olds
+        for e in olds:
+            # Stragglers: rows a preempted thread appended to an earlier buffer after its swap.
+            old, taken = e[0], e[1]
             k = len(old)
-            if k > self._old_taken:
-                rows.extend(old[self._old_taken:k])
-                self._old_taken = k
+            if k > taken:
+                rows.extend(old[taken:k])
+                e[1] = k
+        if len(olds) > 16:  # the newest 16 buffers, older ones while younger than 1 s (at most 64)
+            n = len(olds)
+            self._olds = olds = [e for i, e in enumerate(olds) if i >= n - 16 or (i >= n - 64 and now - e[2] < 1.0)]
         run = self.run
         buf, run.buf = run.buf, []
         k = len(buf)  # read once: rows appended after this are taken next time
         rows.extend(buf[:k])
-        self._old, self._old_taken = buf, k
+        olds.append([buf, k, now])
         return rows
 
     def _release_old(self) -> None:
         """Drop the taken rows from the previous buffer (its stragglers, if any, stay)."""
         with self._take_lock:
-            old = self._old
-            if old is not None and self._old_taken:
-                k = self._old_taken
-                del old[:k]
-                self._old_taken = 0
+            for e in self._olds:
+                if e[1]:
+                    del e[0][:e[1]]
+                    e[1] = 0
 
     def _take_slot(self) -> tuple[list, list | None]:
         """Take the buffered metric rows and reserve their place in the write order (take lock held)."""
@@ -520,8 +525,7 @@ class Recorder:
 
     def reset_after_fork(self) -> None:
         self.run.buf = []
-        self._old = None
-        self._old_taken = 0
+        self._olds = []
         self._inbox = []
         self._rows_lock = threading.Lock()
         self._flush_lock = threading.Lock()
