@@ -103,14 +103,6 @@ def record_params(r, params: dict, prefix: str = "") -> None:
         _warn.problem("params_error", f"hyper-parameters not recorded: {e!r}")
 
 
-def refuse_replay(r, framework: str) -> None:
-    """Say clearly what a replay worker cannot do with this framework."""
-    if mode_name(r) == "replay":
-        _warn.problem("replay_unsupported",
-                      f"flightlog replay of a {framework} run is not supported by this integration: "
-                      "see docs/integrations-" + framework.lower() + ".md (replay levels)")
-
-
 def parent_steps(store: str, parent_run_id: str, last_epoch: int) -> dict:
     """Per-name step counters of the parent chain up to the end of ``last_epoch``.
 
@@ -129,3 +121,37 @@ def parent_steps(store: str, parent_run_id: str, last_epoch: int) -> dict:
     finally:
         con.close()
     return {r["name"]: int(r["n"]) for r in rows if r["n"] is not None}
+
+
+def recorded_steps(store: str, run_id: str) -> dict[int, dict[str, int]]:
+    """Per epoch e, each recorded name's step counter when e began (from the record, not a checkpoint)."""
+    from flightlog.query import db
+
+    con = db.connect(store)
+    try:
+        rows = db.sql_arrow(con, "SELECT name, epoch, max(step) + 1 AS n FROM metrics WHERE run_id = ? "
+                                 "AND source = 'record' AND epoch IS NOT NULL GROUP BY name, epoch",
+                            [run_id]).to_pylist()
+    finally:
+        con.close()
+    out: dict[int, dict[str, int]] = {0: {}}
+    for e in sorted({r["epoch"] for r in rows}):
+        upto: dict[str, int] = {}
+        for r in rows:
+            if r["epoch"] <= e and r["n"] is not None:
+                upto[r["name"]] = max(upto.get(r["name"], 0), int(r["n"]))
+        out[e + 1] = upto
+    return out
+
+
+def check_replay_mode(mode, framework: str) -> None:
+    """The replay worker interface the integrations drive; refuse plans they cannot follow."""
+    from flightlog import FlightlogError
+
+    for attr in ("actions", "_restore", "_epoch_done", "objects", "recorded_names", "checkpointing"):
+        if not hasattr(mode, attr):
+            raise FlightlogError(f"this replay worker has no {attr!r}: replay of {framework} runs needs it")
+    tails = sorted(e for e, a in mode.actions.items() if a != "full")
+    if tails:
+        raise FlightlogError(f"epoch-level replay (skipping training batches) of a {framework} run is not "
+                             f"supported (epochs {tails[:5]}): replay with a plan that re-executes epochs")

@@ -146,6 +146,8 @@ class FlightlogCallback(Callback):
             elif stage == "fit" and self.checkpoints and self._primary:
                 self._register(trainer)
         except Exception as e:
+            if self.run is not None and _common.mode_name(self.run) == "replay":
+                raise  # a replay worker that cannot follow its plan fails with the reason
             _warn.problem("integration_error", f"FlightlogCallback.setup failed: {e!r}")
 
     def _register(self, trainer) -> None:
@@ -300,16 +302,8 @@ class _Replay:
     """
 
     def __init__(self, run, trainer) -> None:
-        from flightlog import FlightlogError
-
         mode = run.mode
-        for attr in ("actions", "_restore", "_epoch_done", "objects"):
-            if not hasattr(mode, attr):
-                raise FlightlogError(f"this replay worker has no {attr!r}: replay of Lightning runs needs it")
-        tails = sorted(e for e, a in mode.actions.items() if a != "full")
-        if tails:
-            raise FlightlogError(f"epoch-level replay (skipping training batches) of a Lightning run is not "
-                                 f"supported (epochs {tails[:5]}): replay with a plan that re-executes epochs")
+        _common.check_replay_mode(mode, "Lightning")
         self.run, self.mode, self.trainer = run, mode, trainer
         self.mode.checkpointing(run, {"lightning": _TrainerState(trainer)})
         self.last = max(mode.actions) if mode.actions else -1

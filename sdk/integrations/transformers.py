@@ -125,10 +125,19 @@ class FlightlogCallback(TrainerCallback):
                 _common.record_params(r, args.to_dict())
             except Exception as e:
                 _warn.problem("params_error", f"TrainingArguments not recorded: {e!r}")
-            _common.refuse_replay(r, "Transformers")
+            if _common.mode_name(r) == "replay":
+                from flightlog import FlightlogError
+
+                raise FlightlogError(
+                    "flightlog replay of a Transformers Trainer run is not supported: a re-executed epoch "
+                    "does not reproduce the recorded losses after a restore (the Trainer's loss accumulators "
+                    "and data iterator live outside its callbacks); record the new values by re-running "
+                    "training, or use resume (supported, bit for bit)")
             if _common.mode_name(r) == "resume":
                 self._prepare_resume(_find_trainer())
         except Exception as e:
+            if self.run is not None and _common.mode_name(self.run) == "replay":
+                raise  # a replay worker fails with the reason
             _warn.problem("integration_error", f"FlightlogCallback.on_init_end failed: {e!r}")
 
     def _prepare_resume(self, trainer) -> None:
@@ -247,3 +256,4 @@ class FlightlogCallback(TrainerCallback):
 
             shutil.rmtree(self._resume_dir, ignore_errors=True)
             self._resume_dir = None
+
