@@ -114,12 +114,18 @@ def main() -> None:
                 info.setdefault(label, {"startup": []})["startup"].append(j["startup_s"])
                 info[label]["fidelity"] = j["fidelity"]
                 info[label]["compared"] = j["compared"]
+                # which pool served it: a warm row whose pool pid changed paid a pool start (an edited
+                # flightlog source or package restarts the pool; see docs/hindsight.md)
+                _, st = timed([FLIGHTLOG, "replay", "--status", "--format", "json"], env, work)
+                pid = (json.loads(st) or {}).get("pid")
+                if "--cold" not in extra:
+                    info[label].setdefault("pools", []).append(pid)
                 name, epochs = check
                 got = values(store, name, epochs)
                 want = values(full, name, epochs)
                 info[label]["equal"] = got == want and len(got) > 0
-                print(f"{label}: {dt:.2f}s fidelity {j['fidelity']} equal-to-full-rerun {info[label]['equal']}",
-                      file=sys.stderr)
+                print(f"{label}: {dt:.2f}s (start-up {j['startup_s']}) fidelity {j['fidelity']} "
+                      f"equal-to-full-rerun {info[label]['equal']} pool {pid}", file=sys.stderr)
 
         one = min(7, a.epochs - 1)
         replay("(b) epoch-level statement, all epochs, --cold", "train_epoch.py", ["--cold"], ("weight_norm", None),
@@ -159,6 +165,8 @@ def main() -> None:
     print(f"replay start-up = replay command start -> first planned epoch; the script's own start-up "
           f"(imports, data, model: a plain run from process start to its first epoch) is {script_startup:.2f}s "
           f"of it")
+    pools = [p for v in info.values() for p in v.get("pools", [])]
+    print(f"warm pool pids over the warm replays, in order: {pools} (a change = the pool was restarted)")
     c1 = res.get("(c) batch-level statement, all epochs, 1 worker")
     c2 = res.get("(c) batch-level statement, all epochs, 2 workers")
     if c1 and c2:
