@@ -18,6 +18,7 @@ under its final name (:func:`put`). An S3 object becomes visible only when its u
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import threading
@@ -349,3 +350,66 @@ class Spool:
                 self.uploaded += 1
             self._pending = left > 0
             return left
+
+
+class PositionalReader(io.RawIOBase):
+    """A read-only file object over an object, safe to share between threads.
+
+    DuckDB may read one handle from several threads (seek, then read); pyarrow releases the GIL
+    while it fetches, so a shared position could move between one thread's seek and its read.
+    Each thread keeps its own position here and every read is a positional ``read_at``.
+    """
+
+    def __init__(self, path: Any, size: int | None = None) -> None:
+        super().__init__()
+        self._f = open_input(path)
+        self._size = self._f.size() if size is None else size
+        self._pos = threading.local()
+        self.name = uri(path)
+
+    def _get(self) -> int:
+        return getattr(self._pos, "v", 0)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._get(), 2: self._size}[whence]
+        self._pos.v = max(0, base + offset)
+        return self._pos.v
+
+    def tell(self) -> int:
+        return self._get()
+
+    def read(self, n: int = -1) -> bytes:
+        pos = self._get()
+        if n is None or n < 0:
+            n = max(0, self._size - pos)
+        n = max(0, min(n, self._size - pos))
+        b = self._f.read_at(n, pos) if n else b""
+        self._pos.v = pos + len(b)
+        return bytes(b)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buf) -> int:
+        b = self.read(len(buf))
+        buf[: len(b)] = b
+        return len(b)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        finally:
+            super().close()

@@ -110,8 +110,8 @@ class Held:
         if e.fd is None:
             from flightlog.collector import fs as _fs
 
-            if _fs.is_remote(path):  # read-only random access through pyarrow's file system
-                return _fs.open_input(path)
+            if _fs.is_remote(path):  # read-only positional reads through pyarrow's file system
+                return _fs.PositionalReader(path, e.size)
             return open(path, "rb", buffering=0)
         return _PreadFile(e.fd, e.size, path, self)
 
