@@ -63,7 +63,8 @@ def main(epochs: int = 3):
                              per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=3e-3,
                              logging_strategy="steps", logging_steps=2, eval_strategy="epoch", save_strategy="no",
                              report_to=[], seed=0, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
-    callbacks = [FlightlogCallback()]
+    every = int(os.environ["CKPT_EVERY"]) if os.environ.get("CKPT_EVERY") else None  # default: adaptive
+    callbacks = [FlightlogCallback(every=every)]
     if os.environ.get("KILL_AT_EPOCH"):
         callbacks.append(KillAt(int(os.environ["KILL_AT_EPOCH"])))
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(128, 1), eval_dataset=Tokens(64, 2),

@@ -16,7 +16,7 @@ EXAMPLE = os.path.join(ROOT, "examples", "lightning_example.py")
 
 
 def _py(args, store, cwd, env=None, timeout=300):
-    e = dict(os.environ, FLIGHTLOG_HOME=store, FLIGHTLOG_PROGRESS="0", **(env or {}))
+    e = dict(os.environ, FLIGHTLOG_HOME=store, FLIGHTLOG_PROGRESS="0", CKPT_EVERY="1", **(env or {}))
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=e,
                           cwd=str(cwd))
 
@@ -30,25 +30,8 @@ def test_import_flightlog_does_not_import_lightning():
 
 
 @pytest.mark.slow
-def test_records_self_log_hparams_positions_and_checkpoints(tmp_path):
-    """self.log step/epoch values land in metrics with epoch/batch; hparams as params; one checkpoint per epoch."""
-    store = str(tmp_path / "s")
-    p = _py([EXAMPLE, "3"], store, tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    m = fl.query("SELECT name, epoch, batch FROM metrics", store=store).to_pylist()
-    steps = [r for r in m if r["name"] == "train_loss_step"]
-    assert len(steps) == 30 and {r["batch"] for r in steps} == set(range(10))
-    assert sorted(r["epoch"] for r in m if r["name"] == "val_acc") == [0, 1, 2]
-    assert all(r["batch"] is None for r in m if r["name"] in ("val_acc", "train_loss_epoch"))
-    run = fl.query("SELECT params, status FROM runs", store=store).to_pylist()[0]
-    assert '"lr": 0.01' in run["params"] and '"hidden": 32' in run["params"] and run["status"] == "finished"
-    ck = fl.query("SELECT iteration, position FROM checkpoints ORDER BY iteration", store=store).to_pylist()
-    assert [c["iteration"] for c in ck] == [-1, 0, 1, 2]
-
-
-@pytest.mark.slow
-def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
-    """A Lightning run SIGKILLed at epoch 2 and continued with `flightlog resume` equals an uninterrupted run."""
+def test_records_and_resumes_after_sigkill_bit_for_bit(tmp_path):
+    """self.log values/hparams/positions/checkpoints are recorded; a run SIGKILLed at epoch 2 resumes bit for bit."""
     store, full = str(tmp_path / "s"), str(tmp_path / "full")
     p = _py([EXAMPLE, "4"], store, tmp_path, env={"KILL_AT_EPOCH": "2"})
     assert p.returncode == -9, p.stderr[-3000:]
@@ -58,6 +41,17 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     p = _py([EXAMPLE, "4"], full, tmp_path, env={"WEIGHTS_OUT": w_full})
     assert p.returncode == 0, p.stderr[-3000:]
+    # what the uninterrupted run recorded
+    m = fl.query("SELECT name, epoch, batch FROM metrics", store=full).to_pylist()
+    steps = [r for r in m if r["name"] == "train_loss_step"]
+    assert len(steps) == 40 and {r["batch"] for r in steps} == set(range(10))
+    assert sorted(r["epoch"] for r in m if r["name"] == "val_acc") == [0, 1, 2, 3]
+    assert all(r["batch"] is None for r in m if r["name"] in ("val_acc", "train_loss_epoch"))
+    run = fl.query("SELECT params, status FROM runs", store=full).to_pylist()[0]
+    assert '"lr": 0.01' in run["params"] and '"hidden": 32' in run["params"] and run["status"] == "finished"
+    ck = fl.query("SELECT iteration, position FROM checkpoints ORDER BY iteration", store=full).to_pylist()
+    assert [c["iteration"] for c in ck] == [-1, 0, 1, 2, 3]
+
     import torch
 
     a, b = torch.load(w_res), torch.load(w_full)

@@ -18,7 +18,8 @@ TRAINED = ("loss", "grad_norm", "learning_rate", "eval_loss")  # deterministic l
 
 
 def _py(args, store, cwd, env=None, timeout=300):
-    e = dict(os.environ, FLIGHTLOG_HOME=store, FLIGHTLOG_PROGRESS="0", HF_HUB_OFFLINE="1", **(env or {}))
+    e = dict(os.environ, FLIGHTLOG_HOME=store, FLIGHTLOG_PROGRESS="0", HF_HUB_OFFLINE="1", CKPT_EVERY="1",
+             **(env or {}))
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=e,
                           cwd=str(cwd))
 
