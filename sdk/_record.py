@@ -185,7 +185,7 @@ def _rank_column(n: int) -> pa.Array:
         rank = int(raw) if raw not in (None, "") else None
     except ValueError:
         rank = None
-    return pa.nulls(n, pa.int64()) if rank is None else pa.array(np.full(n, rank, dtype=np.int64))
+    return pa.nulls(n, pa.int64()) if rank is None else _i64(np.full(n, rank, dtype=np.int64))  # never pa.array(ndarray): it imports pandas
 
 
 def metric_batch(rows: list, run_id: str, source: str, writer: str) -> pa.Table:

@@ -238,3 +238,22 @@ def test_query_mid_run_sees_step_calls(store):
     fl.init(project="mid", flush_interval=60)
     double(3)
     assert fl.query("SELECT count(*) AS n FROM spans WHERE name LIKE '%double%'").column("n")[0].as_py() == 1
+
+
+def test_rank_env_rows_are_stored_without_pandas(tmp_path):
+    """A process with RANK set (torchrun/DDP) stores its rows at exit and recording never imports pandas."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "r.py"
+    script.write_text("import sys, flightlog as fl\nfl.init(project='rk', flush_interval=60)\n"
+                      "for i in range(300):\n    fl.log('x', float(i))\n"
+                      "print('pandas' in sys.modules)\n")
+    env = dict(os.environ, RANK="1", FLIGHTLOG_HOME=str(tmp_path / "st"))
+    env.pop("FLIGHTLOG_COLLECTOR", None)
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr
+    assert "could not encode" not in p.stderr, p.stderr
+    n = fl.query("SELECT count(*) AS n, min(rank) AS r FROM metrics", store=str(tmp_path / "st")).to_pylist()
+    assert n == [{"n": 300, "r": 1}]
