@@ -141,9 +141,17 @@ def load_run(con, store: str, run_id: str) -> RunInfo:
     chain = db.run_chain(con, run_id)
     ck: dict[int, dict] = {}
     for rid in chain:  # later runs of the chain win
-        for c in db.sql_arrow(con, "SELECT iteration, position, content_hash, bytes, run_id, captured, loop "
-                                   "FROM checkpoints WHERE run_id = ? AND status IN ('ok') ORDER BY iteration",
-                              [rid]).to_pylist():
+        rows = db.sql_arrow(con, "SELECT iteration, position, content_hash, bytes, run_id, captured, loop, time "
+                                 "FROM checkpoints WHERE run_id = ? AND status IN ('ok') ORDER BY time, iteration",
+                            [rid]).to_pylist()
+        # Iterations are indexed per outer loop: a script with a second top-level loop has checkpoints
+        # -1, 0, 1, ... of each. Only the first loop's are the epochs a plan restores (a two-phase
+        # script replays from the start, which needs the FIRST loop's start state, not the second's).
+        first_loop = rows[0]["loop"] if rows else None
+        rows.sort(key=lambda c: c["iteration"])
+        for c in rows:
+            if c["loop"] != first_loop:
+                continue
             if _store.has_blob(store, c["content_hash"]):
                 try:
                     cap = json.loads(c["captured"]) if c["captured"] else None
