@@ -499,7 +499,9 @@ def test_queries_racing_compaction_never_fail(store):
     th.start()
     seen = []
     try:
-        with ServerThread(store, token=TOKEN) as srv:
+        # the query processes' memory cap is not what this test is about (a store of thousands of
+        # compacted files can pass the default 1 GiB data-segment cap on a fast machine)
+        with ServerThread(store, token=TOKEN, query_memory=8 << 30) as srv:
             with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
                 deadline = time.monotonic() + 2.5
                 i = 0

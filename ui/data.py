@@ -108,6 +108,14 @@ class RunsIndex:
             top = None
         names = [f"run_id={r['run_id']}" for r in self._latest.values() if r["status"] == "running"]
         names += [n for n, files in self._by_dir.items() if not files]  # created, first rows not yet in
+        # a finished run that got a new row (flightlog tag/note, compaction): its folder's mtime moved
+        # (one stat per run: ~10 ms for 5,000 runs, once per ttl)
+        for n, m in self._dirs.items():
+            try:
+                if os.stat(tdir / n).st_mtime_ns != m:
+                    names.append(n)
+            except OSError:
+                names.append(n)
         if top != self._top_mtime:
             try:
                 names += [n for n in os.listdir(tdir) if n.startswith("run_id=") and n not in self._dirs]
