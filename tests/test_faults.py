@@ -104,6 +104,7 @@ def test_sigkill_leaves_a_readable_store_and_a_crashed_run(tmp_path, store):
     del t_kill, t_kill_rel, started
 
 
+@pytest.mark.slow
 def test_sigterm_marks_the_run_killed(tmp_path, store):
     """SIGTERM ends the run with status killed after flushing what was logged."""
     script = tmp_path / "t.py"

@@ -329,6 +329,7 @@ def test_cli_label_conflict_is_refused(capsys):
     assert rc == 2 and err.count("\n") == 1 and "disagree on y_true for 5 item(s)" in err
 
 
+@pytest.mark.slow
 def test_budget_full_adaptivity_and_reuse_warnings(capsys):
     """full: the (steps+1)-th use exits 3 'new test set needed'; none: a second use warns; firstChange retires."""
     y, old, new = _models(4000, 0.8, 0.1, seed=6)

@@ -203,6 +203,7 @@ with fl.checkpointing(big=big, every=1):
 '''
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_leaves_no_torn_checkpoint(tmp_path, store):
     """SIGKILL while checkpoints are being written: every listed checkpoint is complete and verifies."""
     from flightlog.collector import store as _store

@@ -157,6 +157,7 @@ print("done", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_collector_killed_mid_run_loses_and_duplicates_nothing(store, tmp_path):
     """SIGKILL the collector mid-run and restart it: every logged row arrives exactly once (count and sum)."""
     server_root = str(tmp_path / "server")
@@ -226,6 +227,7 @@ def test_lost_reply_resend_is_not_duplicated(tmp_path):
         assert httpx.get(srv.url + "/healthz").json()["duplicate_rows"] == 3
 
 
+@pytest.mark.slow
 def test_hung_collector_never_blocks_training_then_sync_pushes(store, tmp_path, capsys):
     """With a collector that hangs, fl.log stays fast, batches spool; `flightlog sync` later delivers them once."""
     hole = _Blackhole()
@@ -333,6 +335,7 @@ CONCURRENT = 8
 BATCHES = 500
 
 
+@pytest.mark.slow
 def test_eight_clients_500_batches_exact_counts(tmp_path):
     """8 concurrent clients x 500 batches through one collector: exact row counts, no torn files."""
     server_root = str(tmp_path / "server")
