@@ -284,10 +284,9 @@ class CollectorSink:
         self._mine.add(batch_id)
         self.spooled += 1
 
-    def _set_aside(self, path: Path | None, table: str, payload: bytes, batch_id: str) -> None:
-        """A batch the collector did not fully confirm: kept in spool/unconfirmed, loudly."""
-        self.unconfirmed += 1
-        d = self.spool / "unconfirmed"
+    def _keep(self, folder: str, path: Path | None, table: str, payload: bytes, batch_id: str) -> Path:
+        """Move (or write) a batch into spool/<folder>, owner-only; best effort (a warning follows)."""
+        d = self.spool / folder
         try:
             _store.make_private_dirs(d)
             target = d / f"{batch_id}.{table}.arrows"
@@ -297,21 +296,18 @@ class CollectorSink:
                 _store.write_bytes_atomic(target, payload, fsync=True)
         except OSError:
             pass
+        return d
+
+    def _set_aside(self, path: Path | None, table: str, payload: bytes, batch_id: str) -> None:
+        """A batch the collector did not fully confirm: kept in spool/unconfirmed, loudly."""
+        self.unconfirmed += 1
+        d = self._keep("unconfirmed", path, table, payload, batch_id)
         _warn.problem("collector_unconfirmed", f"collector {self.url} did not confirm every row "
                                                f"({self.last_error}); batch kept in {d}")
 
     def _reject(self, path: Path | None, table: str, payload: bytes, batch_id: str) -> None:
         self.rejected += 1
-        d = self.spool / "rejected"
-        try:
-            _store.make_private_dirs(d)
-            target = d / f"{batch_id}.{table}.arrows"
-            if path is not None:
-                os.replace(path, target)
-            else:
-                _store.write_bytes_atomic(target, payload, fsync=True)
-        except OSError:
-            pass
+        d = self._keep("rejected", path, table, payload, batch_id)
         _warn.problem("collector_rejected", f"collector {self.url} rejected {table} rows "
                                             f"({self.last_error}); kept in {d}")
 

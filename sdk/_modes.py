@@ -37,7 +37,11 @@ class Mode:
         return new_checkpointer(run, objects, every, overhead)
 
     def on_log(self, run, name: str, value: float, step: int | None) -> None:  # pragma: no cover
-        raise NotImplementedError
+        """Called instead of the buffer append only by modes with ``logs_slow`` (replay); record and
+        resume log through the hot path and never get here."""
+        from flightlog._errors import ReplayError
+
+        raise ReplayError("fl.log was routed to a mode that does not take values (a flightlog bug)")
 
 
 class RecordMode(Mode):
