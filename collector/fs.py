@@ -28,31 +28,11 @@ from typing import Any
 
 import pyarrow as pa
 
-# "s3://b/p" as given, and "s3:/b/p" as pathlib spells it; two letters at least (not "C:/").
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/{1,2}(?!/)(.*)$")
-_LOCAL_SCHEMES = {"file", "local"}
+# The URI syntax lives with the configuration (a leaf: _config.store_home needs it without the store).
+from flightlog._config import LOCAL_SCHEMES as _LOCAL_SCHEMES, STORE_URI as _URI, canonical, is_remote  # noqa: F401
+
 _fs_cache: dict[tuple, Any] = {}
 _fs_lock = threading.Lock()
-
-
-def is_remote(p: Any) -> bool:
-    """Whether ``p`` (str or Path) names something on an object store rather than the local disk."""
-    if p is None:
-        return False
-    m = _URI.match(os.fspath(p))
-    return bool(m) and m.group(1).lower() not in _LOCAL_SCHEMES
-
-
-def canonical(uri: str) -> str:
-    """``scheme://bucket/prefix`` without a trailing slash (the spelling runs record and print)."""
-    m = _URI.match(os.fspath(uri))
-    if not m:
-        raise ValueError(f"not a store URI: {uri!r}")
-    rest, _, query = m.group(2).partition("?")
-    rest = rest.strip("/")
-    if not rest:
-        raise ValueError(f"store URI {uri!r} names no bucket")
-    return f"{m.group(1).lower()}://{rest}" + (f"?{query}" if query else "")
 
 
 def _endpoint() -> str | None:

@@ -361,7 +361,8 @@ class _Server:
         if sys.path and not sys.flags.safe_path:
             sys.path.pop(0)  # the pool's cwd; workers put their script's folder first
         t = time.time()
-        done, failed = _import_all(["flightlog", "flightlog.replay._worker", "flightlog.collector.store",
+        done, failed = _import_all(["flightlog", "flightlog._run", "flightlog._read", "flightlog.replay._worker",
+                                    "flightlog.collector.store",
                                     *self.imports])
         self.publish("ready", imports=done, failed=failed, import_s=round(time.time() - t, 3),
                      watched=_watched_files(), threads_after_import=_threads(),

@@ -26,12 +26,11 @@ Warnings::
 Sinks: ``fl.init(sink=...)`` takes any object with the members of ``Sink``;
 ``MemorySink`` keeps every batch in memory (tests).
 """
+# Only the error classes are imported here. Every other public name is resolved on first use
+# (module ``__getattr__`` below), so that importing ``flightlog.collector`` or ``flightlog.query``,
+# whose parent package this is, loads no recording runtime (tests/test_import_graph.py).
 from flightlog._errors import (AssertionFailed, FlightlogError, FlightlogWarning, QueryError, ReplayError,
                                RunNotFound, StoreError)
-import flightlog.query as query  # a callable package: fl.query(sql)
-from flightlog._read import UnknownMetricWarning, dataframe
-from flightlog._record import MemorySink, Sink
-from flightlog._run import arg, finish, init, log
 
 __version__ = "0.1.0"
 
@@ -72,7 +71,16 @@ __all__ = [
     "StoreWarning",
 ]
 
-_LAZY = {
+_LAZY = {  # public name -> (module, attribute); attribute None: the module itself
+    "init": ("flightlog._run", "init"),
+    "log": ("flightlog._run", "log"),
+    "arg": ("flightlog._run", "arg"),
+    "finish": ("flightlog._run", "finish"),
+    "query": ("flightlog.query", None),  # a callable package: fl.query(sql)
+    "dataframe": ("flightlog._read", "dataframe"),
+    "UnknownMetricWarning": ("flightlog._read", "UnknownMetricWarning"),
+    "Sink": ("flightlog._record", "Sink"),
+    "MemorySink": ("flightlog._record", "MemorySink"),
     "loop": ("flightlog._loops", "loop"),
     "checkpointing": ("flightlog._checkpoint", "checkpointing"),
     "step": ("flightlog._steps", "step"),
@@ -98,8 +106,9 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'flightlog' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(spec[0]), spec[1])
-    globals()[name] = value
+    mod = importlib.import_module(spec[0])
+    value = mod if spec[1] is None else getattr(mod, spec[1])
+    globals()[name] = value  # the next access is a plain global lookup (fl.log on the hot path)
     return value
 
 

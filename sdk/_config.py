@@ -5,6 +5,8 @@ Every environment variable the package reads is a constant here.
 from __future__ import annotations
 
 import os
+import re
+from typing import Any
 
 ENV_HOME = "FLIGHTLOG_HOME"  # store directory (default ./.flightlog)
 ENV_PROJECT = "FLIGHTLOG_PROJECT"  # project name (default: the script's folder name)
@@ -43,13 +45,36 @@ def resolve(value, env: str, default, cast=str):
         return default
 
 
+# "s3://b/p" as given, and "s3:/b/p" as pathlib spells it; two letters at least (not "C:/").
+STORE_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/{1,2}(?!/)(.*)$")
+LOCAL_SCHEMES = {"file", "local"}
+
+
+def is_remote(p: Any) -> bool:
+    """Whether ``p`` (str or Path) names something on an object store rather than the local disk."""
+    if p is None:
+        return False
+    m = STORE_URI.match(os.fspath(p))
+    return bool(m) and m.group(1).lower() not in LOCAL_SCHEMES
+
+
+def canonical(uri: str) -> str:
+    """``scheme://bucket/prefix`` without a trailing slash (the spelling runs record and print)."""
+    m = STORE_URI.match(os.fspath(uri))
+    if not m:
+        raise ValueError(f"not a store URI: {uri!r}")
+    rest, _, query = m.group(2).partition("?")
+    rest = rest.strip("/")
+    if not rest:
+        raise ValueError(f"store URI {uri!r} names no bucket")
+    return f"{m.group(1).lower()}://{rest}" + (f"?{query}" if query else "")
+
+
 def store_home(store=None) -> str:
     """The store: an absolute local directory, or an object-store URI such as ``s3://bucket/prefix``."""
     home = os.fspath(resolve(store, ENV_HOME, DEFAULT_HOME))
-    from flightlog.collector import fs as _fs
-
-    if _fs.is_remote(home):
-        return _fs.canonical(home)
+    if is_remote(home):
+        return canonical(home)
     return os.path.abspath(home)
 
 

@@ -10,7 +10,6 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from flightlog import _run
 from flightlog._errors import FlightlogWarning
 
 
@@ -18,9 +17,12 @@ def active_store(store=None):
     """Flush what the active run holds (metrics, step rows) and return the store to read.
 
     Readers in the same process then see what the script logged a moment ago;
-    without an explicit ``store`` the active run's store is used.
+    without an explicit ``store`` the active run's store is used. The runtime is
+    looked up, not imported: a process that never loaded it has no active run
+    (and reading stays below recording, tests/test_import_graph.py).
     """
-    r = _run.ACTIVE
+    run_mod = sys.modules.get("flightlog._run")
+    r = run_mod.ACTIVE if run_mod is not None else None
     if r is None:
         return store
     try:

@@ -775,8 +775,6 @@ def last_metrics(root: str, runs: pa.Table, run_ids: list[str], limit_names: int
 
 def read_blob_verified(root: str, digest: str) -> bytes:
     """A blob's bytes, refused unless its name is a digest and its content hashes to it."""
-    from flightlog import _snapshot
-
     if not isinstance(digest, str) or not _DIGEST.match(digest):
         raise NotFound(f"not a blob digest: {str(digest)[:80]!r}")
     try:
@@ -785,7 +783,7 @@ def read_blob_verified(root: str, digest: str) -> bytes:
         raise NotFound(f"blob {digest} is missing from the store") from None
     except FlightlogError as e:  # the store's own verification (tampered content, symlink out)
         raise NotFound(str(e)) from None
-    if _snapshot.digest(data) != digest:
+    if _store.blob_digest(data) != digest:
         raise NotFound(f"blob {digest} is corrupt (its content does not match its digest)")
     return data
 
