@@ -1,4 +1,5 @@
-"""``flightlog assertions``: failure counts per assertion over time, and the items worth a look.
+"""Assertion reports: failure counts per assertion over time, and the items worth a look
+(``flightlog assertions``: sdk/_health_cli.py).
 
 Reads the ``assertions`` table that ``fl.check`` writes (see ``sdk/_assertions.py``):
 summary rows (``item_id`` NULL, ``severity`` = items checked, ``message`` =
@@ -17,8 +18,6 @@ come first. An item taken once is not offered again by another arm.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 
@@ -115,42 +114,3 @@ def report(run: str = "latest", *, store: str | os.PathLike | None = None, top: 
     for r in rows:
         r["score"] = round(r["score"], 4)
     return {"run_id": rid, "per_epoch": per_epoch, "top": pa.Table.from_pylist(rows, schema=_TOP_SCHEMA)}
-
-
-def _pivot(per_epoch: pa.Table) -> pa.Table:
-    """One row per epoch, one column per assertion: ``failed/checked (rate%)``."""
-    names = sorted(set(per_epoch.column("assertion").to_pylist()))
-    cells: dict = {}
-    for r in per_epoch.to_pylist():
-        rate = f" ({100 * r['rate']:.1f}%)" if r["failed"] and r["rate"] is not None else ""
-        cells.setdefault(r["epoch"], {})[r["assertion"]] = f"{r['failed']}/{r['checked']}{rate}"
-    epochs = sorted(cells, key=lambda e: (e is not None, e if e is not None else 0))
-    cols = {"epoch": pa.array(epochs, pa.int64())}
-    for n in names:
-        cols[n] = pa.array([cells[e].get(n, "") for e in epochs], pa.string())
-    return pa.table(cols)
-
-
-def configure_assertions(p: argparse.ArgumentParser) -> None:
-    from flightlog._cli_core import add_store
-
-    p.add_argument("--run", default="latest", help="run id, unique prefix or 'latest' (default)")
-    add_store(p)
-    p.add_argument("--top", type=int, default=10, help="items worth a human look (default 10)")
-    p.add_argument("--format", choices=("table", "json"), default="table")
-
-
-def run_assertions(args: argparse.Namespace) -> int:
-    from flightlog import _format
-
-    rep = report(args.run, store=args.store, top=args.top)
-    if args.format == "json":
-        out = {"run_id": rep["run_id"], "per_epoch": rep["per_epoch"].to_pylist(), "top": rep["top"].to_pylist()}
-        print(json.dumps(_format._clean_float(out), default=_format._json_default, indent=2))
-        return 0
-    print(f"assertions of run {rep['run_id']}\n\nfailed / checked items per epoch")
-    print(_format.text_table(_pivot(rep["per_epoch"]), max_rows=None) if rep["per_epoch"].num_rows
-          else "  (no fl.check calls recorded)")
-    print(f"\nitems worth a look (top {args.top}, spread across assertions)")
-    print(_format.text_table(rep["top"]) if rep["top"].num_rows else "  (no failing items)")
-    return 0

@@ -23,7 +23,6 @@ metrics summarised per point (an epoch when the metric has epochs, else one of
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -669,74 +668,3 @@ def _schema_post(table: pa.Table, params: dict[str, Any]) -> pa.Table:
 
 
 _POST = {"drift": _drift_post, "schema": _schema_post}
-
-
-# -- CLI ----------------------------------------------------------------------------------
-
-
-def _kv(text: str) -> tuple[str, str]:
-    k, eq, v = text.partition("=")
-    if not eq or not k.strip():
-        raise argparse.ArgumentTypeError(f"expected CHECK.PARAM=VALUE, got {text!r}")
-    return k.strip(), v.strip()
-
-
-def configure_health(p: argparse.ArgumentParser) -> None:
-    from flightlog._cli_core import add_store
-
-    p.add_argument("--run", default="latest", help="run id, unique prefix or 'latest' (default)")
-    add_store(p)
-    p.add_argument("--check", nargs="+", action="extend", default=None, metavar="NAME",
-                   help="only these checks (default: all)")
-    p.add_argument("--checks-dir", action="append", default=None, metavar="DIR",
-                   help="a folder of your own check files (default: ./flightlog_checks if present)")
-    p.add_argument("--set", dest="overrides", action="append", type=_kv, default=[], metavar="CHECK.PARAM=VALUE",
-                   help="override a threshold, e.g. --set divergence.factor=5")
-    p.add_argument("--reference", default=None, help="reference run for drift/schema "
-                   "(default: the previous finished run of the project that called the same step)")
-    p.add_argument("--format", choices=("table", "json"), default="table")
-    p.add_argument("--fail-on", choices=("warn", "error"), default="error",
-                   help="exit 1 when a check fails (error, default) or also when one warns (warn)")
-    p.add_argument("--max-rows", type=int, default=10, help="evidence rows shown per check (0: all)")
-    p.add_argument("--list", action="store_true", help="list the checks and their params, run nothing")
-
-
-def _list_checks(checks_dir) -> int:
-    for c in load_checks(checks_dir).values():
-        src = "" if c.builtin else f"   [{c.path}]"
-        print(f"{c.name:<20} {c.severity:<5}  {c.description}{src}")
-        for k, v in c.params.items():
-            print(f"{'':<22}--set {c.name}.{k}={v!r}   {c.param_help.get(k, '')}")
-    return 0
-
-
-def run_health(args: argparse.Namespace) -> int:
-    from flightlog import _format
-
-    if args.list:
-        return _list_checks(args.checks_dir)
-    report = health(args.run, store=args.store, checks=args.check, params=dict(args.overrides),
-                    reference=args.reference, checks_dir=args.checks_dir)
-    limit = None if args.max_rows <= 0 else args.max_rows
-    if args.format == "json":
-        out = {"run_id": report.run_id, "reference": report.reference, "ok": not report.failed(args.fail_on),
-               "summary": report.summary(),
-               "checks": [{"name": r.name, "severity": r.severity, "status": r.status,
-                           "description": r.description, "params": r.params, "error": r.error,
-                           "reason": r.reason,
-                           "evidence_rows": r.evidence.num_rows,
-                           "evidence": _format._clean_float(r.evidence.slice(0, limit).to_pylist()
-                                                            if limit else r.evidence.to_pylist())}
-                          for r in report]}
-        print(json.dumps(out, default=_format._json_default, indent=2))
-    else:
-        print(f"health of run {report.run_id}" + (f" (reference {report.reference})" if report.reference else ""))
-        for r in report:
-            print(f"{r.status.upper():5}  {r.name:<20} {r.error or r.reason or r.description}")
-            if r.evidence.num_rows:
-                text = _format.text_table(r.evidence, max_rows=limit)
-                print("\n".join("       " + line for line in text.splitlines()))
-        s = report.summary()
-        print(f"{s['pass']} passed, {s['warn']} warned, {s['fail']} failed, {s['error']} could not run, "
-              f"{s['skip']} skipped (nothing to look at)")
-    return 1 if report.failed(args.fail_on) else 0

@@ -1,4 +1,4 @@
-"""Lineage over ``io`` fingerprints, and the ``lineage`` / ``history`` commands.
+"""Lineage over ``io`` fingerprints: the walk behind ``flightlog lineage`` / ``history`` (sdk/_lineage_cli.py).
 
 An output fingerprint of one step call that appears as an input of a later
 call is an edge, across runs and processes (a file written by one script and
@@ -17,8 +17,6 @@ nested steps that return the same value). The others are counted.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from typing import Any
 
@@ -377,7 +375,8 @@ def render(tree: dict) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(tree: dict) -> Any:
+def jsonable(tree: dict) -> Any:
+    """The tree with times as ISO strings (what ``--format json`` prints)."""
     def conv(v):
         if isinstance(v, dict):
             return {k: conv(x) for k, x in v.items()}
@@ -453,62 +452,3 @@ def history(con, step: str, stale_days: float = 7.0, limit: int = 100):
         raise QueryError(f"no calls of step {step!r} in the store"
                          + (f" (steps: {', '.join(names)})" if names else ""))
     return db.sql_arrow(con, _HISTORY_SQL, [step, max(1, int(limit)), float(stale_days)])
-
-
-# -- CLI --------------------------------------------------------------------------------------
-
-def configure_lineage(p: argparse.ArgumentParser) -> None:
-    from flightlog._cli_core import add_store
-
-    p.add_argument("target", help="a step call (span id or unique prefix), a fingerprint (or prefix) or a file path")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--up", dest="direction", action="store_const", const="up",
-                   help="where it came from (default)")
-    g.add_argument("--down", dest="direction", action="store_const", const="down", help="what was made from it")
-    p.set_defaults(direction="up")
-    p.add_argument("--depth", type=int, default=20, help="levels of steps to follow (default 20)")
-    p.add_argument("--format", choices=("tree", "json"), default="tree")
-    add_store(p)
-
-
-def run_lineage(args) -> int:
-    from flightlog._cli_core import _con
-
-    con = _con(args)
-    try:
-        tree = lineage(con, args.target, direction=args.direction, depth=args.depth)
-    finally:
-        con.close()
-    if args.format == "json":
-        print(json.dumps(_jsonable(tree), indent=2))
-    else:
-        print(render(tree))
-    return 0
-
-
-def configure_history(p: argparse.ArgumentParser) -> None:
-    from flightlog import _format
-    from flightlog._cli_core import add_store
-
-    p.add_argument("step", help="step name (the @fl.step name, by default the function's qualified name)")
-    p.add_argument("--stale", type=float, default=7.0,
-                   help="flag inputs produced more than this many days before use (default 7)")
-    p.add_argument("--limit", type=int, default=100, help="newest calls shown (default 100)")
-    p.add_argument("--format", choices=_format.FORMATS, default="table")
-    p.add_argument("--output", default=None, help="write to this file instead of stdout")
-    add_store(p)
-
-
-def run_history(args) -> int:
-    from flightlog import _format
-    from flightlog._cli_core import _con
-
-    if args.stale < 0:
-        raise QueryError("--stale must be >= 0 days")
-    con = _con(args)
-    try:
-        t = history(con, args.step, args.stale, args.limit)
-    finally:
-        con.close()
-    _format.write(t, args.format, args.output)
-    return 0
