@@ -37,7 +37,6 @@ run from a crashed one.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import re
@@ -109,7 +108,7 @@ def _batch_rows(payload: bytes) -> int | None:
         return None
 
 
-def _local_spool(home: str) -> Path:
+def local_spool(home: str) -> Path:
     """``<store>/spool`` for a local store; a local cache folder for a store on object storage."""
     from flightlog.collector import fs as _fs
 
@@ -129,7 +128,7 @@ class CollectorSink:
         if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
             raise ValueError(f"collector URL must look like http://host:port, got {url!r}")
         self.url = url.rstrip("/")
-        self.spool = Path(spool) if spool is not None else _local_spool(_config.store_home(None))
+        self.spool = Path(spool) if spool is not None else local_spool(_config.store_home(None))
         self.token = token
         self.timeout = float(timeout)
         self.writer = writer or _new_writer()
@@ -447,7 +446,7 @@ class CollectorSink:
                 pass
 
 
-# -- flightlog sync -------------------------------------------------------------------------
+# -- flightlog sync (arguments and output: sdk/_store_cli.py) ----------------------------------
 
 URL_FILE = "collector.url"  # in the spool: where its batches were going (`flightlog sync` reads it)
 
@@ -470,43 +469,24 @@ def spooled_url(spool: Path) -> str | None:
         return None
     return url if re.match(r"^https?://[^\s]+$", url) and len(url) < 2048 else None
 
-def configure_sync(p: argparse.ArgumentParser) -> None:
-    from flightlog._cli_core import add_store
 
-    add_store(p)
-    p.add_argument("--spool", default=None, help="spool directory (default: <store>/spool)")
-    p.add_argument("--collector", default=None, help=f"collector URL (default: ${_config.ENV_COLLECTOR})")
-    p.add_argument("--token", default=None, help=f"bearer token (default: ${_config.ENV_TOKEN})")
-    p.add_argument("--retry-rejected", action="store_true",
-                   help="also resend batches the collector rejected before (spool/rejected)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
+def sync(spool: Path, url: str, *, token: str | None = None, timeout: float = 10.0,
+         retry_rejected: bool = False) -> dict[str, Any]:
+    """Push every spooled batch to ``url``, checking the collector accounts for every row.
 
-
-def run_sync(args: argparse.Namespace) -> int:
-    """Push every spooled batch, checking the collector accounts for every row; exit 1 when some are
-    left or were not confirmed."""
+    Returns ``{"before", "sent", "duplicates", "rejected", "left", "unconfirmed", "last_error"}``
+    (``left``: spool files still unsent; ``unconfirmed``: names of batches the collector took but
+    did not account for, kept in ``spool/unconfirmed``). Raises StoreError for an unusable URL.
+    """
     from flightlog._errors import StoreError
 
-    url = _config.resolve(args.collector, _config.ENV_COLLECTOR, None)
-    spool = Path(args.spool) if args.spool else _local_spool(_config.store_home(args.store))
-    if not spool.is_dir():
-        print(f"nothing to sync: no spool at {spool}")
-        return 0
-    if not url:
-        url = spooled_url(spool)  # the collector the spooled batches were going to
-        if url:
-            print(f"collector {url} (recorded in {spool / URL_FILE}; --collector URL sends elsewhere)")
-    if not url:
-        raise StoreError(f"no collector given and none recorded in {spool}: pass --collector URL "
-                         f"or set {_config.ENV_COLLECTOR}")
-    if args.retry_rejected:
+    if retry_rejected:
         rej = spool / "rejected"
         for f in (rej.iterdir() if rej.is_dir() else ()):
             if _SPOOL_RE.match(f.name):
                 os.replace(f, spool / f.name)
-    token = _config.resolve(args.token, _config.ENV_TOKEN, None)
     try:
-        sink = CollectorSink(url, spool=spool, token=token, timeout=args.timeout, writer="sync")
+        sink = CollectorSink(url, spool=spool, token=token, timeout=timeout, writer="sync")
     except ValueError as e:
         raise StoreError(str(e)) from None
     before = sink.pending()
@@ -515,17 +495,7 @@ def run_sync(args: argparse.Namespace) -> int:
     c = sink._client
     if c is not None:
         c.close()
-    msg = f"sent {sent} of {before} spooled batch(es) to {url}"
-    if sink.duplicates:
-        msg += f" ({sink.duplicates} already stored there)"
-    if sink.rejected:
-        msg += f"; {sink.rejected} rejected (kept in {spool / 'rejected'})"
-    if left:
-        msg += f"; {len(left)} left ({sink.last_error or 'collector unreachable'})"
     unconfirmed = sorted(f.name for f in (spool / "unconfirmed").glob("*.arrows")) \
         if (spool / "unconfirmed").is_dir() else []
-    if unconfirmed:
-        msg += (f"; {len(unconfirmed)} batch(es) NOT confirmed by the collector, kept in "
-                f"{spool / 'unconfirmed'}: {', '.join(unconfirmed[:10])}{' ...' if len(unconfirmed) > 10 else ''}")
-    print(msg)
-    return 1 if left or unconfirmed else 0
+    return {"before": before, "sent": sent, "duplicates": sink.duplicates, "rejected": sink.rejected,
+            "left": left, "unconfirmed": unconfirmed, "last_error": sink.last_error}

@@ -1,4 +1,5 @@
-"""``flightlog rm`` and ``flightlog gc``: remove runs, prune checkpoints, free blobs and leftovers.
+"""Removal: runs, replays, old checkpoints, unreferenced blobs and leftovers (``flightlog rm`` / ``gc``, whose
+arguments and confirmation live in sdk/_store_cli.py).
 
 What references a blob (content-addressed, shared between runs): a run's code
 snapshot manifest and the files it lists (``runs.code_snapshot``), checkpoints
@@ -17,7 +18,6 @@ Never corrupting a run being written:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -163,27 +163,6 @@ def _rewrite(f: Path, table: str, drop) -> tuple[int, int]:
 
 # -- rm ----------------------------------------------------------------------------------
 
-def configure_rm(p: argparse.ArgumentParser) -> None:
-    from flightlog._cli_core import add_store
-
-    p.add_argument("runs", nargs="+", metavar="RUN",
-                   help="runs to remove (id, unique prefix, name or 'latest'), or a replay id (rp…) to remove "
-                        "one replay's rows from its run")
-    add_store(p)
-    p.add_argument("--yes", "-y", action="store_true", help="do not ask (needed when stdin is not a terminal)")
-    p.add_argument("--force", action="store_true",
-                   help="also remove runs that look live (only when you know their process is gone)")
-    p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
-
-
-def _confirm(question: str) -> bool:
-    try:
-        ans = input(question + " [y/N] ")
-    except EOFError:
-        return False
-    return ans.strip().lower() in ("y", "yes")
-
-
 def _local_only(root: str, what: str) -> None:
     from flightlog.collector import fs as _fs
 
@@ -323,33 +302,7 @@ def rm(store: str | None, refs_in: list[str], *, force: bool = False, dry_run: b
     return freed
 
 
-def run_rm(args: argparse.Namespace) -> int:
-    plan = plan_rm(args.store, args.runs, args.force)  # resolves and refuses before asking anything
-    if not args.yes and not args.dry_run:
-        what = [f"run {r}" + (f" ({plan['info'][r][2]})" if plan["info"][r][2] else "") for r in plan["runs"]]
-        what += [f"replay {rp}" for rp in plan["replays"]]
-        if not sys.stdin.isatty():
-            raise FlightlogError(f"refusing to remove {', '.join(what)} without --yes (stdin is not a terminal)")
-        if not _confirm(f"remove {', '.join(what)} and the blobs only they use?"):
-            print("nothing removed")
-            return 1
-    rm(args.store, args.runs, force=args.force, dry_run=args.dry_run)
-    return 0
-
-
 # -- gc ----------------------------------------------------------------------------------
-
-def configure_gc(p: argparse.ArgumentParser) -> None:
-    from flightlog._cli_core import add_store
-
-    add_store(p)
-    p.add_argument("--keep-last", type=int, default=None, metavar="N",
-                   help="keep only each run's N newest checkpoints (plus those a resumed run starts from)")
-    p.add_argument("--older-than", type=float, default=None, metavar="DAYS",
-                   help="prune checkpoints only of runs that started more than DAYS ago "
-                        "(alone: all their checkpoints)")
-    p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
-
 
 def _prune_plan(con, keep_last: int | None, older_than: float | None) -> tuple[dict, list[str]]:
     """run_id -> checkpoint rows (iteration, position, content_hash, bytes) to drop; and notes on what replay loses."""
@@ -484,8 +437,3 @@ def gc(store: str | None, keep_last: int | None = None, older_than: float | None
     print(f"{verb} {nt} leftover temp file(s)/folder(s): {_fmt_bytes(bt)}", file=out)
     print(f"{'would free' if dry_run else 'freed'} {_fmt_bytes(freed)} ({freed} bytes)", file=out)
     return freed
-
-
-def run_gc(args: argparse.Namespace) -> int:
-    gc(args.store, args.keep_last, args.older_than, args.dry_run)
-    return 0

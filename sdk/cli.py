@@ -22,8 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("flightlog._runs_cli", "put two or more runs side by side: params, metrics, checkpoints, health"),
     "tag": ("flightlog._runs_cli", "add (or --remove) tags of a run"),
     "note": ("flightlog._runs_cli", "set the note of a run"),
-    "rm": ("flightlog.collector.gc", "remove runs: their rows in every table and the blobs no other run uses"),
-    "gc": ("flightlog.collector.gc", "prune old checkpoints, unreferenced blobs and leftover temp files"),
+    "rm": ("flightlog._store_cli", "remove runs: their rows in every table and the blobs no other run uses"),
+    "gc": ("flightlog._store_cli", "prune old checkpoints, unreferenced blobs and leftover temp files"),
     "show": ("flightlog._cli_core", "show one run: params, status, metric summary, checkpoints"),
     "sql": ("flightlog._cli_core", "run read-only SQL over the store"),
     "resume": ("flightlog._resume", "continue a crashed or killed run from its last checkpoint"),
@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gate": ("flightlog.query.gate_cli", "pass/fail a candidate model against a baseline with a statistical guarantee (ease.ml/ci)"),
     "serve": ("flightlog.collector.server", "run the collector server (OTLP/HTTP + Arrow ingest + SQL)"),
     "ui": ("flightlog.ui", "web UI: runs, charts, replays, health, steps, lineage, SQL"),
-    "sync": ("flightlog.collector.client", "push a spool of unsent batches to a collector"),
+    "sync": ("flightlog._store_cli", "push a spool of unsent batches to a collector"),
     "compact": ("flightlog._cli_core", "merge small Parquet parts of finished runs"),
 }
 
