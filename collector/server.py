@@ -1,4 +1,4 @@
-"""The collector server: ``flightlog serve``.
+"""The collector server: ``flightlog serve`` (its arguments and start-up: sdk/_serve_cli.py).
 
 One FastAPI app on uvicorn that writes exactly the store the embedded writer
 writes (same schemas, same layout, same atomic part writer), so every reader
@@ -25,7 +25,6 @@ without writing again; two copies racing each other rename identical bytes to
 the same name. OTLP requests are named by a hash of their content for the
 same reason.
 """
-import argparse
 import hmac
 import json
 import logging
@@ -1184,7 +1183,7 @@ def guarded_protocol(read_timeout: float = DEFAULT_READ_TIMEOUT, header_timeout:
     return GuardedH11Protocol
 
 
-def _uvicorn_config(app: Any, host: str, port: int, read_timeout: float, parser: str = "auto", **kw: Any):
+def uvicorn_config(app: Any, host: str, port: int, read_timeout: float, parser: str = "auto", **kw: Any):
     import uvicorn
 
     return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(read_timeout, parser=parser),
@@ -1227,7 +1226,7 @@ class ServerThread:
         self.host, self.port = host, port
         self.url = f"http://{host}:{port}"
         # uvicorn binds itself: handing it a pre-bound socket made every reply ~40 ms slower here
-        self._server = uvicorn.Server(_uvicorn_config(self.app, host, port, read_timeout, http,
+        self._server = uvicorn.Server(uvicorn_config(self.app, host, port, read_timeout, http,
                                                       log_level="critical", lifespan="off"))
         self._thread = threading.Thread(target=self._run, name="flightlog-collector", daemon=True)
         self._thread.start()
@@ -1253,65 +1252,3 @@ class ServerThread:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-# -- CLI -------------------------------------------------------------------------------
-
-def configure_serve(p: argparse.ArgumentParser) -> None:
-    from flightlog._cli_core import add_store
-
-    add_store(p)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1; use 0.0.0.0 only with --token)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}, OTLP/HTTP's)")
-    p.add_argument("--token", default=None,
-                   help=f"require 'Authorization: Bearer TOKEN' (default: ${_config.ENV_TOKEN}, else none)")
-    p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY / 2**20,
-                   help="largest request body accepted, MiB (default 64)")
-    p.add_argument("--query-timeout", type=float, default=DEFAULT_QUERY_TIMEOUT,
-                   help="seconds a /v1/query may run (default 30)")
-    p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows a /v1/query returns at most")
-    p.add_argument("--query-memory-mb", type=float, default=DEFAULT_QUERY_MEMORY / 2**20,
-                   help="memory one /v1/query may use, MiB (default 1024; its process is capped)")
-    p.add_argument("--max-response-mb", type=float, default=DEFAULT_MAX_RESPONSE / 2**20,
-                   help="largest /v1/query reply, MiB (default 128)")
-    p.add_argument("--max-queries", type=int, default=DEFAULT_MAX_QUERIES,
-                   help=f"queries run at once; more wait (default {DEFAULT_MAX_QUERIES})")
-    p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
-                   help=f"seconds a client has to send a request body (headers: at most {HEADER_TIMEOUT:g}); "
-                        f"slower senders get 408 and are disconnected (default {DEFAULT_READ_TIMEOUT:g})")
-    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    import sys
-
-    import uvicorn
-
-    from flightlog._errors import FlightlogError
-
-    if args.token is not None:
-        token, where = args.token, "--token"
-    else:
-        token, where = os.environ.get(_config.ENV_TOKEN), f"${_config.ENV_TOKEN}"
-    try:
-        token = check_token(token)
-    except ValueError as e:
-        raise FlightlogError(f"{where}: {e}") from None
-    for name in ("max_body_mb", "query_timeout", "query_memory_mb", "max_response_mb", "read_timeout"):
-        if not getattr(args, name) > 0:
-            raise FlightlogError(f"--{name.replace('_', '-')} must be a positive number")
-    if args.max_rows < 1 or args.max_queries < 1:
-        raise FlightlogError("--max-rows and --max-queries must be at least 1")
-    app = create_app(args.store, token, max_body=int(args.max_body_mb * 2**20),
-                     query_timeout=args.query_timeout, max_rows=args.max_rows,
-                     query_memory=int(args.query_memory_mb * 2**20), max_response=int(args.max_response_mb * 2**20),
-                     max_queries=args.max_queries)
-    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"flightlog: warning: serving on {args.host} without --token: anyone who can reach it "
-              "can write and read the store", file=sys.stderr)
-    raise_fd_limit()
-    print(f"flightlog collector on http://{args.host}:{args.port}  store {app.state.store}"
-          f"{'  (token required)' if token else ''}", flush=True)
-    uvicorn.Server(_uvicorn_config(app, args.host, args.port, args.read_timeout, log_level=args.log_level)).run()
-    return 0

@@ -36,8 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "slices": ("flightlog.query.slices_cli", "find the data slices where the model fails"),
     "feasibility": ("flightlog.query.feasibility_cli", "is a target error reachable with this data? (Bayes error bound)"),
     "gate": ("flightlog.query.gate_cli", "pass/fail a candidate model against a baseline with a statistical guarantee (ease.ml/ci)"),
-    "serve": ("flightlog.collector.server", "run the collector server (OTLP/HTTP + Arrow ingest + SQL)"),
-    "ui": ("flightlog.ui", "web UI: runs, charts, replays, health, steps, lineage, SQL"),
+    "serve": ("flightlog._serve_cli", "run the collector server (OTLP/HTTP + Arrow ingest + SQL)"),
+    "ui": ("flightlog._serve_cli", "web UI: runs, charts, replays, health, steps, lineage, SQL"),
     "sync": ("flightlog._store_cli", "push a spool of unsent batches to a collector"),
     "compact": ("flightlog._cli_core", "merge small Parquet parts of finished runs"),
 }

@@ -173,10 +173,10 @@ def test_binds_loopback_by_default():
     """`flightlog serve` binds 127.0.0.1 unless told otherwise."""
     import argparse
 
-    from flightlog.collector import server
+    from flightlog import _serve_cli
 
     p = argparse.ArgumentParser()
-    server.configure_serve(p)
+    _serve_cli.configure_serve(p)
     args = p.parse_args([])
     assert args.host == "127.0.0.1" and args.port == 4318
 
