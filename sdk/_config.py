@@ -16,6 +16,7 @@ ENV_TOKEN = "FLIGHTLOG_TOKEN"  # bearer token for the collector
 ENV_DISABLED = "FLIGHTLOG_DISABLED"  # "1": every call is a no-op
 ENV_PROGRESS = "FLIGHTLOG_PROGRESS"  # "0"/"1": force the loop progress bar off/on
 ENV_REPLAY = "FLIGHTLOG_REPLAY"  # set by `flightlog replay` in its workers: path of the plan
+ENV_RESUME = "FLIGHTLOG_RESUME"  # set by `flightlog resume` for the training command: the run it continues
 ENV_SYSTEM_METRICS = "FLIGHTLOG_SYSTEM_METRICS"  # "0": no sys/... metrics (fl.init(system_metrics=) wins)
 ENV_SYSTEM_METRICS_INTERVAL = "FLIGHTLOG_SYSTEM_METRICS_INTERVAL"  # seconds between samples (default 10)
 ENV_QUIET = "FLIGHTLOG_QUIET"  # "1": no end-of-run summary on stderr

@@ -4,19 +4,16 @@ The continuation is a new run (``kind='resume'``, ``parent_run_id`` = the old
 one). Its ``fl.arg`` calls return the parent's recorded values, its outermost
 ``fl.loop`` skips the iterations already done, and just before the next one it
 restores the registered objects, RNG states and step counters, so what follows
-is what the uninterrupted run would have computed.
+is what the uninterrupted run would have computed. ``flightlog resume`` (sdk/_resume_cli.py)
+starts the training command with ``FLIGHTLOG_RESUME`` set; ``fl.init`` then calls
+:func:`start_resumed_run`.
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 from flightlog import _config, _run, _warn
-from flightlog._errors import FlightlogError, RunNotFound
-
-ENV_RESUME = "FLIGHTLOG_RESUME"
+from flightlog._errors import FlightlogError
 
 
 def last_checkpoint(store: str, run_id: str) -> tuple[str, dict] | None:
@@ -88,38 +85,3 @@ def start_resumed_run(resume: str, project=None, name=None, store=None, params=N
     r.mode = _modes.ResumeMode(parent_params, ResumeState(r, home, row))
     r.start()
     return r
-
-
-# -- CLI -------------------------------------------------------------------------------------
-
-def configure_resume(p):
-    p.add_argument("run", help="the crashed or killed run (id, prefix or 'latest')")
-    p.add_argument("--store", default=None, help="store directory (default: $FLIGHTLOG_HOME or ./.flightlog)")
-    p.add_argument("command", nargs="+", help="the training command after --, e.g. -- python train.py")
-
-
-def run_resume(args) -> int:
-    from flightlog.query import db
-
-    cmd = [c for c in args.command]
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    if not cmd:
-        raise FlightlogError("give the training command after --, e.g. flightlog resume RUN -- python train.py")
-    home = _config.store_home(args.store)
-    con = db.connect(home)
-    try:
-        parent = db.resolve_run(con, args.run)
-        status = con.execute("SELECT status FROM runs WHERE run_id = ?", [parent]).fetchall()[0][0]
-    finally:
-        con.close()
-    if status == "running":
-        raise FlightlogError(f"run {parent} is still running")
-    if status == "finished":
-        print(f"flightlog: note: run {parent} finished normally; resuming continues after its last checkpoint",
-              file=sys.stderr)
-    if last_checkpoint(home, parent) is None:
-        raise RunNotFound(f"run {parent} has no complete checkpoint to resume from")
-    env = dict(os.environ, **{ENV_RESUME: parent, _config.ENV_HOME: home})
-    print(f"flightlog: resuming {parent}: {' '.join(cmd)}", file=sys.stderr)
-    return subprocess.call(cmd, env=env)

@@ -406,7 +406,7 @@ def init(project: str | None = None, name: str | None = None, store: str | os.Pa
     if store is not None:
         store = os.fspath(store)
     if resume is None:
-        resume = os.environ.get("FLIGHTLOG_RESUME") or None
+        resume = os.environ.get(_config.ENV_RESUME) or None
     with _START_LOCK:
         if ACTIVE is not None:
             _end(ACTIVE, "finished", None)

@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gc": ("flightlog._store_cli", "prune old checkpoints, unreferenced blobs and leftover temp files"),
     "show": ("flightlog._cli_core", "show one run: params, status, metric summary, checkpoints"),
     "sql": ("flightlog._cli_core", "run read-only SQL over the store"),
-    "resume": ("flightlog._resume", "continue a crashed or killed run from its last checkpoint"),
+    "resume": ("flightlog._resume_cli", "continue a crashed or killed run from its last checkpoint"),
     "replay": ("flightlog.replay.cli", "hindsight logging: replay runs with new log statements"),
     "replay-step": ("flightlog._steps_cli", "re-run a failed @fl.step call with its recorded inputs"),
     "lineage": ("flightlog._lineage_cli", "show upstream/downstream lineage of a step, fingerprint or file"),
