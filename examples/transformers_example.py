@@ -8,7 +8,9 @@ runs offline on a CPU in seconds.
     flightlog resume latest -- python examples/transformers_example.py   # continue a killed run
 
 Environment: KILL_AT_EPOCH=N kills the process (SIGKILL) when epoch N begins, after
-the previous epoch's checkpoint is durable; OUT_DIR sets the Trainer's output folder.
+the previous epoch's checkpoint is durable; OUT_DIR sets the Trainer's output folder;
+SAVE_STRATEGY=epoch makes the Trainer save its own checkpoint at each epoch end
+(flightlog then records references to those folders instead of its own copies).
 """
 import os
 import signal
@@ -61,7 +63,8 @@ def main(epochs: int = 3):
     model = BertForSequenceClassification(cfg)
     args = TrainingArguments(output_dir=os.environ.get("OUT_DIR") or tempfile.mkdtemp(), num_train_epochs=epochs,
                              per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=3e-3,
-                             logging_strategy="steps", logging_steps=2, eval_strategy="epoch", save_strategy="no",
+                             logging_strategy="steps", logging_steps=2, eval_strategy="epoch",
+                             save_strategy=os.environ.get("SAVE_STRATEGY", "no"),
                              report_to=[], seed=0, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
     every = int(os.environ["CKPT_EVERY"]) if os.environ.get("CKPT_EVERY") else None  # default: adaptive
     callbacks = [FlightlogCallback(every=every)]

@@ -9,7 +9,6 @@ exactly like records of an ``fl.loop`` run: ``epoch``/``batch`` columns, the
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
@@ -74,8 +73,6 @@ def log_value(r, name: str, value: Any) -> None:
             value = int(value)
         if not isinstance(value, (int, float)):
             return
-        if isinstance(value, float) and math.isinf(value) and False:
-            return
         _run._log_slow(name, value, None) if r.mode.logs_slow else _run.log(name, value)
     except Exception as e:
         _warn.problem("log_error", f"integration log of {name!r} failed: {e!r}")
@@ -123,35 +120,131 @@ def parent_steps(store: str, parent_run_id: str, last_epoch: int) -> dict:
     return {r["name"]: int(r["n"]) for r in rows if r["n"] is not None}
 
 
-def recorded_steps(store: str, run_id: str) -> dict[int, dict[str, int]]:
-    """Per epoch e, each recorded name's step counter when e began (from the record, not a checkpoint)."""
+def recorded_counters(store: str, run_id: str) -> "tuple[dict[int, dict[str, int]], dict[int, dict[str, int]]]":
+    """Each recorded name's step counter per epoch e, from the record of ``run_id`` and the runs it resumed.
+
+    ``start[e]``: when epoch e began; ``inner[e]``: when its training batches
+    ended (the rows of epoch e with a batch position counted, the epoch-level ones
+    -- validation, epoch-end hooks -- not). A replay worker sets the counters of
+    recorded names from these, so re-executed values are compared with the
+    record at the right steps whatever the checkpoint it started from.
+    """
     from flightlog.query import db
 
     con = db.connect(store)
     try:
-        rows = db.sql_arrow(con, "SELECT name, epoch, max(step) + 1 AS n FROM metrics WHERE run_id = ? "
-                                 "AND source = 'record' AND epoch IS NOT NULL GROUP BY name, epoch",
-                            [run_id]).to_pylist()
+        chain = db.run_chain(con, run_id)
+        rows = db.sql_arrow(con, "SELECT name, epoch, batch IS NULL AS epoch_level, max(step) + 1 AS n FROM metrics "
+                                 "WHERE list_contains(?, run_id) AND source = 'record' AND epoch IS NOT NULL "
+                                 "AND step IS NOT NULL GROUP BY ALL", [chain]).to_pylist()
     finally:
         con.close()
-    out: dict[int, dict[str, int]] = {0: {}}
-    for e in sorted({r["epoch"] for r in rows}):
-        upto: dict[str, int] = {}
+    epochs = sorted({r["epoch"] for r in rows})
+    start: dict[int, dict[str, int]] = {}
+    inner: dict[int, dict[str, int]] = {}
+    for e in range(0, (epochs[-1] + 2) if epochs else 1):
+        s: dict[str, int] = {}
+        i: dict[str, int] = {}
         for r in rows:
-            if r["epoch"] <= e and r["n"] is not None:
-                upto[r["name"]] = max(upto.get(r["name"], 0), int(r["n"]))
-        out[e + 1] = upto
-    return out
+            n = int(r["n"])
+            if r["epoch"] < e:
+                s[r["name"]] = max(s.get(r["name"], 0), n)
+            if r["epoch"] < e or (r["epoch"] == e and not r["epoch_level"]):
+                i[r["name"]] = max(i.get(r["name"], 0), n)
+        start[e], inner[e] = s, i
+    return start, inner
 
 
-def check_replay_mode(mode, framework: str) -> None:
-    """The replay worker interface the integrations drive; refuse plans they cannot follow."""
+def set_counters(run, names, counters: dict[str, int]) -> None:
+    """The step counters of the recorded ``names`` as the record says (0 for a name not logged yet)."""
+    for name in names:
+        run.steps[name] = counters.get(name, 0)
+
+
+# -- references to checkpoints a framework saved itself -------------------------------------------
+
+def _file_digest(path: str) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 23)
+            if not chunk:
+                break
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_manifest(folder: str) -> dict:
+    """What a reference to a checkpoint folder records: its path and each file's size and content digest."""
+    folder = os.path.abspath(folder)
+    files: dict[str, list] = {}
+    for base, _dirs, names in os.walk(folder):
+        for n in sorted(names):
+            p = os.path.join(base, n)
+            if os.path.isfile(p) and not os.path.islink(p):
+                files[os.path.relpath(p, folder)] = [os.path.getsize(p), _file_digest(p)]
+    return {"folder": folder, "files": files}
+
+
+def check_manifest(ref: dict) -> "str | None":
+    """Why the referenced folder can no longer be used (None: every file is as it was when referenced)."""
+    folder = ref.get("folder") if isinstance(ref, dict) else None
+    files = ref.get("files") if isinstance(ref, dict) else None
+    if not isinstance(folder, str) or not isinstance(files, dict) or not files:
+        return "the reference names no folder or files"
+    if not os.path.isdir(folder):
+        return f"{folder} is missing (deleted or rotated away, e.g. by save_total_limit)"
+    for rel, (size, dig) in sorted(files.items()):
+        p = os.path.join(folder, rel)
+        if not os.path.normpath(p).startswith(os.path.normpath(folder) + os.sep):
+            return f"the reference names a file outside {folder}: {rel!r}"
+        if not os.path.isfile(p):
+            return f"{p} is missing"
+        if os.path.getsize(p) != size:
+            return f"{p} changed since it was referenced (size {os.path.getsize(p)}, was {size})"
+        try:
+            if _file_digest(p) != dig:
+                return f"{p} changed since it was referenced (content digest differs)"
+        except OSError as e:
+            return f"{p} cannot be read: {e}"
+    return None
+
+
+def check_replay_mode(mode, framework: str, no_tails: "str | None" = None) -> None:
+    """The replay worker interface the integrations drive; refuse plans they cannot follow.
+
+    ``no_tails``: why this framework cannot replay an epoch without its training
+    batches (None: it can).
+    """
     from flightlog import FlightlogError
 
-    for attr in ("actions", "_restore", "_epoch_done", "objects", "recorded_names", "checkpointing"):
+    for attr in ("actions", "_restore", "_epoch_done", "objects", "recorded_names", "checkpointing", "ckpts",
+                 "store", "emit"):
         if not hasattr(mode, attr):
             raise FlightlogError(f"this replay worker has no {attr!r}: replay of {framework} runs needs it")
-    tails = sorted(e for e, a in mode.actions.items() if a != "full")
+    tails = sorted(e for e, a in mode.actions.items() if a not in ("full", "tail"))
     if tails:
-        raise FlightlogError(f"epoch-level replay (skipping training batches) of a {framework} run is not "
-                             f"supported (epochs {tails[:5]}): replay with a plan that re-executes epochs")
+        raise FlightlogError(f"unknown replay actions for epochs {tails[:5]} of a {framework} run")
+    tails = sorted(e for e, a in mode.actions.items() if a == "tail")
+    if tails and no_tails:
+        raise FlightlogError(f"epoch-level replay (skipping the training batches) of a {framework} run is not "
+                             f"supported (epochs {tails[:5]}): {no_tails}")
+
+
+def chain_checkpoints(store: str, run_id: str, loop: str) -> list[tuple[int, str]]:
+    """``(iteration, content_hash)`` of the complete checkpoints of ``run_id`` and the runs it resumed, newest
+    first (a later run of the chain first for the same iteration)."""
+    from flightlog.collector import store as _store
+    from flightlog.query import db
+
+    con = db.connect(store)
+    try:
+        chain = db.run_chain(con, run_id)
+        rows = db.sql_arrow(con, "SELECT run_id, iteration, content_hash FROM checkpoints WHERE list_contains(?, run_id) "
+                                 "AND status = 'ok' AND loop = ?", [chain, loop]).to_pylist()
+    finally:
+        con.close()
+    rows.sort(key=lambda c: (int(c["iteration"]), chain.index(c["run_id"])), reverse=True)
+    return [(int(c["iteration"]), c["content_hash"]) for c in rows if _store.has_blob(store, c["content_hash"])]

@@ -3,19 +3,25 @@
 A ``TrainerCallback``. What is recorded:
 
 * every dict the Trainer logs (``on_log``: ``loss``, ``grad_norm``,
-  ``learning_rate``, ``eval_*`` results, the end-of-training summary), with the
-  epoch and the optimizer step within the epoch as ``epoch``/``batch``;
+  ``learning_rate``, ``eval_*`` results), with the epoch and the optimizer step
+  within the epoch as ``epoch``/``batch``; the end-of-training summary
+  (``train_runtime``, ``train_loss``, ...) at run level;
 * the ``TrainingArguments`` (``args.to_dict()``) as run params;
-* a checkpoint at each epoch boundary with flightlog's adaptive period: model,
-  optimizer, scheduler, ``TrainerState`` and RNG states. It is taken when the
-  next epoch begins (or training ends), i.e. after the epoch-end evaluation and
-  save -- the state the Trainer's own checkpoint of that step would hold.
+* a checkpoint at each epoch boundary, taken when the next epoch begins (or
+  training ends), i.e. after the epoch-end evaluation and save. When the Trainer
+  saved its own checkpoint there (``save_strategy="epoch"``) flightlog records a
+  *reference* to that folder (its files' sizes and content digests) instead of a
+  second copy of the state; otherwise its own checkpoint with the adaptive period:
+  model, optimizer, scheduler, ``TrainerState`` and RNG states.
 
 ``flightlog resume RUN -- python train.py`` continues a killed run: the callback
-writes the parent's last checkpoint as a Trainer checkpoint folder
-(``pytorch_model.bin``, ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``,
-``trainer_state.json``) and hands it to ``Trainer.train(resume_from_checkpoint=...)``,
-so the Trainer's own resume logic restores everything and continues at the next epoch.
+hands the last usable checkpoint to ``Trainer.train(resume_from_checkpoint=...)``
+-- the Trainer's own folder when it is referenced and unchanged, else flightlog's
+checkpoint written out as such a folder -- so the Trainer's own resume logic
+restores everything and continues at the next epoch.
+
+``flightlog replay`` of a Trainer script (batch level, see :class:`_Replay`)
+starts each segment the same way and lets the Trainer run the planned epochs.
 """
 from __future__ import annotations
 
@@ -35,6 +41,18 @@ from flightlog.integrations import _common
 __all__ = ["FlightlogCallback"]
 
 LOOP = "epoch"
+REF = "trainer_checkpoint"  # the object of a checkpoint that references a folder the Trainer saved
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+NO_TAILS = ("the Trainer's callbacks cannot skip an epoch's training steps (control.should_epoch_stop is read only "
+            "after a step has run, and the epoch-end log and evaluation take the last step's grad_norm and learning "
+            "rate from local variables of Trainer._run_epoch that no callback can restore); statements in epoch-level "
+            "hooks of a Trainer run are replayed at batch level")
+
+
+def _volatile(name: str) -> bool:
+    """Timings and memory deltas the Trainer logs: never equal between two runs, so never compared in replay."""
+    return name.endswith(("_runtime", "_per_second")) or "_mem_" in name
 
 
 class _StateJSON:
@@ -55,6 +73,38 @@ class _StateJSON:
                     setattr(self.state, k, v)
                 except Exception:
                     pass
+
+
+class _TrainerFolder:
+    """A checkpoint folder the Trainer saved, as a checkpoint object: its path, file sizes and content digests.
+
+    The digests are taken when the reference is recorded (the files were just
+    written, so they are read from the page cache); resume and replay verify them
+    and refuse the folder when a file is missing or changed.
+    """
+
+    def __init__(self, folder: str, global_step: int) -> None:
+        self.folder, self.global_step = folder, global_step
+
+    def state_dict(self) -> dict:
+        m = _common.folder_manifest(self.folder)
+        m["global_step"] = self.global_step
+        return m
+
+    def load_state_dict(self, sd: dict) -> None:  # the Trainer loads the folder itself
+        pass
+
+
+def _complete_folder(folder: str, global_step: int) -> bool:
+    """Whether a Trainer checkpoint folder holds the full training state of ``global_step``."""
+    try:
+        names = set(os.listdir(folder))
+        with open(os.path.join(folder, "trainer_state.json")) as fh:
+            step = json.load(fh).get("global_step")
+    except (OSError, ValueError):
+        return False
+    return (step == global_step and bool(names & {"optimizer.pt", "optimizer.bin"}) and "scheduler.pt" in names
+            and any(n.startswith("rng_state") and n.endswith(".pth") for n in names) and bool(names & set(_WEIGHTS)))
 
 
 def _find_trainer() -> "Trainer | None":
@@ -88,12 +138,67 @@ def write_trainer_checkpoint(payload: dict, folder: str) -> str:
     return folder
 
 
+def checkpoint_folder(store: str, content_hash: str, tmp_parent: str | None) -> "tuple[str | None, dict, str | None, bool]":
+    """``(folder, payload, why not usable, temporary)`` for one flightlog checkpoint.
+
+    A reference gives the Trainer's own folder once every file's digest matches;
+    flightlog's own checkpoint is written out as a Trainer folder (temporary).
+    """
+    payload = _checkpoint.load(store, content_hash)
+    objs = payload.get("objects", {})
+    if REF in objs:
+        ref = objs[REF][1]
+        why = _common.check_manifest(ref)
+        return (None if why else ref["folder"]), payload, why, False
+    if "model" in objs and "trainer_state" in objs:
+        folder = write_trainer_checkpoint(payload, tempfile.mkdtemp(prefix="flightlog-ckpt-", dir=tmp_parent))
+        return folder, payload, None, True
+    return None, payload, "not a Trainer checkpoint (it holds no model or TrainerState)", False
+
+
+def _start_from(store: str, candidates: list[tuple[int, str]], tmp_parent: str | None, what: str
+                ) -> "tuple[int, str | None, dict | None, bool]":
+    """The newest usable checkpoint among ``candidates`` (newest first): ``(iteration, folder, payload, temporary)``.
+
+    A checkpoint whose referenced folder changed, or whose blob is unreadable, is
+    refused with a warning and the next older one is tried; ``(-1, None, None,
+    False)`` when none is usable.
+    """
+    from flightlog._errors import FlightlogError
+
+    for it, h in candidates:
+        try:
+            folder, payload, why, tmp = checkpoint_folder(store, h, tmp_parent)
+        except (FlightlogError, OSError, ValueError, KeyError) as e:
+            folder, payload, why, tmp = None, None, str(e), False
+        if folder is not None:
+            return it, folder, payload, tmp
+        _warn.problem("checkpoint_unusable", f"{what}: the checkpoint of epoch {it} is not used: {why}; "
+                                             "trying an earlier one")
+    return -1, None, None, False
+
+
+def _use_folder(trainer, folder: str, override: bool) -> None:
+    """Make this Trainer's ``train()`` resume from ``folder`` (``override``: even when the script passes one)."""
+    orig = trainer.train
+
+    @functools.wraps(orig)
+    def train(resume_from_checkpoint=None, *a, **k):
+        if resume_from_checkpoint is None or override:
+            resume_from_checkpoint = folder
+        return orig(resume_from_checkpoint, *a, **k)
+
+    trainer.train = train  # this instance only: the user's trainer.train() resumes
+
+
 class FlightlogCallback(TrainerCallback):
     """Record a Transformers ``Trainer`` run into flightlog (logs, arguments, positions, checkpoints).
 
     ``project``/``name``/``store`` are ``fl.init``'s (an active run is used as is);
-    ``every``/``overhead`` are ``fl.checkpointing``'s period controls;
-    ``checkpoints=False`` records without checkpoints (no resume then).
+    ``every``/``overhead`` are ``fl.checkpointing``'s period controls for
+    flightlog's own checkpoints (a checkpoint the Trainer saves at an epoch end is
+    always referenced); ``checkpoints=False`` records without checkpoints (no
+    resume or replay then).
     """
 
     def __init__(self, project: str | None = None, name: str | None = None, store: str | None = None, *,
@@ -108,7 +213,11 @@ class FlightlogCallback(TrainerCallback):
         self._epoch_t0 = 0.0
         self._frame = None
         self._primary = True
-        self._resume_dir: str | None = None
+        self._resume_tmp: str | None = None
+        self._resumed = False
+        self._at_epoch_end = False
+        self._saved: tuple[int, str] | None = None  # (global step, folder) of the Trainer's last epoch-end save
+        self._replay: "_Replay | None" = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -126,18 +235,17 @@ class FlightlogCallback(TrainerCallback):
             except Exception as e:
                 _warn.problem("params_error", f"TrainingArguments not recorded: {e!r}")
             if _common.mode_name(r) == "replay":
-                from flightlog import FlightlogError
+                trainer = _find_trainer()
+                if trainer is None:
+                    from flightlog import FlightlogError
 
-                raise FlightlogError(
-                    "flightlog replay of a Transformers Trainer run is not supported: a re-executed epoch "
-                    "does not reproduce the recorded losses after a restore (the Trainer's loss accumulators "
-                    "and data iterator live outside its callbacks); record the new values by re-running "
-                    "training, or use resume (supported, bit for bit)")
-            if _common.mode_name(r) == "resume":
+                    raise FlightlogError("flightlog replay: cannot find the Trainer this callback belongs to")
+                self._replay = _Replay(r, trainer)
+            elif _common.mode_name(r) == "resume":
                 self._prepare_resume(_find_trainer())
         except Exception as e:
             if self.run is not None and _common.mode_name(self.run) == "replay":
-                raise  # a replay worker fails with the reason
+                raise  # a replay worker that cannot follow its plan fails with the reason
             _warn.problem("integration_error", f"FlightlogCallback.on_init_end failed: {e!r}")
 
     def _prepare_resume(self, trainer) -> None:
@@ -149,25 +257,22 @@ class FlightlogCallback(TrainerCallback):
         if trainer is None:
             _warn.problem("resume_failed", "cannot find the Trainer to resume; training starts from the beginning")
             return
-        payload = _checkpoint.load(st.store, st.row["content_hash"])
-        if st.row.get("loop") != LOOP or "model" not in payload.get("objects", {}) \
-                or "trainer_state" not in payload["objects"]:
-            _warn.problem("resume_unusable", "the parent's last checkpoint is not a Trainer checkpoint; "
+        cands = [(int(st.row["iteration"]), st.row["content_hash"])] if st.row.get("loop") == LOOP else []
+        try:
+            cands += [c for c in _common.chain_checkpoints(st.store, r.parent_run_id, LOOP) if c not in cands]
+        except Exception as e:
+            _warn.problem("resume_checkpoints", f"earlier checkpoints not listed: {e!r}")
+        it, folder, payload, tmp = _start_from(st.store, cands, None, "resume")
+        if folder is None:
+            _warn.problem("resume_unusable", "no checkpoint of the parent run is a usable Trainer checkpoint; "
                                              "training starts from the beginning")
             return
-        folder = write_trainer_checkpoint(payload, tempfile.mkdtemp(prefix="flightlog-resume-"))
-        self._resume_dir = folder
+        if tmp:
+            self._resume_tmp = folder
         r.steps.clear()
         r.steps.update(payload.get("steps", {}))
-        orig = trainer.train
-
-        @functools.wraps(orig)
-        def train(resume_from_checkpoint=None, *a, **k):
-            if resume_from_checkpoint is None:
-                resume_from_checkpoint = folder
-            return orig(resume_from_checkpoint, *a, **k)
-
-        trainer.train = train  # this instance only: the user's trainer.train() resumes
+        self._resumed = True
+        _use_folder(trainer, folder, override=False)
 
     def on_train_begin(self, args, state, control, **kw):
         r = self.run
@@ -179,19 +284,25 @@ class FlightlogCallback(TrainerCallback):
         self._frame = Frame(LOOP, 0, total)
         if not r.loops:
             r.loops.append(self._frame)
-        if self.checkpoints and self._primary and kw.get("model") is not None:
+        objects = {}
+        if kw.get("model") is not None:
+            objects["model"] = kw["model"]
+            if kw.get("optimizer") is not None:
+                objects["optimizer"] = kw["optimizer"]
+            if kw.get("lr_scheduler") is not None:
+                objects["scheduler"] = kw["lr_scheduler"]
+            objects["trainer_state"] = _StateJSON(state)
+        if self._replay is not None:
+            self._replay.train_begin(objects)
+            return
+        if self.checkpoints and self._primary and objects:
             mgr = r.extra.get("checkpointer")
             if mgr is None or not isinstance(mgr, _checkpoint.Checkpointer):
                 mgr = r.mode.checkpointing(r, {}, self.every, self.overhead)
             if isinstance(mgr, _checkpoint.Checkpointer):
-                mgr.objects["model"] = kw["model"]
-                if kw.get("optimizer") is not None:
-                    mgr.objects["optimizer"] = kw["optimizer"]
-                if kw.get("lr_scheduler") is not None:
-                    mgr.objects["scheduler"] = kw["lr_scheduler"]
-                mgr.objects["trainer_state"] = _StateJSON(state)
+                mgr.objects.update(objects)
                 self._ckpt = mgr
-                if self._resume_dir is None and state.global_step == 0:
+                if not self._resumed and state.global_step == 0:
                     self._ckpt.take(LOOP, -1, 0.0, "loop_start")
 
     def on_epoch_begin(self, args, state, control, **kw):
@@ -201,10 +312,13 @@ class FlightlogCallback(TrainerCallback):
         self._boundary(state)  # the previous epoch is complete (evaluated, saved)
         self._epoch = int(round(state.epoch or 0.0)) if state.epoch is not None else 0
         self._step_in_epoch = -1
+        self._at_epoch_end = False
         self._epoch_t0 = time.perf_counter()
         if self._frame is not None:
             self._frame.index = self._epoch
         _common.set_ctx(r, self._epoch, None)
+        if self._replay is not None:
+            self._replay.epoch_begin(self._epoch)
 
     def _boundary(self, state) -> None:
         e = self._epoch
@@ -212,29 +326,77 @@ class FlightlogCallback(TrainerCallback):
             return
         self._epoch = None
         _common.set_ctx(self.run, e, None)
-        self._ckpt.on_boundary(self.run, LOOP, e, time.perf_counter() - self._epoch_t0, "iteration_end")
+        loop_s = time.perf_counter() - self._epoch_t0
+        saved, self._saved = self._saved, None
+        if saved is not None and saved[0] == state.global_step and _complete_folder(saved[1], saved[0]):
+            if self._take_reference(e, saved[1], saved[0], loop_s):
+                return
+        self._ckpt.on_boundary(self.run, LOOP, e, loop_s, "iteration_end")
         self.run.rec.request_flush()
+
+    def _take_reference(self, e: int, folder: str, step: int, loop_s: float) -> bool:
+        """Checkpoint epoch ``e`` as a reference to the folder the Trainer just saved (no second copy)."""
+        mgr = self._ckpt
+        objects = mgr.objects
+        mgr.objects = {REF: _TrainerFolder(folder, step)}
+        try:
+            mgr.take(LOOP, e, mgr.since_ms + loop_s * 1000.0, "iteration_end")
+            mgr.since_ms = 0.0
+        except Exception as e2:
+            _warn.problem("checkpoint_failed", f"reference to {folder} not recorded: {e2!r}")
+            return False
+        finally:
+            mgr.objects = objects
+        self.run.rec.request_flush()
+        return True
 
     def on_step_begin(self, args, state, control, **kw):
         r = self.run
         if r is None or self._epoch is None:
             return
         self._step_in_epoch += 1
+        self._at_epoch_end = False
         _common.set_ctx(r, self._epoch, self._step_in_epoch)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self._replay is not None:
+            control.should_save = False  # a replay never writes checkpoint folders
 
     def on_epoch_end(self, args, state, control, **kw):
         r = self.run
         if r is not None and self._epoch is not None:
             _common.set_ctx(r, self._epoch, None)  # epoch-end evaluation and logs
+            self._at_epoch_end = True
+        if self._replay is not None:
+            control.should_save = False
+            if self._epoch is not None and self._replay.epoch_end(self._epoch):
+                control.should_training_stop = True  # the segment is done
+
+    def on_save(self, args, state, control, **kw):
+        # A save at the epoch end (after its evaluation) holds the state of the boundary checkpoint;
+        # one made at a step (before the epoch-end evaluation, which draws from the RNG) does not.
+        if self._ckpt is not None and self._at_epoch_end:
+            self._saved = (state.global_step, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
     def on_log(self, args, state, control, logs=None, **kw):
         r = self.run
         if r is None or not logs:
             return
-        for k, v in logs.items():
-            if k == "epoch":  # the fractional epoch: a column already
-                continue
-            _common.log_value(r, k, v)
+        summary = "train_runtime" in logs  # the end-of-training summary: run level
+        if self._replay is not None and summary:
+            return  # a segment's summary covers its own steps only: not comparable with the record
+        saved = r.ctx
+        if summary:
+            _common.set_ctx(r, None, None)
+        try:
+            for k, v in logs.items():
+                if k == "epoch":  # the fractional epoch: a column already
+                    continue
+                if self._replay is not None and _volatile(k):
+                    continue
+                _common.log_value(r, k, v)
+        finally:
+            r.ctx = saved
 
     def on_train_end(self, args, state, control, **kw):
         r = self.run
@@ -251,9 +413,81 @@ class FlightlogCallback(TrainerCallback):
                 pass
             for k in ("model", "optimizer", "scheduler", "trainer_state"):
                 self._ckpt.objects.pop(k, None)
-        if self._resume_dir is not None:
+        if self._resume_tmp is not None:
             import shutil
 
-            shutil.rmtree(self._resume_dir, ignore_errors=True)
-            self._resume_dir = None
+            shutil.rmtree(self._resume_tmp, ignore_errors=True)
+            self._resume_tmp = None
+        if self._replay is not None:
+            self._replay.end()  # ends the worker (SystemExit) unless the plan runs the script's tail
 
+
+class _Replay:
+    """A ``flightlog replay`` worker running a Trainer script: follows the worker's plan at batch level.
+
+    The segment starts from the checkpoint before its first planned epoch: the
+    Trainer's own folder when it is referenced and every file's digest still
+    matches, else flightlog's checkpoint written out as a Trainer folder; a
+    checkpoint that fails is refused with a warning and an earlier one is used
+    (the epochs in between re-execute, their new values not stored). The folder
+    goes to ``Trainer.train(resume_from_checkpoint=...)``, so the Trainer's own
+    resume logic restores weights, optimizer, scheduler, ``TrainerState`` (loss
+    bookkeeping, global step) and RNG, skips the epochs before, and re-executes
+    the planned ones; at the end of the last one training stops. From epoch 0 the
+    run's loop-start checkpoint is restored in ``on_train_begin``. Re-executed
+    values of recorded names are compared with the record (timings, memory
+    deltas and the end-of-training summary excepted); new names are stored. The
+    Trainer's saves are switched off in the worker (``control.should_save``).
+    Epoch-level plans (skipping an epoch's steps) are refused: see ``NO_TAILS``.
+    """
+
+    def __init__(self, run, trainer) -> None:
+        mode = run.mode
+        _common.check_replay_mode(mode, "Transformers", NO_TAILS)
+        self.run, self.mode, self.trainer = run, mode, trainer
+        self.first = min(mode.actions) if mode.actions else 0
+        self.last = max(mode.actions) if mode.actions else -1
+        self.start_counters, _inner = _common.recorded_counters(mode.store, run.run_id)
+        self.current: int | None = None
+        self.folder: str | None = None
+        if self.first > 0:
+            cands = sorted(((k, c["content_hash"]) for k, c in mode.ckpts.items() if 0 <= k < self.first),
+                           reverse=True)
+            it, folder, _payload, _tmp = _start_from(mode.store, cands, mode.plan.get("tmp") or None, "replay")
+            if folder is not None:
+                self.folder = folder
+                _use_folder(trainer, folder, override=True)
+            elif it < 0 and cands:
+                _warn.problem("replay_from_start", f"no usable checkpoint before epoch {self.first}: "
+                                                   "re-executing from the start of training")
+
+    def train_begin(self, objects: dict) -> None:
+        self.mode.checkpointing(self.run, objects)
+        if self.folder is None and -1 in self.mode.ckpts:
+            self.mode._restore(-1)  # the recorded state at the start of training (unseeded RNGs, weights)
+
+    def epoch_begin(self, e: int) -> None:
+        self._complete()
+        m = self.mode
+        m.cur_epoch, m.cur_mode = e, "full"  # epochs before the plan are lead-in: compared, not stored
+        _common.set_counters(self.run, m.recorded_names, self.start_counters.get(e, {}))
+        self.current = e
+        if e in m.actions and getattr(m, "first_epoch_at", 0) is None:
+            m.first_epoch_at = time.time()
+
+    def epoch_end(self, e: int) -> bool:
+        """True when training must stop after this epoch (its evaluation still runs)."""
+        return e >= self.last
+
+    def _complete(self) -> None:
+        if self.current is not None:
+            self.mode._epoch_done(self.current)
+            self.current = None
+
+    def end(self) -> None:
+        self._complete()
+        self.mode.cur_epoch = None
+        if not getattr(self.mode, "after_loop", False):
+            _run._end(self.run, "finished", None)
+            sys.stdout.flush()
+            raise SystemExit(0)
