@@ -85,6 +85,65 @@ def _shutdown() -> None:
             pass
 
 
+def _keep_all(line: int) -> bool:
+    return True
+
+
+def _guarded_code(source: bytes, script: str):
+    """The script compiled with every statement of an ``fl.loop`` body behind a guard, or None.
+
+    ``for x in fl.loop(...): S`` becomes ``for x in fl.loop(...): if __flightlog_keep__(line): S``
+    (locations kept, so tracebacks, line events and ``f_lineno`` are the script's own). The guard is
+    True unless the replay mode skips that tail statement in this epoch (tail slicing,
+    ``replay/slicing.py``); the worker decides when it has its plan, the script compiles before.
+    """
+    import ast
+    import builtins
+
+    try:
+        tree = ast.parse(source, script)
+    except (SyntaxError, ValueError):
+        return None  # compile() below reports it exactly as python would
+    guarded = 0
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.For, ast.AsyncFor)) or not _is_fl_loop(node.iter):
+            continue
+        body = []
+        for st in node.body:
+            if isinstance(st, (ast.Global, ast.Nonlocal)):
+                body.append(st)
+                continue
+            test = ast.Call(ast.Name("__flightlog_keep__", ast.Load()), [ast.Constant(st.lineno)], [])
+            guard = ast.If(test, [st], [])
+            for n in (guard, test, test.func, test.args[0]):
+                ast.copy_location(n, st)
+                n.end_lineno, n.end_col_offset = st.lineno, st.col_offset
+            guard.end_lineno, guard.end_col_offset = st.end_lineno, st.end_col_offset
+            body.append(guard)
+            guarded += 1
+        node.body = body
+    if not guarded:
+        return None
+    try:
+        code = compile(tree, script, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return None
+    if not hasattr(builtins, "__flightlog_keep__"):
+        builtins.__flightlog_keep__ = _keep_all
+    return code
+
+
+def _is_fl_loop(it) -> bool:
+    import ast
+
+    if isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "enumerate" and it.args:
+        it = it.args[0]
+    if not isinstance(it, ast.Call):
+        return False
+    f = it.func
+    return (isinstance(f, ast.Attribute) and f.attr == "loop") or (isinstance(f, ast.Name) and f.id == "loop")
+
+
 def _exec_main(script: str) -> None:
     """What ``python script`` does with the file: compile it and run it as a fresh ``__main__`` module."""
     import builtins
@@ -92,7 +151,11 @@ def _exec_main(script: str) -> None:
 
     with io.open_code(script) as fh:
         source = fh.read()
-    code = compile(source, script, "exec", dont_inherit=True)
+    code = None
+    if os.environ.get("FLIGHTLOG_REPLAY"):
+        code = _guarded_code(source, script)
+    if code is None:
+        code = compile(source, script, "exec", dont_inherit=True)
     main = type(sys)("__main__")
     main.__dict__.update(__file__=script, __builtins__=builtins, __cached__=None, __spec__=None,
                          __loader__=SourceFileLoader("__main__", script))

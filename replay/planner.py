@@ -75,6 +75,13 @@ class CodeDiff:
     _nodes: list = field(default_factory=list, repr=False)  # AST nodes of statements (one file)
     _assigns: dict = field(default_factory=dict, repr=False)  # new helper name -> names its value reads
     _tree: object = field(default=None, repr=False)  # today's parsed file (one file)
+    _new_lines: dict = field(default_factory=dict, repr=False)  # file -> significant inserted lines
+    _texts: dict = field(default_factory=dict, repr=False)  # file -> today's text
+    _trees: dict = field(default_factory=dict, repr=False)  # file -> today's parsed file
+    _outer: tuple | None = field(default=None, repr=False)  # (file, outer For, first inner anchor statement)
+    _anchors: list = field(default_factory=list, repr=False)  # outer-body statements new statements run through
+    slice: object = None  # slicing.TailSlice of an epoch-level plan, if the tail can be sliced
+    slice_why: str = ""  # why the tail is not sliced, in words
 
     @property
     def level(self) -> str:
@@ -266,6 +273,8 @@ def diff_file(old: str, new: str, filename: str, is_main: bool) -> CodeDiff:
             continue
         inserted.update(new_sig[k][0] for k in range(j1, j2))
     out._tree = new_tree
+    out._new_lines[filename] = set(inserted)
+    out._texts[filename] = new
     if not inserted and not out.changes:
         return out
     # A blank or comment line inside an inserted statement counts as inserted too.
@@ -318,6 +327,9 @@ def diff_code(snapshot: dict, current: dict[str, str], main: str) -> CodeDiff:
             trees[rel] = d._tree
         for k, v in d._assigns.items():
             total._assigns.setdefault(k, set()).update(v)
+        total._new_lines.update(d._new_lines)
+        total._texts.update(d._texts)
+    total._trees = trees
     prog = Program(trees, main)
     prog.assign(total, stmts)
     return total
@@ -529,6 +541,11 @@ class Program:
                 continue
             st_obj.level = "epoch"
             st_obj.why = f"in the body of `{oname}`, after its inner loop `{iname}`{via_txt}"
+            if diff._outer is None:
+                diff._outer = (of, ofor, ianchor)
+            elif diff._outer[1] is not ofor:
+                diff._outer = (of, None, None)  # statements under different outer loops: no slicing
+            diff._anchors.append(mine)
             if iname not in diff.skip_loops:
                 diff.skip_loops.append(iname)
             diff.skipped_sets[iname] = sorted(_sets(ifor) - self.static)
@@ -709,3 +726,33 @@ def segment_actions(seg: list[int], level: str, ckpts: dict[int, str]) -> tuple[
     for r in runs:
         run_from(r[0], r[-1])
     return dict(sorted(actions.items())), list(seg)
+
+
+def plan_tail_slice(diff: CodeDiff, main: str) -> None:
+    """Decide the statements of the epoch tail an epoch-level plan skips (``replay/slicing.py``).
+
+    Call after :func:`resolve_levels`; sets ``diff.slice`` or says in ``diff.slice_why`` why not.
+    """
+    from flightlog.replay import slicing
+
+    diff.slice = None
+    if diff.from_start or diff.level != "epoch":
+        diff.slice_why = "" if diff.from_start else f"{diff.level}-level plan: every epoch runs in full"
+        return
+    if any(s.level == "run" for s in diff.statements):
+        diff.slice_why = "a new statement runs after the loop, on the state the last epoch leaves"
+        return
+    if diff._outer is None or diff._outer[1] is None:
+        diff.slice_why = "the new statements are not all in one epoch loop's body"
+        return
+    of, ofor, first = diff._outer
+    if of != main:
+        diff.slice_why = f"the epoch loop is in {of}, not in the script (only the script's own loop is sliced)"
+        return
+    idx = _Index(diff._trees[of])
+    sl = slicing.plan(diff._trees[of], of, ofor, first, diff._new_lines.get(of, set()), diff._anchors,
+                      idx.mods, idx.logs, diff._texts.get(of, ""))
+    if sl.lines:
+        diff.slice = sl
+    else:
+        diff.slice_why = sl.why_none

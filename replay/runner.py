@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from flightlog import _config
 from flightlog._errors import ReplayError, StoreError
 from flightlog.replay import planner
+from flightlog.replay import slicing as _slicing
 
 PROGRESS_EVERY = 0.25
 
@@ -71,6 +72,7 @@ class Job:
     tmp_script_dir: str | None = None
     plan: str = "fast"  # fast | from_start
     role: str = "segment"  # segment | verify (a full re-execution checking the fast path; stores nothing)
+    slice: bool = True  # skip the tail statements diff.slice names (False: the whole tail, the fallback)
 
 
 @dataclass
@@ -103,6 +105,7 @@ class ReplayResult:
     verification: list[str] = field(default_factory=list)  # findings of that check, in words
     scratch: str | None = None  # folder with the files the script wrote during the replay
     files: list[tuple[str, str]] = field(default_factory=list)  # (path the script used, where it went)
+    verify_compared: int = 0  # recorded values the verification epochs re-computed and compared
 
     @property
     def ok(self) -> bool:
@@ -121,7 +124,8 @@ class ReplayResult:
 
     @property
     def compared(self) -> int:
-        return sum(int(s.data.get("compared", 0)) for s in self.segments)
+        """Recorded values re-computed and compared: by the segments and by the verification epochs."""
+        return sum(int(s.data.get("compared", 0)) for s in self.segments) + self.verify_compared
 
     @property
     def rows(self) -> int:
@@ -274,6 +278,10 @@ def plan_run(store: str, info: RunInfo, script_path: str, script_args: list[str]
     planner.resolve_levels(diff, [info.checkpoints[i].get("captured") for i in used],
                            sorted(set(info.top_loops) | set(diff.top_loops)))
     level = diff.level
+    planner.plan_tail_slice(diff, snap["script"])
+    if diff.slice is not None and not verify:
+        # without the verification epoch nothing would catch a wrong slice: run the whole tail
+        diff.slice, diff.slice_why = None, "--no-verify: nothing would check the sliced tail"
     if diff.from_start:
         # Exact re-execution of the whole script from the start: one worker, nothing skipped.
         last = max(info.epochs)
@@ -287,7 +295,8 @@ def plan_run(store: str, info: RunInfo, script_path: str, script_args: list[str]
         actions, emit = planner.segment_actions(seg, "epoch" if level in ("epoch", "run") else "batch", ck)
         jobs.append(Job(info, run_script, args, diff, seg, actions, emit, index=k, cwd=cwd, tmp_script_dir=tmp_dir))
     if verify and level in ("epoch", "run") and chosen:
-        v = _verify_epoch(chosen, ck)
+        sliced = {e for j in jobs for e in _slicing.sliceable_epochs(j.actions, level == "run")}
+        v = _verify_epoch(chosen, ck, sliced if diff.slice is not None else set())
         actions, emit = planner.segment_actions([v], "batch", ck)
         jobs.append(Job(info, run_script, args, diff, [v], actions, [v], index=len(segs), cwd=cwd,
                         tmp_script_dir=tmp_dir, role="verify"))
@@ -306,10 +315,13 @@ def _checkpoints_used(chosen: list[int], level: str, ck: dict[int, str]) -> list
     return sorted(out)
 
 
-def _verify_epoch(chosen: list[int], ck: dict[int, str]) -> int:
+def _verify_epoch(chosen: list[int], ck: dict[int, str], sliced: set[int] = frozenset()) -> int:
     """The planned epoch re-executed in full to verify the fast path: the last one with a checkpoint just
-    before it (cheap to reach, most state accumulated), else the first planned one."""
+    before it (cheap to reach, most state accumulated), else the first planned one; one whose tail the
+    fast path slices when there is one, so that the check covers the slicing too."""
     good = [e for e in chosen if e - 1 in ck or e == 0]
+    if good and sliced & set(good):
+        return max(sliced & set(good))
     return max(good) if good else min(chosen)
 
 
@@ -349,12 +361,23 @@ def describe(jobs: list[Job], workers: int) -> str:
     elif diff.level in ("epoch", "run"):
         lines.append(f"  inner loop(s) skipped: {', '.join(diff.skip_loops) or '(none found)'}; "
                      "state from the checkpoints taken when they ended (registered objects and loop variables)")
+        if diff.slice is not None:
+            sl = diff.slice
+            lines.append(f"  tail slicing: skips {len(sl.lines)} statement(s) of the epoch tail the new statements "
+                         f"do not need ({sl.kept} kept), in epochs followed by a checkpoint restore; the "
+                         "verification epoch runs them all and a difference re-runs with the whole tail:")
+            for ln, txt in zip(sl.lines, sl.text):
+                lines.append(f"    skipped: {sl.file}:{ln}  {txt}")
+        elif diff.slice_why:
+            lines.append(f"  tail slicing: none ({diff.slice_why})")
     est_total = 0.0
     for j in jobs:
         full = [e for e, a in j.actions.items() if a == "full"]
         tail = [e for e, a in j.actions.items() if a == "tail"]
+        sliced = set(_slicing.sliceable_epochs(j.actions, diff.level == "run")) if j.slice else set()
         t = sum(info.epoch_secs.get(e, 0.0) for e in full)
-        t += sum(max(0.0, info.epoch_secs.get(e, 0.0) - info.inner_secs.get(e, 0.0)) for e in tail)
+        t += sum(max(0.0, info.epoch_secs.get(e, 0.0) - info.inner_secs.get(e, 0.0))
+                 * (_sliced_cost(diff) if e in sliced else 1.0) for e in tail)
         restore = [c for c in (min(j.actions) - 1,) if c in info.checkpoints] + tail
         t += sum(info.checkpoints[c]["bytes"] for c in restore if c in info.checkpoints) / 300e6
         est_total = max(est_total, t)
@@ -427,6 +450,8 @@ def _worker_plan(job: Job, store: str, replay_id: str, tmp: str, con, threads: i
         "emit": job.emit,
         "segment": f"{job.emit[0]}:{job.emit[-1] + 1}" if job.emit else "",
         "skip_loops": job.diff.skip_loops,
+        "slice_lines": list(job.diff.slice.lines) if job.slice and job.diff.slice is not None else [],
+        "slice_epochs": _slicing.sliceable_epochs(job.actions, job.diff.level == "run") if job.slice else [],
         "run_after_loop": job.diff.level == "run",
         "checkpoints": {str(i): c for i, c in job.info.checkpoints.items()},
         "owner": {str(e): r for e, r in job.info.owner.items()},
@@ -439,6 +464,14 @@ def _worker_plan(job: Job, store: str, replay_id: str, tmp: str, con, threads: i
         "tmp": tmp,
         "torch_threads": threads,
     }
+
+
+def _sliced_cost(diff: planner.CodeDiff) -> float:
+    """Share of an epoch tail's time a sliced epoch still spends (kept old statements, by count)."""
+    sl = diff.slice
+    if sl is None:
+        return 1.0
+    return sl.kept / max(1, sl.kept + len(sl.lines))
 
 
 def scratch_root(store: str, replay_id: str) -> str:
@@ -571,15 +604,97 @@ def execute(jobs: list[Job], store: str, workers: int, threads: int | None = Non
         results.append((newj, _collect(newj, plan, p.returncode, log_path, time.time() - ts)))
         jobs = [newj if j is old else j for j in jobs]
         plans = [(j, pl, pa_) for j, pl, pa_ in plans if j is not old] + [(newj, plan, path)]
+    unsliced = _unslice(jobs, plans, results, store, workers, threads, replay_id, tmp)
+    if unsliced is not None:
+        jobs, plans, results, notes = unsliced
     ended_at = _now()
     try:
         res = _finish(jobs, plans, results, store, replay_id, started_at, ended_at, t0)
+        if unsliced is not None:
+            res.verification[:0] = notes
     finally:
         for j in jobs:
             if j.tmp_script_dir:
                 shutil.rmtree(j.tmp_script_dir, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
     return res
+
+
+def _unslice(jobs, plans, results, store, workers, threads, replay_id, tmp):
+    """Tail slicing's fallback: a run whose sliced fast path disagrees with its verification epoch
+    re-runs its segments with the whole tail (the verification itself is reused).
+
+    Returns (jobs, plans, results, notes) with those segments replaced, or None when nothing re-ran.
+    """
+    from flightlog.query import db
+
+    by_job = {id(j): r for j, r in results}
+    rows = {id(j): _read_rows(pl["rows_path"]) for j, pl, _p in plans}
+    redo: list[Job] = []
+    notes: list[str] = []
+    for rid in sorted({j.info.run_id for j in jobs}):
+        mine = [j for j in jobs if j.info.run_id == rid]
+        vjob = next((j for j in mine if j.role == "verify"), None)
+        if vjob is None or vjob.diff.slice is None:
+            continue
+        vr = by_job.get(id(vjob))
+        if vr is None or vr.status != "ok" or vr.fidelity == "diverged":
+            continue
+        v = vjob.emit[0]
+        vseg = next((j for j in mine if j.role == "segment" and v in j.emit), None)
+        sr = by_job.get(id(vseg)) if vseg is not None else None
+        if sr is None or sr.status != "ok" or not sr.data.get("skipped_statements"):
+            continue
+        run_level = vjob.diff.level == "run"
+        _n, _loose, bad = verify(_series(rows.get(id(vseg)), v, run_level), _series(rows.get(id(vjob)), v, run_level),
+                                 vjob.diff, v)
+        if not bad:
+            continue
+        name = sorted(bad)[0]
+        notes.append(f"run {rid}: tail slicing fell back: with {len(vjob.diff.slice.lines)} tail statement(s) "
+                     f"skipped, {bad[name]}; the segments were re-run with the whole tail")
+        redo += [j for j in mine if j.role == "segment" and j.slice]
+    if not redo:
+        return None
+    import dataclasses
+
+    con = db.connect(store)
+    try:
+        fresh = []
+        for j in redo:
+            nj = dataclasses.replace(j, slice=False, index=j.index + 200)
+            th = threads if threads is not None else nj.info.torch_threads
+            plan = _worker_plan(nj, store, replay_id, tmp, con, th)
+            path = _plan_path(tmp, nj.info.run_id, nj.index)
+            with open(path, "w") as fh:
+                json.dump(plan, fh)
+            fresh.append((j, nj, plan, path))
+    finally:
+        con.close()
+    done: dict[int, tuple] = {}
+    pending = list(fresh)
+    running: list[tuple] = []
+    while pending or running:
+        while pending and len(running) < max(1, workers):
+            old, nj, plan, path = pending.pop(0)
+            p, logf, log_path, ts = _spawn(nj.script_path, nj.script_args, nj.cwd, path, store,
+                                           plan.get("torch_threads"), tmp, f"{nj.info.run_id}-{nj.index}")
+            running.append((old, nj, plan, path, p, logf, log_path, ts))
+        time.sleep(0.05)
+        still = []
+        for item in running:
+            old, nj, plan, path, p, logf, log_path, ts = item
+            if p.poll() is None:
+                still.append(item)
+                continue
+            logf.close()
+            done[id(old)] = (nj, plan, path, _collect(nj, plan, p.returncode, log_path, time.time() - ts))
+        running = still
+    new_jobs = [done[id(j)][0] if id(j) in done else j for j in jobs]
+    new_plans = [(done[id(j)][0], done[id(j)][1], done[id(j)][2]) if id(j) in done else (j, pl, pa_)
+                 for j, pl, pa_ in plans]
+    new_results = [(done[id(j)][0], done[id(j)][3]) if id(j) in done else (j, r) for j, r in results]
+    return new_jobs, new_plans, new_results, notes
 
 
 def _retry_verifications(results: list) -> list[tuple[Job, Job]]:
@@ -675,13 +790,14 @@ def _finish(jobs, plans, results, store, replay_id, started_at, ended_at, t0) ->
     for j, plan, _path in plans:
         rows_of[id(j)] = _read_rows(plan["rows_path"])
     verified_total = 0
+    verify_compared = 0
     for rid in sorted({j.info.run_id for j in jobs}):
         mine = [j for j in jobs if j.info.run_id == rid]
         segs = [j for j in mine if j.role == "segment"]
         vjob = next((j for j in mine if j.role == "verify"), None)
         bad: dict[str, str] = {}
         vfail = None
-        vcount, vloose, vseg = 0, False, None
+        vcount, vloose, vseg, vr = 0, False, None, None
         if vjob is not None:
             v = vjob.emit[0]
             vr = by_job.get(id(vjob))
@@ -699,7 +815,9 @@ def _finish(jobs, plans, results, store, replay_id, started_at, ended_at, t0) ->
                 vcount, vloose, bad = verify(_series(rows_of.get(id(vseg)), v, run_level),
                                              _series(rows_of.get(id(vjob)), v, run_level), vjob.diff, v)
                 verified_total += vcount
-                verification.append(f"run {rid}: epoch {v} re-executed in full: {vcount} new value(s) verified"
+                verify_compared += int(vr.data.get("compared", 0))
+                verification.append(f"run {rid}: epoch {v} re-executed in full: {vcount} new value(s) verified, "
+                                    f"{int(vr.data.get('compared', 0))} recorded value(s) re-computed ({vr.fidelity})"
                                     + (f", {len(bad)} name(s) diverged" if bad else ""))
             for name, why in bad.items():
                 verification.append(f"run {rid}: {name}: {why}")
@@ -718,6 +836,10 @@ def _finish(jobs, plans, results, store, replay_id, started_at, ended_at, t0) ->
                 r.data["first_divergence"] = {"name": name, "reason": bad[name], "verified_epoch": vjob.emit[0]}
             elif j is vseg and vloose and r.fidelity == "exact":
                 r.fidelity = "within tolerance"
+            if (r.status == "ok" and r.fidelity == "unchecked" and r.data.get("skipped_statements") and not bad
+                    and not vfail and vr is not None and vr.fidelity in ("exact", "within tolerance")):
+                # the sliced tail skipped every recorded log; the verification epoch recomputed them
+                r.fidelity = vr.fidelity
             if j is vseg:
                 r.verified = vcount
             # what this segment stores: nothing if it failed or its recomputed recorded values diverged
@@ -766,7 +888,8 @@ def _finish(jobs, plans, results, store, replay_id, started_at, ended_at, t0) ->
     scratch = scratch_root(store, replay_id)
     return ReplayResult(replay_id, sorted({j.info.run_id for j in jobs}), seg_results, {}, new_names,
                         time.time() - t0, startup, verified=verified_total, verification=verification,
-                        scratch=scratch if os.path.isdir(scratch) else None, files=files)
+                        scratch=scratch if os.path.isdir(scratch) else None, files=files,
+                        verify_compared=verify_compared)
 
 
 def cancel(plan_path: str) -> None:

@@ -142,6 +142,23 @@ class ReplayMode(Mode):
         self.created_at = time.time()
         threads = plan.get("torch_threads")
         self.threads = int(threads) if threads else None
+        # tail slicing (replay/slicing.py): statements of the epoch tail skipped in these epochs
+        self.slice_lines = frozenset(int(x) for x in plan.get("slice_lines") or ())
+        self.slice_epochs = frozenset(int(x) for x in plan.get("slice_epochs") or ())
+        self.slicing_now = False
+        self.sliced_epochs: list[int] = []
+        self.skipped = 0
+        if self.slice_lines:
+            import builtins
+
+            builtins.__flightlog_keep__ = self.keep  # the guard the worker compiled into the script
+
+    def keep(self, line: int) -> bool:
+        """Run this statement of a loop body? False only for a sliced tail statement in a sliced epoch."""
+        if self.slicing_now and line in self.slice_lines:
+            self.skipped += 1
+            return False
+        return True
 
     # -- inputs -------------------------------------------------------------------
 
@@ -192,6 +209,9 @@ class ReplayMode(Mode):
                 and (name in self.skip_loops or not self.skip_loops)):
             self.inner_skipped = True
             self._restore(self.cur_epoch, inner_frame=caller)
+            if self.slice_lines and self.cur_epoch in self.slice_epochs:
+                self.slicing_now = True
+                self.sliced_epochs.append(self.cur_epoch)
             return iter(())
         return self._through(run, name, iterable, caller)
 
@@ -253,6 +273,7 @@ class ReplayMode(Mode):
                 if self.first_epoch_at is None:
                     self.first_epoch_at = time.time()
                 self.cur_epoch, self.cur_mode, self.inner_skipped = i, mode, False
+                self.slicing_now = False
                 frame.index = i
                 run.ctx = context_tuple(frames)
                 try:
@@ -399,6 +420,7 @@ class ReplayMode(Mode):
     # -- output -------------------------------------------------------------------------
 
     def _epoch_done(self, e: int) -> None:
+        self.slicing_now = False
         if e not in self.epochs_done:
             self.epochs_done.append(e)
         self.last_epoch_at = time.time()
@@ -482,6 +504,8 @@ class ReplayMode(Mode):
             "last_epoch_at": self.last_epoch_at,
             "result_at": time.time(),
             "dropped_rows": self.run.dropped_rows,
+            "sliced_epochs": self.sliced_epochs,
+            "skipped_statements": self.skipped,
             "counters": dict(_warn.counters),
         }
         tmp = path + ".tmp"
