@@ -21,8 +21,8 @@ near and j of them carry another label contributes j/k (the expected error of
 block sizes, and equals a brute-force float64 computation (``nn_error_exact``).
 
 Nothing here writes to the store; ``flightlog.feasibility`` (sdk/_feasibility.py)
-records results with the run, ``flightlog feasibility`` (feasibility_cli.py) is
-the command.
+records results with the run, ``flightlog.query.predictions`` reads its inputs from the store, and
+``flightlog feasibility`` (sdk/_feasibility_cli.py) is the command.
 """
 from __future__ import annotations
 

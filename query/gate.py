@@ -63,8 +63,9 @@ A conjunction fails when one clause fails and passes when all pass. Every
 statement above holds with probability at least ``reliability``.
 
 Everything here is plain numpy and vectorised over many test sets at once
-(the tests simulate thousands); the CLI (``gate_cli``) gets the counts from
-DuckDB and records each evaluation in the ``gates`` table.
+(the tests simulate thousands); ``flightlog.query.predictions.load_stats`` gets the counts from
+DuckDB, ``flightlog.query.gate_budget`` keeps each evaluation in the ``gates`` table, and the
+command is sdk/_gate_cli.py.
 """
 from __future__ import annotations
 

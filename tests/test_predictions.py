@@ -16,7 +16,7 @@ import flightlog as fl
 from flightlog import _run, _warn
 from flightlog._warn import FlightlogWarning
 from flightlog.cli import main as cli
-from flightlog.query import db, slices_cli
+from flightlog.query import db, predictions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -358,7 +358,7 @@ def test_slices_mixed_and_case_colliding_keys(store, capsys):
     fl.finish()
     con = db.connect(store)
     try:
-        X, err, notes = slices_cli.load_predictions(con, error="misclassified")
+        X, err, notes = predictions.load_predictions(con, error="misclassified")
     finally:
         con.close()
     assert X.column_names == ["k", "K"] and X.num_rows == 2 * n and notes["rows"] == 2 * n

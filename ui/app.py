@@ -410,13 +410,13 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
 
     @app.get("/runs/{run_id}/slices")
     def run_slices(request: Request, run_id: str):
-        from flightlog.query import slices, slices_cli
+        from flightlog.query import predictions, slices
 
         r = _run(run_id)
         chain = _chain(r)
         con = D.scoped(root, index.table(), chain, tables=["predictions"])
         try:
-            X, err, notes = slices_cli.load_predictions(con, r["run_id"])
+            X, err, notes = predictions.load_predictions(con, r["run_id"])
             res = slices.find(X, err, k=5)
         except (FlightlogError, ValueError) as ex:
             return html(f'<p class="error">{e(ex)}</p>')
