@@ -401,6 +401,30 @@ class Program:
             p = self.parent.get((file, id(p)))
         return list(reversed(out))  # outermost first
 
+    def _framework_hook(self, file: str, node: ast.AST):
+        """The level a framework integration gives a statement in a hook method the script never calls
+        (``flightlog.integrations._common.hook_level``), or None."""
+        from flightlog.integrations._common import hook_level
+
+        anc = self.ancestors(file, node)
+        fn = self._fn_of(anc)
+        if fn is None or isinstance(fn, ast.Lambda) or anc.index(fn) == 0 or \
+                not isinstance(anc[anc.index(fn) - 1], ast.ClassDef):
+            return None
+        bases, todo, seen = [], [anc[anc.index(fn) - 1]], set()
+        while todo and len(seen) < 20:  # base classes, through classes of the script and its local modules
+            cls = todo.pop()
+            seen.add(id(cls))
+            for b in cls.bases:
+                name = ast.unparse(b)
+                bases.append(name)
+                todo += [n for t in self.trees.values() for n in ast.walk(t)
+                         if isinstance(n, ast.ClassDef) and n.name == name and id(n) not in seen]
+        imports = {(a.name if isinstance(n, ast.Import) else (n.module or "")).split(".")[0]
+                   for n in ast.walk(self.trees[file]) if isinstance(n, (ast.Import, ast.ImportFrom))
+                   for a in n.names}
+        return hook_level(fn.name, bases, imports)
+
     def _fn_of(self, anc: list) -> ast.AST | None:
         for a in reversed(anc):
             if isinstance(a, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
@@ -487,6 +511,11 @@ class Program:
             st = self.stacks(st_obj.file, node)
             st_obj.reads = sorted(_reads(node))
             if st is None:
+                hook = self._framework_hook(st_obj.file, node)
+                if hook is not None:  # a framework hook the integrations know (flightlog.integrations)
+                    st_obj.level, st_obj.loops, st_obj.why, skip = hook
+                    diff.skip_loops += [s for s in skip if s not in diff.skip_loops]
+                    continue
                 st_obj.level, st_obj.loops = "batch", []
                 st_obj.why = ("in a function that the script's own code does not visibly call: "
                               "re-executed in full")

@@ -248,3 +248,31 @@ def chain_checkpoints(store: str, run_id: str, loop: str) -> list[tuple[int, str
         con.close()
     rows.sort(key=lambda c: (int(c["iteration"]), chain.index(c["run_id"])), reverse=True)
     return [(int(c["iteration"]), c["content_hash"]) for c in rows if _store.has_blob(store, c["content_hash"])]
+
+
+# -- what the replay planner may ask: the level of a statement in a framework hook -----------------
+
+# Lightning hooks that run after an epoch's training batches, when validation runs at the epoch's
+# end: a tail of the epoch (restore its checkpoint, run validation and the epoch-end hooks) replays them.
+LIGHTNING_EPOCH_HOOKS = frozenset({
+    "validation_step", "on_validation_start", "on_validation_end", "on_validation_epoch_start",
+    "on_validation_epoch_end", "on_validation_batch_start", "on_validation_batch_end", "on_train_epoch_end",
+})
+
+
+def hook_level(method: str, bases: "list[str]", imports: "set[str]") -> "tuple[str, list[str], str, list[str]] | None":
+    """``(level, loops, why, skipped loops)`` for a new statement in ``method`` of a class with ``bases``.
+
+    Asked by the replay planner about methods the script never calls itself (the
+    framework does). None: no framework rule applies (the planner re-executes in
+    full). ``imports``: the top-level modules the method's file imports.
+    """
+    if not imports & {"lightning", "pytorch_lightning"} or method not in LIGHTNING_EPOCH_HOOKS:
+        return None
+    short = {b.rsplit(".", 1)[-1] for b in bases}
+    kind = "LightningModule" if "LightningModule" in short else "Lightning Callback" if "Callback" in short else None
+    if kind is None:
+        return None
+    return ("epoch", ["epoch"],
+            f"in `{method}` of a {kind}, which runs after the training batches of each epoch: the "
+            "batches are skipped and each epoch's checkpoint (taken when they ended) restored", ["batch"])
