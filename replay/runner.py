@@ -139,13 +139,15 @@ def load_run(con, store: str, run_id: str) -> RunInfo:
     from flightlog.collector import store as _store
     from flightlog.query import db
 
-    row = db.sql_arrow(con, "SELECT * FROM runs WHERE run_id = ?", [run_id]).to_pylist()[0]
+    # only the columns planning needs: converting the others (timestamps) to Python imports pandas
+    row = db.sql_arrow(con, "SELECT kind, project, script, cwd, argv, params, code_snapshot, torch_threads "
+                            "FROM runs WHERE run_id = ?", [run_id]).to_pylist()[0]
     if row["kind"] == "replay":
         raise ReplayError(f"{run_id} is a replay, not a recorded run")
     chain = db.run_chain(con, run_id)
     ck: dict[int, dict] = {}
     for rid in chain:  # later runs of the chain win
-        rows = db.sql_arrow(con, "SELECT iteration, position, content_hash, bytes, run_id, captured, loop, time "
+        rows = db.sql_arrow(con, "SELECT iteration, position, content_hash, bytes, run_id, captured, loop "
                                  "FROM checkpoints WHERE run_id = ? AND status IN ('ok') ORDER BY time, iteration",
                             [rid]).to_pylist()
         # Iterations are indexed per outer loop: a script with a second top-level loop has checkpoints
@@ -523,32 +525,33 @@ def _plan_path(tmp: str, run_id: str, k: int) -> str:
 
 def execute(jobs: list[Job], store: str, workers: int, threads: int | None = None, progress: bool | None = None,
             out=sys.stderr, replay_id: str | None = None, tmp: str | None = None,
-            prespawned: dict | None = None, t0: float | None = None) -> ReplayResult:
+            prespawned: dict | None = None, t0: float | None = None, con=None) -> ReplayResult:
     """Run the planned jobs, ``workers`` processes at a time.
 
     ``prespawned`` maps plan paths to worker processes started before planning
     finished (they wait for their plan file); unused ones are cancelled.
     """
-    from flightlog.collector.store import LocalSink
     from flightlog.query import db
 
+    if con is None:
+        con = db.connect(store)
+        try:
+            return execute(jobs, store, workers, threads, progress, out, replay_id, tmp, prespawned, t0, con)
+        finally:
+            con.close()
     t0 = t0 or time.time()
     replay_id = replay_id or "rp" + uuid.uuid4().hex[:8]
     tmp = tmp or tempfile.mkdtemp(prefix="flightlog-replay-")
     prespawned = dict(prespawned or {})
-    con = db.connect(store)
-    try:
-        plans = []
-        for j in jobs:
-            th = threads if threads is not None else j.info.torch_threads
-            plan = _worker_plan(j, store, replay_id, tmp, con, th)
-            path = _plan_path(tmp, j.info.run_id, j.index)
-            with open(path + ".tmp", "w") as fh:
-                json.dump(plan, fh)
-            os.replace(path + ".tmp", path)
-            plans.append((j, plan, path))
-    finally:
-        con.close()
+    plans = []
+    for j in jobs:
+        th = threads if threads is not None else j.info.torch_threads
+        plan = _worker_plan(j, store, replay_id, tmp, con, th)
+        path = _plan_path(tmp, j.info.run_id, j.index)
+        with open(path + ".tmp", "w") as fh:
+            json.dump(plan, fh)
+        os.replace(path + ".tmp", path)
+        plans.append((j, plan, path))
     used = {path for _j, _p, path in plans}
     for path in list(prespawned):
         if path not in used:
@@ -587,12 +590,8 @@ def execute(jobs: list[Job], store: str, workers: int, threads: int | None = Non
     # A verification run that failed (e.g. a new statement raised in its lead-in epoch) is retried once
     # on the first epoch of a segment that succeeded, so good segments are not left unverified.
     for old, newj in _retry_verifications(results):
-        con = db.connect(store)
-        try:
-            th = threads if threads is not None else newj.info.torch_threads
-            plan = _worker_plan(newj, store, replay_id, tmp, con, th)
-        finally:
-            con.close()
+        th = threads if threads is not None else newj.info.torch_threads
+        plan = _worker_plan(newj, store, replay_id, tmp, con, th)
         path = _plan_path(tmp, newj.info.run_id, newj.index)
         with open(path, "w") as fh:
             json.dump(plan, fh)
@@ -604,7 +603,7 @@ def execute(jobs: list[Job], store: str, workers: int, threads: int | None = Non
         results.append((newj, _collect(newj, plan, p.returncode, log_path, time.time() - ts)))
         jobs = [newj if j is old else j for j in jobs]
         plans = [(j, pl, pa_) for j, pl, pa_ in plans if j is not old] + [(newj, plan, path)]
-    unsliced = _unslice(jobs, plans, results, store, workers, threads, replay_id, tmp)
+    unsliced = _unslice(jobs, plans, results, store, workers, threads, replay_id, tmp, con)
     if unsliced is not None:
         jobs, plans, results, notes = unsliced
     ended_at = _now()
@@ -620,14 +619,12 @@ def execute(jobs: list[Job], store: str, workers: int, threads: int | None = Non
     return res
 
 
-def _unslice(jobs, plans, results, store, workers, threads, replay_id, tmp):
+def _unslice(jobs, plans, results, store, workers, threads, replay_id, tmp, con):
     """Tail slicing's fallback: a run whose sliced fast path disagrees with its verification epoch
     re-runs its segments with the whole tail (the verification itself is reused).
 
     Returns (jobs, plans, results, notes) with those segments replaced, or None when nothing re-ran.
     """
-    from flightlog.query import db
-
     by_job = {id(j): r for j, r in results}
     rows = {id(j): _read_rows(pl["rows_path"]) for j, pl, _p in plans}
     redo: list[Job] = []
@@ -658,19 +655,15 @@ def _unslice(jobs, plans, results, store, workers, threads, replay_id, tmp):
         return None
     import dataclasses
 
-    con = db.connect(store)
-    try:
-        fresh = []
-        for j in redo:
-            nj = dataclasses.replace(j, slice=False, index=j.index + 200)
-            th = threads if threads is not None else nj.info.torch_threads
-            plan = _worker_plan(nj, store, replay_id, tmp, con, th)
-            path = _plan_path(tmp, nj.info.run_id, nj.index)
-            with open(path, "w") as fh:
-                json.dump(plan, fh)
-            fresh.append((j, nj, plan, path))
-    finally:
-        con.close()
+    fresh = []
+    for j in redo:
+        nj = dataclasses.replace(j, slice=False, index=j.index + 200)
+        th = threads if threads is not None else nj.info.torch_threads
+        plan = _worker_plan(nj, store, replay_id, tmp, con, th)
+        path = _plan_path(tmp, nj.info.run_id, nj.index)
+        with open(path, "w") as fh:
+            json.dump(plan, fh)
+        fresh.append((j, nj, plan, path))
     done: dict[int, tuple] = {}
     pending = list(fresh)
     running: list[tuple] = []
@@ -1010,18 +1003,23 @@ def run(script: str, script_args: list[str] | None = None, *, run: str | None = 
         raise ReplayError("--workers must be a positive integer")
     home = _config.store_home(store)
     spec = None
+    from flightlog.query import db
+
+    con = db.connect(home)  # the one connection of this replay: planning, recorded values, results
+    try:
+        return _run(con, script, script_args, run, epochs, workers, dry_run, all_runs, runs, force, home,
+                    threads, progress, out, verify, t0)
+    finally:
+        con.close()
+
+
+def _run(con, script, script_args, run, epochs, workers, dry_run, all_runs, runs, force, home, threads,
+         progress, out, verify, t0) -> ReplayResult:
+    from flightlog.query import db
+
+    spec = None
     if not (all_runs or runs) and not dry_run:
-        spec = _speculate(home, run, script, script_args, workers, threads)
-    try:
-        from flightlog.query import db
-    except BaseException:
-        _cancel_spec(spec)
-        raise
-    try:
-        con = db.connect(home)
-    except BaseException:
-        _cancel_spec(spec)
-        raise
+        spec = _speculate(con, home, run, script, script_args, workers, threads, verify)
     try:
         if all_runs or runs:
             pred = runs or "true"
@@ -1042,8 +1040,6 @@ def run(script: str, script_args: list[str] | None = None, *, run: str | None = 
     except BaseException:
         _cancel_spec(spec)
         raise
-    finally:
-        con.close()
     if spec is not None and spec["run_id"] != infos[0].run_id:
         _cancel_spec(spec)
         spec = None
@@ -1051,7 +1047,7 @@ def run(script: str, script_args: list[str] | None = None, *, run: str | None = 
         today = fh.read()
     if len(infos) == 1 and not dry_run:
         return _run_single(infos[0], home, script, script_args, epochs, workers, force, threads, progress, out,
-                           t0, spec, verify)
+                           t0, spec, verify, con)
     jobs: list[Job] = []
     refused: dict[str, str] = {}
     multi = len(infos) > 1
@@ -1074,7 +1070,7 @@ def run(script: str, script_args: list[str] | None = None, *, run: str | None = 
         if not jobs and not dry_run:
             raise ReplayError("no run can be replayed:\n" + text)
         return ReplayResult("dry-run", [i.run_id for i in infos], [], refused, [], 0.0, None, text)
-    res = execute(jobs, home, workers, threads=threads, progress=progress, out=out)
+    res = execute(jobs, home, workers, threads=threads, progress=progress, out=out, con=con)
     res.refused = refused
     res.plan_text = text
     return res
@@ -1097,26 +1093,26 @@ def _reference_diff(home: str, infos: list[RunInfo], script: str) -> planner.Cod
     return None
 
 
-def _speculate(home: str, run: str | None, script: str, script_args, workers: int, threads) -> dict | None:
+def _speculate(con, home: str, run: str | None, script: str, script_args, workers: int, threads,
+               verify: bool = True) -> dict | None:
     """Start the worker processes before planning: they import the user's script (torch…) meanwhile.
 
-    Uses the runs table read with pyarrow only (no DuckDB) to know the recorded
-    argv, cwd and thread count. Returns None when the run cannot be resolved
-    cheaply; planning then starts workers itself.
+    Reads the recorded argv, cwd and thread count from the replay's connection (plain values: no
+    Arrow conversion, which would import pandas). When today's script adds epoch-level statements the
+    verification worker starts too. Returns None when the run cannot be resolved cheaply; planning
+    then starts workers itself.
     """
     try:
-        from flightlog.query.db import read_runs
+        from flightlog.query import db
 
-        rows = [r for r in read_runs(home).to_pylist() if r["kind"] != "replay"]
-        if not rows:
+        rid = db.resolve_run(con, run)
+        got = con.execute("SELECT run_id, kind, argv, cwd, torch_threads, code_snapshot FROM runs WHERE run_id = ?",
+                          [rid]).fetchall()
+        if not got or got[0][1] == "replay":
             return None
-        if run in (None, "latest"):
-            row = max(rows, key=lambda r: r["started_at"])
-        else:
-            hits = [r for r in rows if r["run_id"] == run] or [r for r in rows if r["run_id"].startswith(run)]
-            if len(hits) != 1:
-                return None
-            row = hits[0]
+        row = dict(zip(("run_id", "kind", "argv", "cwd", "torch_threads", "code_snapshot"), got[0]))
+        if verify and _epoch_level_today(home, row["code_snapshot"], script):
+            workers += 1  # the verification epoch's worker (its index is the number of segments)
         argv = json.loads(row["argv"] or "[]")
         args = list(script_args) if script_args is not None else argv[1:]
         cwd = row["cwd"] if row["cwd"] and os.path.isdir(row["cwd"]) else None
@@ -1129,6 +1125,20 @@ def _speculate(home: str, run: str | None, script: str, script_args, workers: in
         return {"run_id": row["run_id"], "tmp": tmp, "procs": procs, "args": args, "cwd": cwd}
     except Exception:
         return None
+
+
+def _epoch_level_today(home: str, snapshot_id: str | None, script: str) -> bool:
+    """Does today's script add only statements an epoch-level (verified) plan replays? A cheap first look."""
+    from flightlog import _snapshot
+
+    if not snapshot_id:
+        return False
+    try:
+        snap = _snapshot.load(home, snapshot_id)
+        d = planner.diff_code(snap, _current_code(script, snap), snap["script"])
+    except Exception:
+        return False
+    return not d.changes and d.level in ("epoch", "run")
 
 
 def _cancel_spec(spec: dict | None) -> None:
@@ -1149,7 +1159,7 @@ def _cancel_spec(spec: dict | None) -> None:
 
 
 def _run_single(info: RunInfo, home: str, script: str, script_args, epochs, workers: int, force: bool,
-                threads, progress, out, t0: float, spec: dict | None, verify: bool = True) -> ReplayResult:
+                threads, progress, out, t0: float, spec: dict | None, verify: bool = True, con=None) -> ReplayResult:
     try:
         args = spec["args"] if spec else script_args
         jobs = plan_run(home, info, script, args, epochs, workers, force, verify=verify)
@@ -1159,6 +1169,6 @@ def _run_single(info: RunInfo, home: str, script: str, script_args, epochs, work
     text = describe(jobs, workers)
     replay_id = "rp" + uuid.uuid4().hex[:8]
     res = execute(jobs, home, workers, threads=threads, progress=progress, out=out, replay_id=replay_id,
-                  tmp=spec["tmp"] if spec else None, prespawned=spec["procs"] if spec else None, t0=t0)
+                  tmp=spec["tmp"] if spec else None, prespawned=spec["procs"] if spec else None, t0=t0, con=con)
     res.plan_text = text
     return res

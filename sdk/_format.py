@@ -43,7 +43,7 @@ def bounded_times(t: pa.Table) -> pa.Table:
         lo, hi = max(lo, -(2**63)), min(hi, 2**63 - 1)
         bad = pc.or_(pc.less(raw, pa.scalar(lo, it)), pc.greater(raw, pa.scalar(hi, it)))
         if pc.any(bad).as_py():
-            t = t.set_column(i, f, pc.if_else(bad, pa.scalar(None, ty), col))
+            t = t.set_column(i, f, pc.if_else(bad, pa.nulls(1, ty)[0], col))  # pa.scalar(None, ty) imports pandas
     return t
 
 
