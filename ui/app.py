@@ -631,7 +631,7 @@ def create_app(store: str | os.PathLike | None = None, token: str | None = None,
     # -- SQL -------------------------------------------------------------------------------
 
     def _sql(q: str, limit: int):
-        from flightlog.collector.server import BadRequest, run_query
+        from flightlog.query.isolated import BadRequest, run_query
 
         if len(q) > 100_000:
             raise D.BadInput("SQL is longer than 100000 characters")
