@@ -1,7 +1,9 @@
 """The ``flightlog`` command.
 
-Each subcommand lives with the component that does the work; this module
-only dispatches. A subcommand module ``M`` registered in ``COMMANDS`` defines
+This is the CLI layer: each subcommand's arguments and output live in a module
+next to this one (``_*_cli.py``; ``flightlog replay``'s in replay/cli.py) that
+calls plain functions of the component doing the work; this module only
+dispatches. A subcommand module ``M`` registered in ``COMMANDS`` defines
 ``configure_<cmd>(parser)`` and ``run_<cmd>(args) -> int`` (dashes in the
 command become underscores). Only the chosen command's module is imported,
 so ``flightlog runs`` never pays for FastAPI or torch.

@@ -240,6 +240,20 @@ def test_modules_take_only_the_roots_eager_names():
     assert not bad, bad
 
 
+def test_one_cli_layer_owns_every_command():
+    """Every command's module is in the CLI component, and no other module defines a configure_*/run_* pair."""
+    from flightlog.cli import COMMANDS
+
+    assert {component(mod) for mod, _help in COMMANDS.values()} == {"cli"}
+    outside = []
+    for mod, path in MODULES.items():
+        if component(mod) != "cli":
+            names = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+            outside += [f"{mod}.{n}" for n in sorted(names) if n.startswith("configure_")
+                        and "run_" + n[len("configure_"):] in names]
+    assert not outside, f"argument parsing outside the CLI layer: {outside}"
+
+
 _PROBE = """
 import importlib, json, sys
 importlib.import_module(sys.argv[1])
