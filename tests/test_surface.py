@@ -24,6 +24,7 @@ SURFACES = {
     "flightlog.collector": ["LocalSink", "CollectorSink", "ServerThread", "BlobError"],
     "flightlog.query": ["connect", "run_sql", "HealthReport", "CheckResult", "StoreWarning", "ConditionError"],
     "flightlog.replay": ["run"],
+    "flightlog.ui": ["create_app"],
 }
 
 

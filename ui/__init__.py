@@ -5,8 +5,6 @@ Server-rendered pages (FastAPI, no build step) with vendored uPlot for charts;
 series are downsampled in DuckDB so that 10M-point metrics stay interactive.
 The same app is mounted by ``flightlog serve`` under ``/ui``. See docs/ui.md.
 """
-from __future__ import annotations
-
 __all__ = ["create_app"]
 
 
