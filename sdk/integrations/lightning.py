@@ -16,7 +16,11 @@ What is recorded:
   (copy + write <= 2% of loop time by default, ``every=N`` fixes it): Lightning's
   own full training state (``dump_checkpoint``: model, optimizers, schedulers,
   loop progress, callback states, precision plugin) plus the RNG states and
-  flightlog's step counters.
+  flightlog's step counters -- and the RNG states at the end of the epoch's last
+  training batch, before validation. With those the checkpoint also holds the
+  state where the training batches ended (validation changes no weights,
+  optimizer or scheduler state), so it is recorded as ``inner_exit``: epoch-level
+  replay restores it and runs only validation and the epoch-end hooks.
 
 ``flightlog resume RUN -- python train.py`` continues a killed run: the callback
 loads the last checkpoint into Lightning's checkpoint connector before
@@ -43,6 +47,29 @@ from flightlog.integrations import _common
 __all__ = ["FlightlogCallback"]
 
 LOOP = "epoch"
+INNER = "inner_rng"  # the checkpoint object holding the RNG states where the training batches ended
+
+
+def _validates_only_at_epoch_end(trainer) -> bool:
+    """Validation (if any) runs once, after the last training batch: what an epoch-level tail reproduces."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None or trainer.check_val_every_n_epoch is None:
+        return False
+    vcb, n = trainer.val_check_batch, trainer.num_training_batches
+    return vcb is None or vcb == float("inf") or vcb == n
+
+
+class _InnerRNG:
+    """The RNG states captured at the end of an epoch's last training batch (a checkpoint object)."""
+
+    def __init__(self) -> None:
+        self.state: dict | None = None
+        self.loaded: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"rng": self.state} if self.state is not None else {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.loaded = sd.get("rng")
 
 
 class _TrainerState:
@@ -66,6 +93,27 @@ class _TrainerState:
             opt.load_state_dict(st)
         for cfg, st in zip(t.lr_scheduler_configs, ckpt.get("lr_schedulers", [])):
             cfg.scheduler.load_state_dict(st)
+        try:  # callback states (early stopping counters, ...)
+            from lightning.pytorch.trainer import call
+        except ImportError:  # the standalone package
+            from pytorch_lightning.trainer import call  # type: ignore[no-redef]
+        call._call_callbacks_on_load_checkpoint(t, ckpt)
+        call._call_callbacks_load_state_dict(t, ckpt)
+        # the step counters behind self.global_step and the log_every_n_steps cadence
+        fit = ckpt.get("loops", {}).get("fit_loop", {})
+        el = t.fit_loop.epoch_loop
+        auto = fit.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {})
+        prog = el.automatic_optimization.optim_progress.optimizer
+        if "step" in auto:
+            prog.step.total.load_state_dict(auto["step"]["total"])
+        if "zero_grad" in auto:
+            prog.zero_grad.total.load_state_dict(auto["zero_grad"]["total"])
+        manual = fit.get("epoch_loop.manual_optimization.optim_step_progress")
+        if manual:
+            el.manual_optimization.optim_step_progress.total.load_state_dict(manual["total"])
+        stepped = fit.get("epoch_loop.state_dict", {}).get("_batches_that_stepped")
+        if stepped is not None:
+            el._batches_that_stepped = stepped
 
 
 class _FlightlogLogger(Logger):
@@ -127,6 +175,7 @@ class FlightlogCallback(Callback):
         self._frame = None
         self._primary = True
         self._replay: "_Replay | None" = None
+        self._inner = _InnerRNG()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -157,6 +206,7 @@ class FlightlogCallback(Callback):
             mgr = r.mode.checkpointing(r, {}, self.every, self.overhead)
         if isinstance(mgr, _checkpoint.Checkpointer):
             mgr.objects["lightning"] = _TrainerState(trainer)
+            mgr.objects[INNER] = self._inner
             self._ckpt = mgr
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -218,21 +268,38 @@ class FlightlogCallback(Callback):
         if r is None:
             return
         self._epoch_t0 = time.perf_counter()
+        self._inner.state = None
         if self._frame is not None:
             self._frame.index = trainer.current_epoch
         _common.set_ctx(r, trainer.current_epoch, None)
         if self._replay is not None:
-            self._replay.epoch_start(trainer.current_epoch)
+            self._replay.epoch_start(trainer, trainer.current_epoch)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         r = self.run
         if r is not None:
             _common.set_ctx(r, trainer.current_epoch, batch_idx)
-            if self._replay is not None and self._replay.skipping:
-                raise StopIteration  # Lightning ends this epoch's training loop: not in the replay plan
+            rp = self._replay
+            if rp is not None and (rp.skipping or rp.tail):
+                if rp.tail:
+                    rp.run_tail(trainer, trainer.current_epoch)  # validation on the restored end-of-batches state
+                    _common.set_ctx(r, trainer.current_epoch, None)
+                raise StopIteration  # Lightning ends this epoch's training loop (skipped or replayed as a tail)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        pass  # step values arrive through the logger, in this batch's context
+        # step values arrive through the logger, in this batch's context. After the last batch, before
+        # validation draws from the RNG (its data loader iterator does): the RNG states an epoch-level tail
+        # restores. Only when validation runs once, at the epoch's end.
+        if self._ckpt is None:
+            return
+        try:
+            loop = trainer.fit_loop.epoch_loop
+            last = bool(getattr(loop.batch_progress, "is_last_batch", False)) or \
+                batch_idx + 1 == trainer.num_training_batches
+            if last and _validates_only_at_epoch_end(trainer):
+                self._inner.state = _checkpoint.rng_state()
+        except Exception as e:
+            _warn.problem("checkpoint_failed", f"RNG state at the end of the training batches not kept: {e!r}")
 
     def on_sanity_check_start(self, trainer, pl_module) -> None:
         if self._replay is not None:
@@ -256,8 +323,11 @@ class FlightlogCallback(Callback):
         if self._replay is not None:
             self._replay.epoch_end(trainer, e)
         if self._ckpt is not None:
-            # flightlog's policy: every epoch when affordable, else an adaptive period
-            self._ckpt.on_boundary(r, LOOP, e, time.perf_counter() - self._epoch_t0, "iteration_end")
+            # flightlog's policy: every epoch when affordable, else an adaptive period. With the RNG states
+            # of the end of the training batches it is also the state where they ended: inner_exit.
+            pos = "inner_exit" if self._inner.state is not None else "iteration_end"
+            self._ckpt.on_boundary(r, LOOP, e, time.perf_counter() - self._epoch_t0, pos)
+            self._inner.state = None
             r.rec.request_flush()
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -280,6 +350,7 @@ class FlightlogCallback(Callback):
             except Exception:
                 pass
             self._ckpt.objects.pop("lightning", None)  # no reference to the trainer after fit
+            self._ckpt.objects.pop(INNER, None)
         if self._owns and _run.ACTIVE is r and _common.mode_name(r) != "replay":
             _run.finish()
             self.run = None
@@ -291,72 +362,95 @@ class FlightlogCallback(Callback):
 class _Replay:
     """A ``flightlog replay`` worker running a Lightning script: follows the worker's plan.
 
-    Supported: epochs planned ``full`` (batch-level replay: every training batch
-    re-executed, from the checkpoint of the epoch before when the previous epoch
-    was not replayed) -- what the planner plans for statements inside a
-    LightningModule, whose hooks the script does not call visibly. Epochs not in
-    the plan end their training loop at the first batch. ``tail`` epochs
-    (epoch-level replay that skips the training batches) are refused: Lightning
-    runs validation only after training batches, so skipping them would skip the
-    statements to replay too.
+    * ``full`` epochs (batch-level replay): every training batch re-executes, from
+      the checkpoint of the epoch before (weights, optimizers, schedulers, callback
+      states, step counters, RNG) unless the previous epoch was just re-executed.
+    * ``tail`` epochs (epoch-level replay, for new statements in validation and
+      epoch-end hooks): at the first batch the epoch's own checkpoint is restored
+      with the RNG states of the end of its training batches, validation runs as
+      Lightning runs it after the last batch, and the training loop ends there; the
+      epoch-end hooks follow. Each epoch costs a checkpoint load and a validation
+      pass instead of its training. A tail that is not stored (lead-in) is skipped;
+      an epoch whose validation ran inside the epoch (``val_check_interval < 1``)
+      re-executes in full.
+    * epochs not in the plan end their training loop at the first batch; after the
+      last planned epoch the worker stops.
+
+    The step counters of recorded names come from the record (of the whole resume
+    chain), at the epoch's start or, for a tail, where its training batches ended.
     """
 
     def __init__(self, run, trainer) -> None:
         mode = run.mode
         _common.check_replay_mode(mode, "Lightning")
         self.run, self.mode, self.trainer = run, mode, trainer
-        self.mode.checkpointing(run, {"lightning": _TrainerState(trainer)})
+        self.inner = _InnerRNG()
+        self.mode.checkpointing(run, {"lightning": _TrainerState(trainer), INNER: self.inner})
         self.last = max(mode.actions) if mode.actions else -1
-        self.prev: int | None = None
-        self.current: int | None = None
+        self.emit = set(mode.emit)
+        self.prev: int | None = None  # the epoch whose exact end state this process holds
+        self.current: tuple[int, str] | None = None
         self.skipping = False
-        self.recorded_steps: dict[int, dict[str, int]] = {}
+        self.tail = False
+        self.start_counters, self.inner_counters = _common.recorded_counters(mode.store, run.run_id)
 
     def start(self) -> None:
         if self.mode.actions.get(0) == "full":
             self.mode._restore(-1)  # the recorded loop-start state, if any
             self.prev = -1
-        self._load_recorded_steps()
 
-    def _load_recorded_steps(self) -> None:
-        """Per epoch, each recorded name's step counter at its start (the record, not the checkpoint)."""
-        from flightlog.query import db
-
-        con = db.connect(self.mode.store)
-        try:
-            rows = db.sql_arrow(con, "SELECT name, epoch, max(step) + 1 AS n FROM metrics WHERE run_id = ? "
-                                     "AND source = 'record' AND epoch IS NOT NULL GROUP BY name, epoch",
-                                [self.run.run_id]).to_pylist()
-        finally:
-            con.close()
-        for e in sorted({r["epoch"] for r in rows}):
-            upto: dict[str, int] = {}
-            for r in rows:
-                if r["epoch"] <= e and r["n"] is not None:
-                    upto[r["name"]] = max(upto.get(r["name"], 0), int(r["n"]))
-            self.recorded_steps[e + 1] = upto
-
-    def epoch_start(self, e: int) -> None:
+    def epoch_start(self, trainer, e: int) -> None:
         self._complete()  # the previous epoch's epoch-level values (logged after its end hook) are in
         action = self.mode.actions.get(e)
+        if action == "tail" and e not in self.emit:
+            action = None  # a lead-in: the next full epoch restores this epoch's end state instead
+        if action == "tail" and not _validates_only_at_epoch_end(trainer):
+            action = "full"  # validation inside the epoch: a tail cannot reproduce it
         self.mode.cur_epoch = e
-        if action != "full":
+        self.tail = False
+        if action is None:
             self.skipping = True
             self.mode.cur_mode = None
             return
         self.skipping = False
+        self.mode.cur_mode = "full"  # what runs of the epoch runs as recorded (no fl.loop is skipped)
+        self.current = (e, action)
+        if getattr(self.mode, "first_epoch_at", 0) is None:
+            self.mode.first_epoch_at = time.time()
+        if action == "tail":
+            self.tail = True  # restored at the first batch, once Lightning has set up the epoch
+            return
         if self.prev != e - 1:
             self.mode._restore(e - 1)  # model, optimizers, schedulers, RNG of the end of epoch e-1
-        if e in self.recorded_steps or e == 0:
-            steps = self.recorded_steps.get(e, {})
-            for name in self.mode.recorded_names:
-                self.run.steps[name] = steps.get(name, 0)
-        self.mode.cur_mode = "full"
-        self.current = e
-        if getattr(self.mode, "first_epoch_at", 0) is None:
-            import time as _t
+        _common.set_counters(self.run, self.mode.recorded_names, self.start_counters.get(e, {}))
 
-            self.mode.first_epoch_at = _t.time()
+    def run_tail(self, trainer, e: int) -> None:
+        """Epoch e from where its training batches ended: restore, then validate as Lightning does."""
+        from flightlog import FlightlogError
+
+        self.tail = False
+        self.mode._restore(e)
+        if not self.inner.loaded:
+            raise FlightlogError(f"the checkpoint of epoch {e} holds no RNG state of the end of its training "
+                                 "batches: it cannot be replayed at epoch level")
+        _checkpoint.set_rng_state(self.inner.loaded)
+        self.inner.loaded = None
+        loop = trainer.fit_loop.epoch_loop
+        loop._batches_that_stepped -= 1  # validation ran before Lightning counted the last batch
+        _common.set_counters(self.run, self.mode.recorded_names, self.inner_counters.get(e, {}))
+        if loop._should_check_val_epoch():
+            try:
+                from lightning.pytorch.trainer import call
+            except ImportError:  # the standalone package
+                from pytorch_lightning.trainer import call  # type: ignore[no-redef]
+            # what _TrainingEpochLoop.on_advance_end does after the last batch
+            trainer.validating = True
+            first = trainer._logger_connector._first_loop_iter
+            call._call_lightning_module_hook(trainer, "on_validation_model_zero_grad")
+            loop.val_loop.run()
+            trainer.training = True
+            trainer._logger_connector._first_loop_iter = first
+        loop._batches_that_stepped += 1
 
     def epoch_end(self, trainer, e: int) -> None:
         if e >= self.last:
@@ -364,8 +458,10 @@ class _Replay:
 
     def _complete(self) -> None:
         if self.current is not None:
-            self.mode._epoch_done(self.current)
-            self.prev, self.current = self.current, None
+            e, action = self.current
+            self.mode._epoch_done(e)
+            self.prev = e if action == "full" else None  # after a tail the next epoch restores e's end state
+            self.current = None
 
     def end(self) -> None:
         self._complete()

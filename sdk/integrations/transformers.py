@@ -29,20 +29,17 @@ import functools
 import json
 import os
 import sys
-import tempfile
 import time
-from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
 from flightlog import _checkpoint, _run, _warn
 from flightlog.integrations import _common
+from flightlog.integrations._trainer_folders import REF, TrainerFolder, complete_folder, start_from
 
 __all__ = ["FlightlogCallback"]
 
 LOOP = "epoch"
-REF = "trainer_checkpoint"  # the object of a checkpoint that references a folder the Trainer saved
-_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 NO_TAILS = ("the Trainer's callbacks cannot skip an epoch's training steps (control.should_epoch_stop is read only "
             "after a step has run, and the epoch-end log and evaluation take the last step's grad_norm and learning "
@@ -75,38 +72,6 @@ class _StateJSON:
                     pass
 
 
-class _TrainerFolder:
-    """A checkpoint folder the Trainer saved, as a checkpoint object: its path, file sizes and content digests.
-
-    The digests are taken when the reference is recorded (the files were just
-    written, so they are read from the page cache); resume and replay verify them
-    and refuse the folder when a file is missing or changed.
-    """
-
-    def __init__(self, folder: str, global_step: int) -> None:
-        self.folder, self.global_step = folder, global_step
-
-    def state_dict(self) -> dict:
-        m = _common.folder_manifest(self.folder)
-        m["global_step"] = self.global_step
-        return m
-
-    def load_state_dict(self, sd: dict) -> None:  # the Trainer loads the folder itself
-        pass
-
-
-def _complete_folder(folder: str, global_step: int) -> bool:
-    """Whether a Trainer checkpoint folder holds the full training state of ``global_step``."""
-    try:
-        names = set(os.listdir(folder))
-        with open(os.path.join(folder, "trainer_state.json")) as fh:
-            step = json.load(fh).get("global_step")
-    except (OSError, ValueError):
-        return False
-    return (step == global_step and bool(names & {"optimizer.pt", "optimizer.bin"}) and "scheduler.pt" in names
-            and any(n.startswith("rng_state") and n.endswith(".pth") for n in names) and bool(names & set(_WEIGHTS)))
-
-
 def _find_trainer() -> "Trainer | None":
     f = sys._getframe(1)
     while f is not None:
@@ -115,67 +80,6 @@ def _find_trainer() -> "Trainer | None":
             return s
         f = f.f_back
     return None
-
-
-def write_trainer_checkpoint(payload: dict, folder: str) -> str:
-    """A flightlog checkpoint payload as a folder ``Trainer.train(resume_from_checkpoint=)`` loads."""
-    import torch
-
-    objs = payload["objects"]
-    os.makedirs(folder, exist_ok=True)
-    torch.save(objs["model"][1], os.path.join(folder, "pytorch_model.bin"))
-    if "optimizer" in objs:
-        torch.save(objs["optimizer"][1], os.path.join(folder, "optimizer.pt"))
-    if "scheduler" in objs:
-        torch.save(objs["scheduler"][1], os.path.join(folder, "scheduler.pt"))
-    rng = payload["rng"]
-    st = {"python": rng["python"], "numpy": rng["numpy"], "cpu": rng["torch"]}
-    if "cuda" in rng:
-        st["cuda"] = rng["cuda"]
-    torch.save(st, os.path.join(folder, "rng_state.pth"))
-    with open(os.path.join(folder, "trainer_state.json"), "w") as fh:
-        fh.write(objs["trainer_state"][1]["json"])
-    return folder
-
-
-def checkpoint_folder(store: str, content_hash: str, tmp_parent: str | None) -> "tuple[str | None, dict, str | None, bool]":
-    """``(folder, payload, why not usable, temporary)`` for one flightlog checkpoint.
-
-    A reference gives the Trainer's own folder once every file's digest matches;
-    flightlog's own checkpoint is written out as a Trainer folder (temporary).
-    """
-    payload = _checkpoint.load(store, content_hash)
-    objs = payload.get("objects", {})
-    if REF in objs:
-        ref = objs[REF][1]
-        why = _common.check_manifest(ref)
-        return (None if why else ref["folder"]), payload, why, False
-    if "model" in objs and "trainer_state" in objs:
-        folder = write_trainer_checkpoint(payload, tempfile.mkdtemp(prefix="flightlog-ckpt-", dir=tmp_parent))
-        return folder, payload, None, True
-    return None, payload, "not a Trainer checkpoint (it holds no model or TrainerState)", False
-
-
-def _start_from(store: str, candidates: list[tuple[int, str]], tmp_parent: str | None, what: str
-                ) -> "tuple[int, str | None, dict | None, bool]":
-    """The newest usable checkpoint among ``candidates`` (newest first): ``(iteration, folder, payload, temporary)``.
-
-    A checkpoint whose referenced folder changed, or whose blob is unreadable, is
-    refused with a warning and the next older one is tried; ``(-1, None, None,
-    False)`` when none is usable.
-    """
-    from flightlog._errors import FlightlogError
-
-    for it, h in candidates:
-        try:
-            folder, payload, why, tmp = checkpoint_folder(store, h, tmp_parent)
-        except (FlightlogError, OSError, ValueError, KeyError) as e:
-            folder, payload, why, tmp = None, None, str(e), False
-        if folder is not None:
-            return it, folder, payload, tmp
-        _warn.problem("checkpoint_unusable", f"{what}: the checkpoint of epoch {it} is not used: {why}; "
-                                             "trying an earlier one")
-    return -1, None, None, False
 
 
 def _use_folder(trainer, folder: str, override: bool) -> None:
@@ -262,7 +166,7 @@ class FlightlogCallback(TrainerCallback):
             cands += [c for c in _common.chain_checkpoints(st.store, r.parent_run_id, LOOP) if c not in cands]
         except Exception as e:
             _warn.problem("resume_checkpoints", f"earlier checkpoints not listed: {e!r}")
-        it, folder, payload, tmp = _start_from(st.store, cands, None, "resume")
+        it, folder, payload, tmp = start_from(st.store, cands, None, "resume")
         if folder is None:
             _warn.problem("resume_unusable", "no checkpoint of the parent run is a usable Trainer checkpoint; "
                                              "training starts from the beginning")
@@ -328,7 +232,7 @@ class FlightlogCallback(TrainerCallback):
         _common.set_ctx(self.run, e, None)
         loop_s = time.perf_counter() - self._epoch_t0
         saved, self._saved = self._saved, None
-        if saved is not None and saved[0] == state.global_step and _complete_folder(saved[1], saved[0]):
+        if saved is not None and saved[0] == state.global_step and complete_folder(saved[1], saved[0]):
             if self._take_reference(e, saved[1], saved[0], loop_s):
                 return
         self._ckpt.on_boundary(self.run, LOOP, e, loop_s, "iteration_end")
@@ -338,7 +242,7 @@ class FlightlogCallback(TrainerCallback):
         """Checkpoint epoch ``e`` as a reference to the folder the Trainer just saved (no second copy)."""
         mgr = self._ckpt
         objects = mgr.objects
-        mgr.objects = {REF: _TrainerFolder(folder, step)}
+        mgr.objects = {REF: TrainerFolder(folder, step)}
         try:
             mgr.take(LOOP, e, mgr.since_ms + loop_s * 1000.0, "iteration_end")
             mgr.since_ms = 0.0
@@ -453,7 +357,7 @@ class _Replay:
         if self.first > 0:
             cands = sorted(((k, c["content_hash"]) for k, c in mode.ckpts.items() if 0 <= k < self.first),
                            reverse=True)
-            it, folder, _payload, _tmp = _start_from(mode.store, cands, mode.plan.get("tmp") or None, "replay")
+            it, folder, _payload, _tmp = start_from(mode.store, cands, mode.plan.get("tmp") or None, "replay")
             if folder is not None:
                 self.folder = folder
                 _use_folder(trainer, folder, override=True)
