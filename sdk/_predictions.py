@@ -261,10 +261,10 @@ def _item_ids(run: Any, ids: Any, n: int, ctx: tuple) -> pa.Array:
         return arr
     key = (ctx[0], ctx[1], ctx[2])
     with _seq_lock:
-        last_key, start = run.extra.get("predictions_seq", (None, 0))
+        last_key, start = run.predictions_seq
         if last_key != key:
             start = 0
-        run.extra["predictions_seq"] = (key, start + n)
+        run.predictions_seq = (key, start + n)
     return pc.cast(pa.array(np.arange(start, start + n, dtype=np.int64)), pa.string())
 
 

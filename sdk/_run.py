@@ -7,6 +7,7 @@ start with an empty context and must log into the same run as the main thread.
 from __future__ import annotations
 
 import atexit
+import collections
 import datetime as _dt
 import json
 import logging
@@ -147,6 +148,12 @@ class Run:
         from flightlog._modes import RecordMode
 
         self.mode = RecordMode()  # record / resume / replay behaviour, chosen once at start
+        self.error: tuple[str, str] | None = None  # (type, message) of the exception that ended the run
+        self.ended_at: _dt.datetime | None = None
+        self.steps_queue: collections.deque | None = None  # finished @fl.step calls waiting to be rows (_steps)
+        self.predictions_seq: tuple = (None, 0)  # fl.log_predictions: last call's loop position, next item id
+        # Still string-keyed: "checkpointer" (fl.checkpointing's manager), "boundary_done" and
+        # "snapshot_refreshed" (outer-loop flags, _loops), "finish_hooks" (callables run at finish).
         self.extra: dict[str, Any] = {}
         self.problems = _warn.counters  # this run's problem counts (fl.init starts a fresh counter per run)
         self.finished = False
@@ -169,7 +176,7 @@ class Run:
 
     def row(self) -> dict:
         py, np_v, torch_v = _versions()
-        err = self.extra.get("error")
+        err = self.error
         return {
             "run_id": self.run_id,
             "project": self.project,
@@ -178,7 +185,7 @@ class Run:
             "kind": self.kind,
             "status": self.status,
             "started_at": self.started_at,
-            "ended_at": self.extra.get("ended_at"),
+            "ended_at": self.ended_at,
             "updated_at": _now(),
             "argv": json.dumps(list(sys.argv)),
             "script": self.script,
@@ -237,8 +244,8 @@ class Run:
         if os.getpid() == self.owner_pid and self.kind != "replay":
             self.status = status
             if error:
-                self.extra["error"] = error
-            self.extra["ended_at"] = _now()
+                self.error = error
+            self.ended_at = _now()
             self.rec.flush()  # everything logged so far, then the final row with the counters
             self.rec.flush()  # one retry for what failed
             self.rec.abandon_pending()

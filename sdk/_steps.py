@@ -354,7 +354,7 @@ class _Call:
 
 
 def _enqueue(r, record: tuple) -> None:
-    q = r.extra.get("steps_queue")
+    q = r.steps_queue
     if q is None:
         q = _setup_run(r)
     if r.finished:
@@ -366,10 +366,10 @@ def _enqueue(r, record: tuple) -> None:
 def _setup_run(r):
     """First step call of a run: the queue of finished calls and the hooks that drain it."""
     with _lock:
-        q = r.extra.get("steps_queue")
+        q = r.steps_queue
         if q is None:
             q = collections.deque()
-            r.extra["steps_queue"] = q
+            r.steps_queue = q
             r.rec.on_flush.append(lambda: _drain(r))
             r.extra.setdefault("finish_hooks", []).append(_drain)
     return q
@@ -377,7 +377,7 @@ def _setup_run(r):
 
 def _drain(r) -> int:
     """Turn queued finished calls into rows (flush thread, and at finish); returns how many calls."""
-    q = r.extra.get("steps_queue")
+    q = r.steps_queue
     if not q:
         return 0
     n = 0
@@ -442,7 +442,7 @@ def _service_name() -> str | None:
 def _after_fork_child() -> None:
     # The parent writes its own queued calls; a forked child (DataLoader worker) must not repeat them.
     r = _run.ACTIVE
-    q = r.extra.get("steps_queue") if r is not None else None
+    q = r.steps_queue if r is not None else None
     if q is not None:
         q.clear()
 

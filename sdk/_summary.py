@@ -52,7 +52,7 @@ def text(run) -> str:
     """The summary of a finished ``run``."""
     rid, name = run.run_id, run.name
     dur = ""
-    end = run.extra.get("ended_at")
+    end = run.ended_at
     if end is not None:
         dur = f" in {(end - run.started_at).total_seconds():.1f}s"
     head = f"flightlog: run {rid}" + (f" ({name})" if name else "") + f" {run.status}{dur}"
