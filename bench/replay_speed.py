@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import re
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,9 +75,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the short replays (b) and (d)")
     ap.add_argument("--no-flor", action="store_true")
+    ap.add_argument("--no-demo", action="store_true", help="skip the README demo rows (examples/digits.py)")
+    ap.add_argument("--only-demo", action="store_true", help="only the README demo rows")
     ap.add_argument("--no-all-epochs-batch", action="store_true",
                     help="skip the (c) rows (batch-level replay of all epochs: each about a full run long)")
     a = ap.parse_args()
+    if a.only_demo:
+        for row in demo(a):
+            print(row)
+        return
     args = ["--mode", "flightlog", "--epochs", str(a.epochs), "--width", str(a.width), "--size", str(a.size),
             "--threads", str(a.threads)]
     work = tempfile.mkdtemp(prefix="fl-replay-bench-")
@@ -107,6 +114,11 @@ def main() -> None:
         print(f"(a) full re-run: {t_full:.1f}s", file=sys.stderr)
 
         def replay(label, script, extra, check, reps):
+            # the --dry-run estimate (start-up included) next to what the replay then measures
+            _, plan = timed([FLIGHTLOG, "replay", script, "--run", "latest", "--dry-run", *extra], env, work)
+            m = re.search(r"estimate ~([0-9.]+)s", plan)
+            if m:
+                info.setdefault(label, {"startup": []})["estimate"] = float(m.group(1))
             for _ in range(reps):
                 dt, out = timed([FLIGHTLOG, "replay", script, "--run", "latest", "--format", "json", *extra], env, work)
                 j = json.loads(out)
@@ -149,15 +161,20 @@ def main() -> None:
     finally:
         subprocess.run([FLIGHTLOG, "replay", "--stop", "--store", store], env=env, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+    demo_rows = [] if a.no_demo else demo(a)
     base = res["(a) full re-run of the modified script"][0]
     print(f"\nreplay speed — digits CNN (width {a.width}, {a.size}x{a.size}), {a.epochs} epochs, torch threads "
           f"{a.threads}; recording took {t_rec:.1f}s")
-    print(f"{'what':<56} {'seconds':>8} {'vs (a)':>8} {'start-up':>9} {'fidelity':>10} {'= full':>7}")
+    print(f"{'what':<56} {'seconds':>8} {'vs (a)':>8} {'start-up':>9} {'fidelity':>10} {'= full':>7} {'estimate':>9}")
     for label, xs in res.items():
         m = statistics.median(xs)
         st = [x for x in info.get(label, {}).get("startup") or [] if x is not None]
+        est = info.get(label, {}).get("estimate")
         print(f"{label:<56} {m:8.2f} {base / m:7.1f}x {statistics.median(st) if st else float('nan'):8.2f}s "
-              f"{info.get(label, {}).get('fidelity', '-'):>10} {str(info.get(label, {}).get('equal', '-')):>7}")
+              f"{info.get(label, {}).get('fidelity', '-'):>10} {str(info.get(label, {}).get('equal', '-')):>7} "
+              + (f"{est:8.1f}s ({(est - m) / m * 100:+.0f}%)" if est is not None else ""))
+    for row in demo_rows:
+        print(row)
     try:
         print(f"load average during the run: {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores")
     except OSError:
@@ -173,6 +190,51 @@ def main() -> None:
         print(f"parallel speed-up, 2 workers vs 1: {statistics.median(c1) / statistics.median(c2):.2f}x")
     for row in flor_rows:
         print(row)
+
+
+def demo(a) -> list[str]:
+    """The README demo's replay (examples/digits.py, 6 epochs, weight norm per epoch) vs running the script again."""
+    work = tempfile.mkdtemp(prefix="fl-replay-demo-")
+    src = open(os.path.join(ROOT, "examples", "digits.py")).read()
+    new = src.replace('            fl.log("val_acc", accuracy(net, Xte, yte))\n',
+                      '            fl.log("val_acc", accuracy(net, Xte, yte))\n'
+                      '            fl.log("weight_norm", torch.sqrt(sum((p ** 2).sum() for p in net.parameters())))\n')
+    assert new != src
+    for name, code in (("train.py", src), ("train_epoch_only.py", new)):
+        with open(os.path.join(work, name), "w") as fh:
+            fh.write(code)
+    store, again = os.path.join(work, "store"), os.path.join(work, "again")
+    env = dict(os.environ, FLIGHTLOG_HOME=store, FLIGHTLOG_PROGRESS="0",
+               FLIGHTLOG_REPLAY_POOL_DIR=os.path.join(work, "pools"))
+    rows: dict[str, list[float]] = {}
+    out = []
+    try:
+        timed([PY, "train.py", "--epochs", "6"], env, work)
+        for k in range(a.reps):
+            dt, _ = timed([PY, "train_epoch_only.py", "--epochs", "6"], dict(env, FLIGHTLOG_HOME=again + str(k)), work)
+            rows.setdefault("running the modified script again", []).append(dt)
+        want = values(again + "0", "weight_norm")
+        for label, extra, reps in (("replay --cold", ["--cold"], a.reps), ("replay, first (starts the warm pool)", [], 1),
+                                   ("replay, warm pool", [], a.reps)):
+            for _ in range(reps):
+                dt, o = timed([FLIGHTLOG, "replay", "train_epoch_only.py", "--run", "latest", "--format", "json",
+                               *extra], env, work)
+                j = json.loads(o)
+                got = values(store, "weight_norm")
+                rows.setdefault(label, []).append(dt)
+                print(f"demo {label}: {dt:.2f}s start-up {j['startup_s']} fidelity {j['fidelity']} "
+                      f"equal {got == want}", file=sys.stderr)
+                if got != want:
+                    out.append(f"  !! demo {label}: values differ from running the script again")
+    finally:
+        subprocess.run([FLIGHTLOG, "replay", "--stop", "--store", store], env=env, capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    base = statistics.median(rows["running the modified script again"])
+    out.insert(0, f"\nREADME demo (examples/digits.py --epochs 6, new weight_norm per epoch), medians of {a.reps}:")
+    for label, xs in rows.items():
+        m = statistics.median(xs)
+        out.insert(len(out), f"  {label:<44} {m:7.2f}s  {base / m:5.1f}x")
+    return out
 
 
 def run_flor(a, truth: dict, one: int, all_epochs_batch: bool = True) -> list[str]:

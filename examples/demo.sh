@@ -40,7 +40,17 @@ step "5. Replay the epoch-level statement only (inner loops skipped, state from 
      "flightlog replay train_today.py --run latest --dry-run   # (the plan)"
 sed -e '/grad_norm/d' train_today.py > train_epoch_only.py
 flightlog replay train_epoch_only.py --run latest --dry-run
+t0=$(python -c 'import time; print(time.time())')
 flightlog replay train_epoch_only.py --run latest
+python - "$t0" <<'PY'
+import sys, time
+import flightlog as fl
+took = time.time() - float(sys.argv[1])
+rec = fl.query("SELECT epoch_us(ended_at) - epoch_us(started_at) FROM runs WHERE kind = 'train' "
+               "ORDER BY started_at DESC LIMIT 1").column(0)[0].as_py() / 1e6
+print(f"\nreplay: {took:.1f}s from command to stored values; the recorded run took {rec:.1f}s "
+      f"(running the script again would take as long): {rec / took:.1f}x")
+PY
 
 step "6. Replay the batch-level statement with 2 parallel workers" "flightlog replay train_today.py --run latest --workers 2"
 flightlog replay train_today.py --run latest --workers 2

@@ -68,8 +68,10 @@ def test_epoch_level_replay_is_exact(recorded, workers):
     assert res.ok and res.fidelity == "exact" and res.compared > 0
     assert len(res.segments) == workers
     _check_equal(recorded["store"], recorded["truth"], "weight_norm")
-    # epoch level skips the batch loop: nothing per batch was re-computed
-    assert res.compared == 5
+    # epoch level skips the batch loop: the segments re-computed nothing per batch (tail slicing may skip the
+    # per-epoch logs too); the verification epoch re-computed that epoch's batches and logs
+    seg = sum(int(s.data.get("compared", 0)) for s in res.segments)
+    assert seg <= 5 and res.compared == seg + res.verify_compared and res.verify_compared >= 10
 
 
 @pytest.mark.parametrize("workers", [1, 2])
