@@ -281,9 +281,6 @@ def plan_run(store: str, info: RunInfo, script_path: str, script_args: list[str]
                            sorted(set(info.top_loops) | set(diff.top_loops)))
     level = diff.level
     planner.plan_tail_slice(diff, snap["script"])
-    if diff.slice is not None and not verify:
-        # without the verification epoch nothing would catch a wrong slice: run the whole tail
-        diff.slice, diff.slice_why = None, "--no-verify: nothing would check the sliced tail"
     if diff.from_start:
         # Exact re-execution of the whole script from the start: one worker, nothing skipped.
         last = max(info.epochs)
