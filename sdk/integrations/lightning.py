@@ -201,7 +201,7 @@ class FlightlogCallback(Callback):
 
     def _register(self, trainer) -> None:
         r = self.run
-        mgr = r.extra.get("checkpointer")
+        mgr = r.checkpointer
         if mgr is None or not isinstance(mgr, _checkpoint.Checkpointer):
             mgr = r.mode.checkpointing(r, {}, self.every, self.overhead)
         if isinstance(mgr, _checkpoint.Checkpointer):
@@ -395,6 +395,10 @@ class _Replay:
         self.start_counters, self.inner_counters = _common.recorded_counters(mode.store, run.run_id)
 
     def start(self) -> None:
+        # The plan, not a callback, decides where the worker stops: early stopping re-evaluated on a
+        # restored state (a tail validates again what the checkpoint's callback state already counted)
+        # must not end the segment before its last epoch, where epoch_end sets should_stop.
+        self.trainer.fit_loop.min_epochs = self.last + 1
         if self.mode.actions.get(0) == "full":
             self.mode._restore(-1)  # the recorded loop-start state, if any
             self.prev = -1
@@ -408,6 +412,7 @@ class _Replay:
             action = "full"  # validation inside the epoch: a tail cannot reproduce it
         self.mode.cur_epoch = e
         self.tail = False
+        trainer.should_stop = False  # as in the record: a set flag ends training there
         if action is None:
             self.skipping = True
             self.mode.cur_mode = None
