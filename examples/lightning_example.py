@@ -59,7 +59,7 @@ class KillAt(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == self.epoch:
             r = fl._run.ACTIVE
-            ck = r.extra.get("checkpointer")
+            ck = r.checkpointer
             if ck is not None:
                 ck._q.join()
             r.rec.flush()

@@ -49,7 +49,7 @@ class KillAt(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kw):
         if int(round(state.epoch or 0)) == self.epoch:
             r = fl._run.ACTIVE
-            ck = r.extra.get("checkpointer")
+            ck = r.checkpointer
             if ck is not None:
                 ck._q.join()
             r.rec.flush()

@@ -711,7 +711,7 @@ def watch(model: Any, every: int = DEFAULT_WATCH_EVERY) -> Watch | None:
         _WATCHES[model] = w
         r = _run.ACTIVE or _run._auto_start()
         if r is not None:
-            r.extra.setdefault("finish_hooks", []).append(lambda run, _w=w: _w.flush())
+            r.finish_hooks.append(lambda run, _w=w: _w.flush())
         return w
     except Exception as e:
         _warn.problem("watch_error", f"fl.watch failed: {e!r}")

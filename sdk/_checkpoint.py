@@ -483,15 +483,15 @@ def checkpointing(*, every: int | None = None, overhead: float | None = None, **
                 mgr.close()
             except Exception:
                 pass
-            if r.extra.get("checkpointer") is mgr:
-                r.extra.pop("checkpointer", None)
+            if r.checkpointer is mgr:
+                r.checkpointer = None
 
 
 def new_checkpointer(run, objects: dict, every, overhead) -> Checkpointer:
     """Record and resume modes: a checkpointer that writes, closed when the run ends."""
     mgr = Checkpointer(run, objects, every, overhead)
-    run.extra["checkpointer"] = mgr
-    run.extra.setdefault("finish_hooks", []).append(lambda _r, m=mgr: m.close())
+    run.checkpointer = mgr
+    run.finish_hooks.append(lambda _r, m=mgr: m.close())
     return mgr
 
 

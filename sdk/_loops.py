@@ -80,7 +80,7 @@ def record_loop(r, name: str, iterable: Iterable[T], caller=None, resume_from=No
     depth = len(frames)
     frame = Frame(name, depth, _length(iterable), caller)
     outer = depth == 0
-    ckpt = r.extra.get("checkpointer") if outer else None
+    ckpt = r.checkpointer if outer else None
     frame.bar = _Progress.maybe(frame)
     frames.append(frame)
     parent_ctx = r.ctx
@@ -117,15 +117,15 @@ def record_loop(r, name: str, iterable: Iterable[T], caller=None, resume_from=No
             frame.iter_start = time.perf_counter()
             r.ctx = context_tuple(frames)
             if outer:
-                r.extra["boundary_done"] = False
+                r.boundary_done = False
             yield item
             # iteration end (the body ran to completion)
             r.ctx = context_tuple(frames)
             if frame.bar is not None:
                 frame.bar.update(i + 1)
             if outer:
-                ckpt = r.extra.get("checkpointer")
-                if ckpt is not None and not r.extra.get("boundary_done"):
+                ckpt = r.checkpointer
+                if ckpt is not None and not r.boundary_done:
                     ckpt.on_boundary(r, name, i, time.perf_counter() - frame.iter_start, "iteration_end",
                                      [frame.scope("outer")])
                 _maybe_snapshot_again(r)
@@ -136,11 +136,11 @@ def record_loop(r, name: str, iterable: Iterable[T], caller=None, resume_from=No
         if frames and frames[-1] is frame:
             frames.pop()
         r.ctx = parent_ctx if frames else NO_CTX
-    if depth == 1 and exhausted and not r.extra.get("boundary_done"):
+    if depth == 1 and exhausted and not r.boundary_done:
         # The first inner loop of an epoch ran to its end: checkpoint here, so that
         # epoch-level replay and resume re-run the rest of the epoch body exactly.
-        r.extra["boundary_done"] = True
-        ckpt = r.extra.get("checkpointer")
+        r.boundary_done = True
+        ckpt = r.checkpointer
         of = frames[0] if frames else None
         if ckpt is not None and of is not None:
             scopes = [of.scope("outer")]
@@ -153,9 +153,9 @@ def record_loop(r, name: str, iterable: Iterable[T], caller=None, resume_from=No
 def _maybe_snapshot_again(r) -> None:
     # Local modules imported after fl.init are in the snapshot from the first
     # iteration end on: replay needs every file the loop body ran.
-    if r.extra.get("snapshot_refreshed"):
+    if r.snapshot_refreshed:
         return
-    r.extra["snapshot_refreshed"] = True
+    r.snapshot_refreshed = True
     try:
         from flightlog import _snapshot
 

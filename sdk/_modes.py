@@ -75,7 +75,7 @@ class ResumeMode(Mode):
         if len(run.loops) == 1 and self.pending_tail is not None:
             # The parent's checkpoint was taken when this inner loop ended: skip it, restore.
             state, self.pending_tail = self.pending_tail, None
-            run.extra["boundary_done"] = True
+            run.boundary_done = True
             state.restore({"outer": run.loops[0].pyframe, "inner": caller})
             return iter(())
         return record_loop(run, name, iterable, caller)

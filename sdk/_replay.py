@@ -65,7 +65,7 @@ def start_replay_run(plan_path: str, project=None, store=None) -> "_run.Run":
     r.replay_id = plan.get("replay_id")
     _tag_rows(r, r.replay_id)
     r.rec.start()
-    r.extra.setdefault("finish_hooks", []).append(lambda run: run.mode.write_result())
+    r.finish_hooks.append(lambda run: run.mode.write_result())
     if plan.get("scratch"):
         from flightlog import _scratch
 

@@ -50,7 +50,7 @@ class ResumeState:
         from flightlog import _checkpoint
 
         payload = _checkpoint.load(self.store, self.row["content_hash"])
-        ck = self.run.extra.get("checkpointer")
+        ck = self.run.checkpointer
         objects = ck.objects if ck is not None else {}
         if not objects and not payload.get("carried"):
             _warn.problem("resume_nothing_registered",

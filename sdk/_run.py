@@ -152,9 +152,10 @@ class Run:
         self.ended_at: _dt.datetime | None = None
         self.steps_queue: collections.deque | None = None  # finished @fl.step calls waiting to be rows (_steps)
         self.predictions_seq: tuple = (None, 0)  # fl.log_predictions: last call's loop position, next item id
-        # Still string-keyed: "checkpointer" (fl.checkpointing's manager), "boundary_done" and
-        # "snapshot_refreshed" (outer-loop flags, _loops), "finish_hooks" (callables run at finish).
-        self.extra: dict[str, Any] = {}
+        self.checkpointer: Any = None  # fl.checkpointing's manager (_checkpoint), while its block runs
+        self.boundary_done = False  # this outer iteration's checkpoint boundary was handled (_loops, _modes)
+        self.snapshot_refreshed = False  # the code snapshot was re-taken once the loop began (_loops)
+        self.finish_hooks: list = []  # callables run at finish, each given the run
         self.problems = _warn.counters  # this run's problem counts (fl.init starts a fresh counter per run)
         self.finished = False
         self.tags: list[str] = []  # fl.init(tags=...); `flightlog tag` adds later ones
@@ -235,7 +236,7 @@ class Run:
         if self.finished:
             return
         self.finished = True
-        for hook in list(self.extra.get("finish_hooks", ())):
+        for hook in list(self.finish_hooks):
             try:
                 hook(self)
             except Exception as e:

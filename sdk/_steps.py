@@ -371,7 +371,7 @@ def _setup_run(r):
             q = collections.deque()
             r.steps_queue = q
             r.rec.on_flush.append(lambda: _drain(r))
-            r.extra.setdefault("finish_hooks", []).append(_drain)
+            r.finish_hooks.append(_drain)
     return q
 
 

@@ -200,7 +200,7 @@ class FlightlogCallback(TrainerCallback):
             self._replay.train_begin(objects)
             return
         if self.checkpoints and self._primary and objects:
-            mgr = r.extra.get("checkpointer")
+            mgr = r.checkpointer
             if mgr is None or not isinstance(mgr, _checkpoint.Checkpointer):
                 mgr = r.mode.checkpointing(r, {}, self.every, self.overhead)
             if isinstance(mgr, _checkpoint.Checkpointer):
