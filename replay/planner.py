@@ -366,6 +366,7 @@ class Program:
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     self.fns.setdefault(node.name, []).append((f, node))
         self.calls: dict[str, list[tuple[str, ast.AST]]] = {}
+        self.stored: set[str] = set()  # functions passed by keyword: called later, from wherever the callee runs
         for f, t in trees.items():
             for node in ast.walk(t):
                 if isinstance(node, ast.Call):
@@ -378,6 +379,11 @@ class Program:
                     for a in list(node.args) + [k.value for k in node.keywords]:
                         if isinstance(a, ast.Name) and a.id in self.fns:
                             self.calls.setdefault(a.id, []).append((f, node))
+                    # ... unless passed by keyword: the callee keeps it and calls it later, from its own loops
+                    # (Trainer(compute_metrics=fn), DataLoader(collate_fn=fn)): where it runs is unknown
+                    for k in node.keywords:
+                        if isinstance(k.value, ast.Name) and k.value.id in self.fns:
+                            self.stored.add(k.value.id)
         self._memo: dict = {}
         self.static: set[str] = set()  # imports, functions, classes: not state a loop carries
         self.registered: set[str] = set()
@@ -454,7 +460,7 @@ class Program:
             return None if got == "busy" else [(list(s) + lex, list(c)) for s, c in got]
         self._memo[key] = "busy"
         sites = self.calls.get(fn.name, [])
-        if not sites:
+        if not sites or fn.name in self.stored:
             self._memo[key] = None
             return None
         out = []

@@ -8,6 +8,7 @@ uninterrupted run of the new script is also the uninterrupted run of the old one
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,9 +17,11 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("lightning")
+import flightlog as fl
 
-import flightlog as fl  # noqa: E402
+# lightning is only imported by the subprocesses (its import takes seconds)
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("lightning") is None,
+                                reason="needs lightning (pip install 'flightlog[lightning]')")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "lightning_example.py")

@@ -9,6 +9,7 @@ statements change no computation).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -18,10 +19,12 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+import flightlog as fl
 
-import flightlog as fl  # noqa: E402
+# transformers is only imported by the subprocesses (its import takes seconds)
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None
+                                or importlib.util.find_spec("accelerate") is None,
+                                reason="needs transformers and accelerate (pip install 'flightlog[transformers]')")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "transformers_example.py")
@@ -96,6 +99,24 @@ def hf(tmp_path_factory):
 def _checkpoints(store):
     return fl.query("SELECT run_id, iteration, content_hash, bytes FROM checkpoints ORDER BY iteration",
                     store=store).to_pylist()
+
+
+def test_planner_levels_of_trainer_hooks():
+    """New statements in a TrainerCallback hook or a compute_metrics passed by keyword are batch level (the
+    Trainer calls them from its loops); one after trainer.train() is run level."""
+    from flightlog.replay import planner
+
+    old = ("import flightlog as fl\nfrom transformers import Trainer, TrainerCallback\n\n\n"
+           "def compute_metrics(p):\n    return {}\n\n\n"
+           "class CB(TrainerCallback):\n    def on_evaluate(self, args, state, control, **kw):\n        pass\n\n\n"
+           "def main():\n    t = Trainer(model=None, compute_metrics=compute_metrics, callbacks=[CB()])\n"
+           "    t.train()\n    print(1)\n\n\nmain()\n")
+    new = (old.replace("    return {}\n", "    fl.log('m', 1)\n    return {}\n")
+           .replace("        pass\n", "        pass\n        fl.log('e', 2)\n")
+           .replace("    print(1)\n", "    print(1)\n    fl.log('r', 3)\n"))
+    d = planner.diff_code({"files": {"t.py": old}, "script": "t.py"}, {"t.py": new}, "t.py")
+    assert not d.changes
+    assert {s.names[0]: s.level for s in d.statements} == {"m": "batch", "e": "batch", "r": "run"}
 
 
 @pytest.mark.slow
