@@ -109,7 +109,7 @@ def bench_watch(repeat: int, epochs: int, every: int | None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from flightlog._assertions import DEFAULT_WATCH_EVERY
+    from flightlog._watch import DEFAULT_WATCH_EVERY
 
     os.environ["FLIGHTLOG_HOME"] = tempfile.mkdtemp(prefix="fl-bench-")
     _train(False, 1, None)  # warm-up

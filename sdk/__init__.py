@@ -87,7 +87,7 @@ _LAZY = {  # public name -> (module, attribute); attribute None: the module itse
     "artifact": ("flightlog._steps", "artifact"),
     "assertion": ("flightlog._assertions", "assertion"),
     "check": ("flightlog._assertions", "check"),
-    "watch": ("flightlog._assertions", "watch"),
+    "watch": ("flightlog._watch", "watch"),
     "health": ("flightlog.query.health", "health"),
     "log_predictions": ("flightlog._predictions", "log_predictions"),
     "log_histogram": ("flightlog._logmore", "log_histogram"),

@@ -38,7 +38,7 @@ READING = {"flightlog._read",  # fl.query / fl.dataframe: reading, from the SDK'
            "flightlog.collector.gc"}  # removal reads which runs are live and which blobs are referenced
 RECORDING = {
     "flightlog._run", "flightlog._record", "flightlog._loops", "flightlog._checkpoint", "flightlog._carried",
-    "flightlog._steps", "flightlog._snapshot", "flightlog._assertions", "flightlog._predictions",
+    "flightlog._steps", "flightlog._snapshot", "flightlog._assertions", "flightlog._watch", "flightlog._predictions",
     "flightlog._logmore", "flightlog._inspect", "flightlog._ddp", "flightlog._modes", "flightlog._resume",
     "flightlog._summary", "flightlog._sysmetrics", "flightlog._feasibility",
 }
