@@ -10,7 +10,7 @@ __all__ = ["LocalSink", "CollectorSink", "ServerThread", "BlobError"]
 
 _LAZY = {
     "LocalSink": "flightlog.collector.store",
-    "BlobError": "flightlog.collector.store",
+    "BlobError": "flightlog.collector.blobs",
     "CollectorSink": "flightlog.collector.client",
     "ServerThread": "flightlog.collector.server",
 }

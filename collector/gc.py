@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flightlog._errors import FlightlogError, QueryError
+from flightlog.collector import blobs as _blobs
 from flightlog.collector import schema as _schema
 from flightlog.collector import store as _store
 
@@ -60,8 +61,8 @@ def _digest_of(ref: Any) -> str | None:
         return None
     tail = ref.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
     try:
-        return _store.check_blob_id(tail)
-    except _store.BlobError:
+        return _blobs.check_blob_id(tail)
+    except _blobs.BlobError:
         return None
 
 
@@ -94,7 +95,7 @@ def blob_refs(root: str, con, skip_checkpoints: dict[str, set[int]] | None = Non
         add(rid, payload)
     for d, rids in manifests.items():
         try:
-            man = json.loads(_store.read_blob(root, d, what="code snapshot"))
+            man = json.loads(_blobs.read_blob(root, d, what="code snapshot"))
             files = man.get("files", {}) if isinstance(man, dict) else {}
         except Exception:
             continue  # missing or damaged manifest: it references nothing we can see

@@ -13,8 +13,8 @@ Layout: ``<root>/<table>/run_id=<id>/<file>.parquet`` where ``<file>`` is
 Every file is written under a dot-prefixed temporary name and renamed, so a
 reader never sees a torn file. Compaction renames the merged file in first and
 deletes the parts after; readers skip parts covered by a compact file, so a
-crash between the two steps never shows a row twice. Blobs live in
-``<root>/blobs/<hash[:2]>/<hash>``.
+crash between the two steps never shows a row twice. Blobs (``<root>/blobs/<hash[:2]>/<hash>``)
+are ``blobs.py``.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flightlog._errors import StoreError
+from flightlog import _config
 from flightlog.collector import fs as _fs
 from flightlog.collector import schema as _schema
 
@@ -163,6 +163,9 @@ class LocalSink:
         self._written: dict[tuple[str, str], list[int]] = {}
         # object stores: parts that cannot be uploaded wait in a local spool (see fs.Spool)
         self.spool = _fs.spool_for(os.fspath(root)) if _fs.is_remote(root) else None
+        # an object-store heartbeat is a PUT (an HTTP request, a billed call): every 10 s is enough
+        # for readers, which call a run crashed after STALE_SECONDS (30 s) without one
+        self.heartbeat_seconds = 10.0 if self.spool is not None else _config.HEARTBEAT_SECONDS
 
     def write(self, table: str, data: pa.Table) -> None:
         """Write one batch (rows of possibly several runs) as one part per run."""
@@ -491,44 +494,6 @@ def table_files(root: str | os.PathLike, table: str, run_ids: Iterable[str] | No
     return out
 
 
-# -- blobs -----------------------------------------------------------------
-
-_BLOB_ID = re.compile(r"^[0-9a-f]{32}$")  # xxh3-128, lower-case hex: the only names blobs have
-
-
-class BlobError(StoreError):
-    """A blob reference or a blob's content that the store must not trust (bad id, outside the store, tampered)."""
-
-
-def check_blob_id(digest: Any) -> str:
-    """``digest`` if it can name a blob (32 lower-case hex digits); BlobError otherwise, e.g. for ``../x``."""
-    if not isinstance(digest, str) or not _BLOB_ID.match(digest):
-        raise BlobError(f"invalid blob reference {str(digest)[:80]!r} (expected 32 hex digits)")
-    return digest
-
-
-def blob_path(root: str | os.PathLike, digest: str) -> Path:
-    """Where the blob ``digest`` lives; BlobError for anything that is not a blob id (never a path outside)."""
-    digest = check_blob_id(digest)
-    return Path(root) / "blobs" / digest[:2] / digest
-
-
-def has_blob(root: str | os.PathLike, digest: Any) -> bool:
-    """Whether blob ``digest`` is stored; False for a reference that cannot name a blob."""
-    try:
-        p = blob_path(root, digest)
-        return _fs.exists(p) if _fs.is_remote(p) else p.is_file()
-    except BlobError:
-        return False
-
-
-def blob_digest(data) -> str:
-    """The content hash blobs are named by (xxh3-128 of the bytes)."""
-    import xxhash
-
-    return xxhash.xxh3_128_hexdigest(data)
-
-
 def write_bytes_atomic(path: Path, data, fsync: bool = False) -> None:
     """Write ``data`` (bytes, or a list of buffers written one after another) via a temp name + rename.
 
@@ -558,61 +523,20 @@ def write_bytes_atomic(path: Path, data, fsync: bool = False) -> None:
         raise
 
 
-def put_blob(root: str | os.PathLike, digest: str, data, fsync: bool = False) -> tuple[Path, bool]:
-    """Store ``data`` (bytes, or a list of buffers written one after another) under its content hash.
 
-    Identical blobs are stored once. Returns the path and whether a new file was written.
-    """
-    path = blob_path(root, digest)
-    if _fs.is_remote(path):  # content-addressed: an existing object already holds these bytes
-        sp = _fs.spool_for(os.fspath(root))
-        try:
-            if not sp.unreachable and _fs.exists(path):
-                return path, False
-        except OSError:
-            pass
-        sp.put_bytes(path, data)  # uploaded now, or spooled locally until the store answers
-        return path, True
-    if path.exists():
-        try:  # a fresh mtime: `flightlog gc` spares recent blobs whose reference may not be written yet
-            os.utime(path)
-            return path, False
-        except FileNotFoundError:  # removed (gc) between the check and now: write it again
-            pass
-        except OSError:
-            return path, False
-    write_bytes_atomic(path, data, fsync=fsync)
-    return path, True
+# The blob functions live in collector/blobs.py. Callers that still say ``store.read_blob`` (and the
+# other names below) get them from there, lazily: blobs.py builds on this module, so an import here
+# would be a cycle.
+_MOVED_TO_BLOBS = frozenset({"BlobError", "check_blob_id", "blob_path", "has_blob", "blob_digest", "put_blob",
+                             "read_blob"})
 
 
-def read_blob(root: str | os.PathLike, digest: str, what: str = "blob") -> bytes:
-    """The bytes of blob ``digest``, verified: the store is a trust boundary.
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_BLOBS:
+        from flightlog.collector import blobs
 
-    Refuses (BlobError) a reference that is not a blob id, a blob file that resolves
-    outside ``<root>/blobs`` (a planted symlink), and content whose hash is not
-    ``digest`` (tampered or damaged) -- before any caller unpickles it. A missing
-    blob is FileNotFoundError.
-    """
-    path = blob_path(root, digest)
-    if _fs.is_remote(path):  # object stores have no links: the key is the only name
-        local = _fs.spool_for(os.fspath(root)).local_copy(path)  # written here, not uploaded yet
-        if local is not None:
-            with open(local, "rb") as fh:
-                data = fh.read()
-        else:
-            data = _fs.read_bytes(path)
-    else:
-        base = os.path.realpath(os.path.join(os.fspath(root), "blobs"))
-        real = os.path.realpath(path)
-        if os.path.commonpath([base, real]) != base:
-            raise BlobError(f"{what} {digest} resolves outside the store ({real}); refusing to read it")
-        with open(real, "rb") as fh:
-            data = fh.read()
-    got = blob_digest(data)
-    if got != digest:
-        raise BlobError(f"{what} {digest} is corrupt or was tampered with: its content hashes to {got}; "
-                        f"refusing to load it ({path})")
-    return data
+        return getattr(blobs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def touch_heartbeat(root: str | os.PathLike, run_id: str, writer: str) -> None:

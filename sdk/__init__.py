@@ -93,7 +93,7 @@ _LAZY = {  # public name -> (module, attribute); attribute None: the module itse
     "log_histogram": ("flightlog._logmore", "log_histogram"),
     "feasibility": ("flightlog._feasibility", "feasibility"),
     "inspect": ("flightlog._inspect", "inspect"),
-    "BlobError": ("flightlog.collector.store", "BlobError"),
+    "BlobError": ("flightlog.collector.blobs", "BlobError"),
     "ConditionError": ("flightlog.query.gate", "ConditionError"),
     "AssertionWarning": ("flightlog._assertions", "AssertionWarning"),
     "StoreWarning": ("flightlog.query.db", "StoreWarning"),

@@ -3,7 +3,7 @@
 FlightlogError
  ├── StoreError          the store is missing, empty or unreadable
  │    ├── RunNotFound    no run matches the id given
- │    └── BlobError      a blob reference or content the store must not trust (collector.store)
+ │    └── BlobError      a blob reference or content the store must not trust (collector.blobs)
  ├── QueryError          bad or forbidden SQL (wraps duckdb errors)
  ├── ReplayError         replay cannot proceed (code changed, checkpoints missing…)
  ├── ConditionError      a gate condition, reliability or budget that cannot be used (query.gate)

@@ -18,7 +18,7 @@ from flightlog._errors import FlightlogError
 
 def last_checkpoint(store: str, run_id: str) -> tuple[str, dict] | None:
     """(run id, checkpoints row) of the newest complete checkpoint of ``run_id`` or its resume parents."""
-    from flightlog.collector import store as _store
+    from flightlog.collector import blobs as _blobs
     from flightlog.query import db
 
     con = db.connect(store)
@@ -28,7 +28,7 @@ def last_checkpoint(store: str, run_id: str) -> tuple[str, dict] | None:
             rows = db.sql_arrow(con, "SELECT * FROM checkpoints WHERE run_id = ? AND status = 'ok' "
                                      "ORDER BY iteration DESC", [rid]).to_pylist()
             for row in rows:
-                if _store.has_blob(store, row["content_hash"]):
+                if _blobs.has_blob(store, row["content_hash"]):
                     return rid, row
     finally:
         con.close()

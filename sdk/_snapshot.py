@@ -13,16 +13,10 @@ import os
 import sys
 import sysconfig
 
-import xxhash
-
-from flightlog.collector import store as _store
+from flightlog.collector import blobs as _blobs
 
 MAX_FILE_BYTES = 2 * 1024 * 1024
 MAX_FILES = 500
-
-
-def digest(data: bytes) -> str:
-    return xxhash.xxh3_128_hexdigest(data)
 
 
 def _excluded_roots() -> list[str]:
@@ -68,23 +62,23 @@ def take(run) -> str | None:
                 data = fh.read()
         except OSError:
             continue
-        d = digest(data)
-        _store.put_blob(run.store, d, data)
+        d = _blobs.blob_digest(data)
+        _blobs.put_blob(run.store, d, data)
         manifest[os.path.relpath(f, root)] = d
     body = json.dumps({"root": root, "script": os.path.relpath(run.script, root), "files": manifest},
                       sort_keys=True).encode()
-    d = digest(body)
-    _store.put_blob(run.store, d, body)
+    d = _blobs.blob_digest(body)
+    _blobs.put_blob(run.store, d, body)
     return d
 
 
 def load(store: str, snapshot_id: str) -> dict:
     """The manifest and file contents of a snapshot: {"root", "script", "files": {rel: text}}."""
-    man = _manifest(_store.read_blob(store, snapshot_id, what="code snapshot"), snapshot_id)
+    man = _manifest(_blobs.read_blob(store, snapshot_id, what="code snapshot"), snapshot_id)
     files = {}
     for rel, d in man["files"].items():
         try:
-            files[rel] = _store.read_blob(store, d, what=f"snapshot file {rel!r}").decode("utf-8", errors="replace")
+            files[rel] = _blobs.read_blob(store, d, what=f"snapshot file {rel!r}").decode("utf-8", errors="replace")
         except FileNotFoundError:
             files[rel] = None
     return {"root": man["root"], "script": man["script"], "files": files}
@@ -99,10 +93,10 @@ def _manifest(body: bytes, snapshot_id: str) -> dict:
     except ValueError:
         ok = False
     if not ok:
-        raise _store.BlobError(f"code snapshot {snapshot_id} is not a snapshot manifest")
+        raise _blobs.BlobError(f"code snapshot {snapshot_id} is not a snapshot manifest")
     for rel in [man["script"], *man["files"]]:
         norm = os.path.normpath(rel) if isinstance(rel, str) and rel else ""
         if (not norm or os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep)
                 or "\0" in rel):
-            raise _store.BlobError(f"code snapshot {snapshot_id} names a file outside its root: {str(rel)[:200]!r}")
+            raise _blobs.BlobError(f"code snapshot {snapshot_id} names a file outside its root: {str(rel)[:200]!r}")
     return man

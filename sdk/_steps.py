@@ -498,12 +498,10 @@ def _payload(r, value: Any, limit: int) -> tuple[str | None, str | None]:
     if data is None:
         return None, note
     try:
-        import xxhash
+        from flightlog.collector import blobs as _blobs
 
-        from flightlog.collector import store as _store
-
-        digest = xxhash.xxh3_128_hexdigest(data)
-        _store.put_blob(r.store, digest, data)
+        digest = _blobs.blob_digest(data)
+        _blobs.put_blob(r.store, digest, data)
         return "cloudpickle:" + digest, None
     except Exception as e:
         return None, f"not stored: blob write failed ({type(e).__name__}: {str(e)[:200]})"

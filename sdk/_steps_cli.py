@@ -124,7 +124,7 @@ def load_inputs(store: str, inputs: list[dict]) -> list[tuple[str, Any]]:
     """``[(arg, value)]`` from the recorded payload blobs; ReplayError names any that was not kept."""
     import cloudpickle
 
-    from flightlog.collector import store as _store
+    from flightlog.collector import blobs as _blobs
 
     out = []
     missing = []
@@ -138,8 +138,8 @@ def load_inputs(store: str, inputs: list[dict]) -> list[tuple[str, Any]]:
         if codec != "cloudpickle" or not digest:
             raise ReplayError(f"input {r['arg']}: unknown payload reference {ref!r}")
         try:
-            data = _store.read_blob(store, digest, what=f"input {r['arg']!r}: blob")
-        except _store.BlobError as e:  # a reference outside the store, or tampered content: never unpickled
+            data = _blobs.read_blob(store, digest, what=f"input {r['arg']!r}: blob")
+        except _blobs.BlobError as e:  # a reference outside the store, or tampered content: never unpickled
             raise ReplayError(str(e)) from None
         except OSError as e:
             raise ReplayError(f"input {r['arg']}: blob {digest} is missing from the store ({e})") from e

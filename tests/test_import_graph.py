@@ -32,8 +32,8 @@ BASE = {  # leaves: import no other component
     "flightlog._errors", "flightlog._warn", "flightlog._config", "flightlog._format", "flightlog._fingerprint",
     "flightlog.collector.schema",
 }
-STORE = {"flightlog.collector", "flightlog.collector.fs", "flightlog.collector.store", "flightlog.collector.otlp",
-         "flightlog.collector.client"}
+STORE = {"flightlog.collector", "flightlog.collector.fs", "flightlog.collector.store", "flightlog.collector.blobs",
+         "flightlog.collector.otlp", "flightlog.collector.client"}
 READING = {"flightlog._read",  # fl.query / fl.dataframe: reading, from the SDK's namespace
            "flightlog.collector.gc"}  # removal reads which runs are live and which blobs are referenced
 RECORDING = {

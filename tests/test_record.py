@@ -168,13 +168,13 @@ def test_unpicklable_object_is_left_out_with_a_warning(store):
 @pytest.mark.filterwarnings("ignore:.*code snapshot failed")  # the same broken disk, also expected
 def test_failed_checkpoint_write_keeps_training(store, monkeypatch):
     """A checkpoint write that fails warns and is never listed; training continues."""
-    from flightlog.collector import store as _store
+    from flightlog.collector import blobs as _blobs
 
     def boom(*a, **k):
         raise PermissionError("read-only file system")
 
     fl.init(project="ckfail")  # the run (and its code snapshot) starts before the disk breaks
-    monkeypatch.setattr(_store, "put_blob", boom)
+    monkeypatch.setattr(_blobs, "put_blob", boom)
     net = torch.nn.Linear(2, 2)
     with pytest.warns(_warn.FlightlogWarning, match="checkpoint write failed"):
         with fl.checkpointing(model=net, every=1):
@@ -206,7 +206,7 @@ with fl.checkpointing(big=big, every=1):
 @pytest.mark.slow
 def test_kill_during_checkpoint_write_leaves_no_torn_checkpoint(tmp_path, store):
     """SIGKILL while checkpoints are being written: every listed checkpoint is complete and verifies."""
-    from flightlog.collector import store as _store
+    from flightlog.collector import blobs as _blobs
 
     script = tmp_path / "slow.py"
     script.write_text(SLOW_CKPT)
@@ -220,7 +220,7 @@ def test_kill_during_checkpoint_write_leaves_no_torn_checkpoint(tmp_path, store)
     rows = db.run_sql("SELECT content_hash, bytes FROM checkpoints", store=store).to_pylist()
     assert rows, "some checkpoints completed before the kill"
     for r in rows:
-        data = _store.read_blob(store, r["content_hash"])
+        data = _blobs.read_blob(store, r["content_hash"])
         assert len(data) == r["bytes"] and _checkpoint.digest(data) == r["content_hash"]
     for f in glob.glob(f"{store}/blobs/*/*"):
         name = os.path.basename(f)

@@ -12,6 +12,7 @@ import pytest
 
 import flightlog as fl
 from flightlog import cli
+from flightlog.collector import blobs as _blobs
 from flightlog.collector import store as st
 
 
@@ -85,7 +86,7 @@ def test_rm_removes_rows_and_only_unshared_blobs(two, store, capsys):
     after = blobs(store)
     assert ck_a <= before and not (ck_a & after)
     for h in fl.query("SELECT content_hash FROM checkpoints WHERE run_id = ?", [b], store=store).column(0).to_pylist():
-        assert st.read_blob(store, h)  # every blob b references is still there and intact
+        assert _blobs.read_blob(store, h)  # every blob b references is still there and intact
     freed = int(out.rsplit("(", 1)[1].split()[0])
     gone = sum(len(h) for h in ck_a)  # at least the removed checkpoints' blobs were counted
     assert freed > gone
@@ -138,7 +139,7 @@ def test_gc_keep_last_prunes_checkpoints_and_says_what_replay_loses(two, store, 
     assert rc == 0 and "re-executes from the run's start" in out and "epochs after 3" in out
     left = fl.query("SELECT iteration FROM checkpoints WHERE run_id = ?", [a], store=store).column(0).to_pylist()
     assert left == [3]
-    assert st.has_blob(store, old[3]) and not any(st.has_blob(store, old[i]) for i in (-1, 0, 1, 2))
+    assert _blobs.has_blob(store, old[3]) and not any(_blobs.has_blob(store, old[i]) for i in (-1, 0, 1, 2))
     assert "freed" in out and rows(store, "metrics", a) == 4
     rc, out, _ = flcli(capsys, "gc", "--older-than", "1")  # the run is minutes old: nothing pruned
     assert rc == 0 and "checkpoint(s)" not in out and rows(store, "checkpoints", a) == 1
@@ -147,9 +148,9 @@ def test_gc_keep_last_prunes_checkpoints_and_says_what_replay_loses(two, store, 
 def test_gc_removes_old_unreferenced_blobs_and_temp_files_only(two, store, capsys):
     """Unreferenced blobs and temp files older than the grace period go; fresh ones (a live writer's) stay."""
     past = time.time() - 2 * 86400
-    orphan_old, _ = st.put_blob(store, "a" * 32, b"old orphan")
+    orphan_old, _ = _blobs.put_blob(store, "a" * 32, b"old orphan")
     os.utime(orphan_old, (past, past))
-    orphan_new, _ = st.put_blob(store, "b" * 32, b"new orphan")
+    orphan_new, _ = _blobs.put_blob(store, "b" * 32, b"new orphan")
     tmp_old = Path(store, "metrics", ".part-x.parquet.1234.tmp")
     tmp_old.write_bytes(b"x" * 100)
     os.utime(tmp_old, (past, past))

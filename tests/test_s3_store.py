@@ -16,6 +16,7 @@ import _moto  # noqa: E402
 import flightlog as fl  # noqa: E402
 from flightlog._errors import QueryError  # noqa: E402
 from flightlog.collector import fs as _fs  # noqa: E402
+from flightlog.collector import blobs as _blobs  # noqa: E402
 from flightlog.collector import store as _store  # noqa: E402
 from flightlog.query import db  # noqa: E402
 
@@ -197,13 +198,13 @@ def test_compaction_on_s3_keeps_rows_once(s3):
 def test_blobs_on_s3_are_verified(s3):
     """Blobs go to the same store, are stored once, and tampered content is refused before use."""
     data = b"checkpoint bytes" * 100
-    d = _store.blob_digest(data)
-    assert _store.put_blob(s3, d, data)[1] is True
-    assert _store.put_blob(s3, d, data)[1] is False
-    assert _store.has_blob(s3, d) and _store.read_blob(s3, d) == data
-    _fs.put(_store.blob_path(s3, d), b"evil")
-    with pytest.raises(_store.BlobError):
-        _store.read_blob(s3, d)
+    d = _blobs.blob_digest(data)
+    assert _blobs.put_blob(s3, d, data)[1] is True
+    assert _blobs.put_blob(s3, d, data)[1] is False
+    assert _blobs.has_blob(s3, d) and _blobs.read_blob(s3, d) == data
+    _fs.put(_blobs.blob_path(s3, d), b"evil")
+    with pytest.raises(_blobs.BlobError):
+        _blobs.read_blob(s3, d)
 
 
 def test_sandbox_confines_queries_on_s3(s3):

@@ -26,6 +26,7 @@ from flightlog import cli
 from flightlog._errors import FlightlogError, ReplayError, StoreError
 from flightlog.collector import client as fl_client
 from flightlog.collector import schema
+from flightlog.collector import blobs as _blobs
 from flightlog.collector import store as _store
 from flightlog.collector.server import ServerThread
 from flightlog.query import db
@@ -352,15 +353,15 @@ def _recorded_call(store: str) -> tuple[str, str]:
 def test_replay_step_refuses_a_tampered_input_blob(store, capsys):
     """replay-step verifies the input blob's digest before unpickling; a tampered blob is named in the error."""
     span, digest = _recorded_call(store)
-    path = _store.blob_path(store, digest)
+    path = _blobs.blob_path(store, digest)
     with open(path, "wb") as fh:
         fh.write(pickle.dumps(np.arange(4.0) + 1))  # a valid pickle, different content
     rc = cli.main(["replay-step", span, "--store", store])
     err = capsys.readouterr().err
     _count(rc == 2 and digest in err)
     assert rc == 2 and digest in err and "tampered" in err, err
-    with pytest.raises(_store.BlobError, match=digest):
-        _store.read_blob(store, digest)
+    with pytest.raises(_blobs.BlobError, match=digest):
+        _blobs.read_blob(store, digest)
 
 
 class _Marker:
@@ -395,15 +396,15 @@ def test_blob_references_never_leave_the_store(store, tmp_path, capsys):
         assert rc == 2 and err.startswith("flightlog: error:") and not marker.exists(), (ref, err)
     # a blob file that is a symlink to a file outside the store
     planted = "ab" + "0" * 30
-    p = _store.blob_path(store, planted)
+    p = _blobs.blob_path(store, planted)
     p.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(tmp_path / "x", p)
-    with pytest.raises(_store.BlobError, match="outside the store"):
-        _store.read_blob(store, planted)
+    with pytest.raises(_blobs.BlobError, match="outside the store"):
+        _blobs.read_blob(store, planted)
     _count(True)
     for bad in ("../x", "", None, "0" * 31, "g" * 32, "0" * 32 + "/../../x"):
-        with pytest.raises(_store.BlobError):
-            _store.blob_path(store, bad)
+        with pytest.raises(_blobs.BlobError):
+            _blobs.blob_path(store, bad)
         _count(True)
     assert not marker.exists()
 
@@ -419,7 +420,7 @@ def test_tampered_checkpoint_is_refused(store):
             state["w"] += 1
     fl.finish()
     h = fl.query("SELECT content_hash FROM checkpoints", store=store).column("content_hash")[0].as_py()
-    p = _store.blob_path(store, h)
+    p = _blobs.blob_path(store, h)
     data = bytearray(p.read_bytes())
     data[-1] ^= 0xFF
     p.write_bytes(bytes(data))
@@ -434,8 +435,8 @@ def test_snapshot_manifest_cannot_name_files_outside(store):
 
     for rel in ("../escape.py", "/etc/passwd", "a/../../b.py"):
         body = _snapshot.json.dumps({"root": "/tmp", "script": "main.py", "files": {rel: "0" * 32}}).encode()
-        d = _store.blob_digest(body)
-        _store.put_blob(store, d, body)
+        d = _blobs.blob_digest(body)
+        _blobs.put_blob(store, d, body)
         with pytest.raises(StoreError, match="outside its root"):
             _snapshot.load(store, d)
         _count(True)

@@ -17,7 +17,6 @@ import difflib
 import json
 import math
 import os
-import re
 import socket
 import threading
 import time
@@ -30,13 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flightlog._errors import FlightlogError, QueryError
+from flightlog.collector import blobs as _blobs
 from flightlog.collector import schema as _schema
 from flightlog.collector import store as _store
 from flightlog.query import db
 
 X_AXES = ("step", "epoch", "time")
 MAX_POINTS = 20_000
-_DIGEST = re.compile(r"^[0-9a-f]{32}$")
 
 
 class NotFound(FlightlogError):
@@ -774,18 +773,17 @@ def last_metrics(root: str, runs: pa.Table, run_ids: list[str], limit_names: int
 # -- code snapshots -----------------------------------------------------------------------------
 
 def read_blob_verified(root: str, digest: str) -> bytes:
-    """A blob's bytes, refused unless its name is a digest and its content hashes to it."""
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
-        raise NotFound(f"not a blob digest: {str(digest)[:80]!r}")
+    """A blob's bytes, refused (NotFound) unless its name is a digest and its content hashes to it."""
     try:
-        data = _store.read_blob(root, digest)
+        _blobs.check_blob_id(digest)
+    except _blobs.BlobError:
+        raise NotFound(f"not a blob digest: {str(digest)[:80]!r}") from None
+    try:
+        return _blobs.read_blob(root, digest)  # verifies the content hashes to ``digest``
     except OSError:
         raise NotFound(f"blob {digest} is missing from the store") from None
     except FlightlogError as e:  # the store's own verification (tampered content, symlink out)
         raise NotFound(str(e)) from None
-    if _store.blob_digest(data) != digest:
-        raise NotFound(f"blob {digest} is corrupt (its content does not match its digest)")
-    return data
 
 
 def snapshot(root: str, snapshot_id: str | None) -> dict:
