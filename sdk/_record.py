@@ -336,7 +336,7 @@ class Recorder:
                 if self._force or len(self.run.buf) >= _config.FLUSH_ROWS or now - self._last_flush >= self.interval:
                     self._force = False
                     self.flush()
-                if now - self._last_beat >= _config.HEARTBEAT_SECONDS:
+                if now - self._last_beat >= getattr(self.sink, "heartbeat_seconds", _config.HEARTBEAT_SECONDS):
                     self._last_beat = now
                     self.sink.heartbeat(self.run.run_id)
             except Exception as e:  # the thread must survive anything
