@@ -25,7 +25,8 @@ def configure_replay(p: argparse.ArgumentParser) -> None:
     g.add_argument("--runs", default=None, help="replay the runs matching this SQL predicate over `runs`")
     p.add_argument("--force", action="store_true", help="replay even if the code changed in more than log lines")
     p.add_argument("--no-verify", action="store_true",
-                   help="skip re-executing one epoch in full to verify the new values of a fast (skipping) plan")
+                   help="skip re-executing one epoch in full to verify the new values of a fast (skipping, "
+                        "tail-slicing) plan; a segment that then re-computed no recorded value is 'unchecked'")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: as recorded, which keeps results bit-exact)")
     p.add_argument("--store", default=None, help="store directory (default: $FLIGHTLOG_HOME or ./.flightlog)")
