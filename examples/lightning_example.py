@@ -4,6 +4,12 @@
     flightlog show latest                            # what was recorded
     flightlog resume latest -- python examples/lightning_example.py   # continue a killed run
 
+Hindsight logging: add e.g. ``fl.log("val_err", 1 - acc)`` to ``validation_step`` and
+
+    flightlog replay examples/lightning_example.py --run latest      # epoch level: batches skipped
+
+(a new statement in ``training_step`` replays at batch level instead).
+
 Several processes (DDP, gloo on CPU):
 
     DDP_DEVICES=2 torchrun --standalone --nproc_per_node=2 examples/lightning_example.py

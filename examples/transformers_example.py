@@ -7,6 +7,11 @@ runs offline on a CPU in seconds.
     flightlog show latest
     flightlog resume latest -- python examples/transformers_example.py   # continue a killed run
 
+Hindsight logging: add ``fl.log(...)`` in a ``TrainerCallback`` hook (``on_step_end``, ``on_log``)
+or a ``compute_loss`` override, then
+
+    flightlog replay examples/transformers_example.py --run latest --workers 2   # batch level
+
 Environment: KILL_AT_EPOCH=N kills the process (SIGKILL) when epoch N begins, after
 the previous epoch's checkpoint is durable; OUT_DIR sets the Trainer's output folder;
 SAVE_STRATEGY=epoch makes the Trainer save its own checkpoint at each epoch end
