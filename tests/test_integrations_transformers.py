@@ -78,7 +78,7 @@ def hf(tmp_path_factory):
     new = old
     for a, b in NEW:
         new = new.replace(a, b, 1)
-    assert "trainer = ProbeTrainer(" in old and "Probe()]" in old and new.count("fl.log(") == 2
+    assert "trainer = ProbeTrainer(" in old and "Probe()]" in old and new.count('fl.log("probe') == 2
     paths = {}
     for k, text in (("old", old), ("new", new)):
         (tmp / k).mkdir()
