@@ -56,6 +56,7 @@ class RunInfo:
     inner_secs: dict[int, float]
     bad_checkpoints: list[int] = field(default_factory=list)
     top_loops: list[str] = field(default_factory=list)  # outermost fl.loop names the record shows
+    ranks: int = 1  # processes that recorded the run (torchrun/DDP ranks on its rows)
 
 
 @dataclass
@@ -184,6 +185,8 @@ def load_run(con, store: str, run_id: str) -> RunInfo:
         f"WHERE run_id IN ({placeholders}) AND source = 'record' AND ctx IS NOT NULL", chain).fetchall() if r[0]]
     top = sorted(set(top) | {c["loop"] for c in ck.values() if c.get("loop")})
     owner = {int(r["epoch"]): r["owner"] for r in per_epoch}
+    ranks = con.execute(f"SELECT count(DISTINCT rank) FROM metrics WHERE run_id IN ({placeholders}) "
+                        "AND rank IS NOT NULL", chain).fetchall()[0][0] or 1
     epoch_secs, inner_secs = {}, {}
     prev_end = None
     for r in per_epoch:
@@ -199,7 +202,7 @@ def load_run(con, store: str, run_id: str) -> RunInfo:
         argv=json.loads(row["argv"] or "[]"), params=json.loads(row["params"] or "{}"),
         snapshot_id=row["code_snapshot"], torch_threads=row.get("torch_threads"), chain=chain,
         checkpoints=ck, epochs=epochs, names=names, owner=owner, epoch_secs=epoch_secs, inner_secs=inner_secs,
-        top_loops=top)
+        top_loops=top, ranks=int(ranks))
 
 
 def _current_code(script_path: str, snapshot: dict) -> dict[str, str]:
@@ -226,6 +229,11 @@ def plan_run(store: str, info: RunInfo, script_path: str, script_args: list[str]
 
     if not info.snapshot_id:
         raise ReplayError(f"run {info.run_id} has no code snapshot; it cannot be replayed")
+    if info.ranks > 1:
+        # a replay worker is one process: the ranks' all-reduced gradients and data shards would differ
+        raise ReplayError(f"run {info.run_id} was recorded by {info.ranks} processes (torchrun/DDP ranks); replay "
+                          "runs each segment in one process, which would not reproduce it (resume works: "
+                          "flightlog resume)")
     try:
         snap = _snapshot.load(store, info.snapshot_id)
     except OSError as e:
@@ -1108,6 +1116,9 @@ def _speculate(con, home: str, run: str | None, script: str, script_args, worker
         if not got or got[0][1] == "replay":
             return None
         row = dict(zip(("run_id", "kind", "argv", "cwd", "torch_threads", "code_snapshot"), got[0]))
+        if con.execute("SELECT count(DISTINCT rank) FROM metrics WHERE run_id = ? AND rank IS NOT NULL",
+                       [rid]).fetchall()[0][0] > 1:
+            return None  # a multi-process run: planning refuses it
         if verify and _epoch_level_today(home, row["code_snapshot"], script):
             workers += 1  # the verification epoch's worker (its index is the number of segments)
         argv = json.loads(row["argv"] or "[]")

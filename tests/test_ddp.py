@@ -87,3 +87,8 @@ def test_ddp_two_gloo_ranks_one_run_and_exact_resume(tmp_path):
     want = [r for r in fl.query(q.replace("RUN", "true"), store=full).to_pylist() if r["epoch"] >= 2]
     assert got and got == want
     assert fl.query("SELECT count(*) FROM checkpoints", store=full).column(0)[0].as_py() == 4  # rank 0's only
+    # replay runs a segment in one process: a 2-process run is refused, with the reason and what works
+    from flightlog.replay import run as replay
+
+    with pytest.raises(fl.ReplayError, match="recorded by 2 processes.*flightlog resume"):
+        replay(EXAMPLE, run=res[0], store=store, cold=True)
