@@ -31,10 +31,9 @@ from typing import Any, Sequence
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flightlog import _config, _format
+from flightlog import _config
 from flightlog._errors import FlightlogWarning, QueryError, RunNotFound, StoreError
 from flightlog.collector import fs as _fs
 from flightlog.collector import schema as _schema
@@ -177,7 +176,8 @@ def _empty_select(table: str) -> str:
     return f"SELECT {cols} WHERE false"
 
 
-def _files_select(table: str, files: Sequence[Path], ref=str) -> str:
+def _files_select(table: str, files: Sequence[Path], ref=str, written: bool = False) -> str:
+    """SELECT of every row of ``files`` in ``table``'s schema; ``written`` adds each row's file (``_fn``) and row (``_row``)."""
     # Columns added to a schema later are missing from older files: select NULL for
     # a column no file has (union_by_name fills the ones only some files have).
     lst = ", ".join(_sql_str(ref(f)) for f in files)
@@ -186,6 +186,9 @@ def _files_select(table: str, files: Sequence[Path], ref=str) -> str:
         present.update(_columns_of(f))
     cols = ", ".join(_column(f) if f.name in present else f"CAST(NULL AS {_DUCK_TYPES[f.type]}) AS {f.name}"
                      for f in _schema.schema(table))
+    if written:
+        return (f"SELECT {cols}, filename AS _fn, file_row_number AS _row "
+                f"FROM read_parquet([{lst}], union_by_name=true, filename=true, file_row_number=true)")
     return f"SELECT {cols} FROM read_parquet([{lst}], union_by_name=true)"
 
 
@@ -201,80 +204,64 @@ def _column(f: pa.Field) -> str:
 
 
 def read_runs(root: str) -> pa.Table:
-    """The runs table with one row per run (newest row wins) and derived status.
+    """The runs table with one row per run (newest row wins) and derived status, oldest first.
 
-    A run still ``running`` whose process is gone (same host) or whose
-    heartbeat is older than ``STALE_SECONDS`` reads as ``crashed``. Every stored
-    value is untrusted: nothing here converts a stored timestamp to a Python
-    datetime or hands a stored pid to the OS unchecked.
+    The same table every connection has (:func:`_create_runs` builds both): a run still
+    ``running`` whose process is gone (same host) or whose heartbeat is older than
+    ``STALE_SECONDS`` reads as ``crashed``. Every stored value is untrusted: nothing here
+    converts a stored timestamp to a Python datetime or hands a stored pid to the OS unchecked.
     """
     held = _snapshot.Held()
-    parts = []
+    con = duckdb.connect(":memory:")
     try:
-        for f in _listed(root, "runs", held):
-            try:
-                parts.append(_schema.conform("runs", pq.ParquetFile(held.reader(str(f))).read()))
-            except Exception as e:
-                warnings.warn(f"flightlog: skipping {f}: {e}", StoreWarning, stacklevel=3)
+        _settings(con)
+        _snapshot.register(con, held)
+        _create_runs(con, root, _listed(root, "runs", held), _snapshot.url)
+        t = sql_arrow(con, f"SELECT * FROM runs ORDER BY {_RUNS_ORDER}")
     finally:
+        con.close()
         held.close()
-    if not parts:
-        return _schema.RUNS.empty_table()
-    t = _format.bounded_times(pa.concat_tables(parts))  # stored times are untrusted
-    ann: dict[str, tuple] = {}  # run_id -> (annotated_at, tags, notes) of its newest annotation
-    for rid, at, tg, nt in zip(t.column("run_id").to_pylist(),
-                               pc.cast(t.column("annotated_at"), pa.int64()).to_pylist(),
-                               t.column("tags").to_pylist(), t.column("notes").to_pylist()):
-        if at is not None and (rid not in ann or at >= ann[rid][0]):
-            ann[rid] = (at, tg, nt)
-    # newest row per run, in the order the SQL view uses: final rows first, then latest updated_at
-    key = pa.table({
-        "run_id": t.column("run_id"),
-        "final": pc.fill_null(pc.not_equal(t.column("status"), "running"), False),
-        "upd": pc.cast(t.column("updated_at"), pa.int64()),
-        "i": pa.array(range(t.num_rows), pa.int64()),
-    }).sort_by([("run_id", "ascending"), ("final", "descending"), ("upd", "descending"), ("i", "descending")])
-    first: dict[str, int] = {}
-    for rid, i in zip(key.column("run_id").to_pylist(), key.column("i").to_pylist()):
-        if rid is not None and rid not in first:
-            first[rid] = i
-    t = t.take(pa.array(list(first.values()), pa.int64()))
-    if ann:
-        ids = t.column("run_id").to_pylist()
-        for col, k in (("tags", 1), ("notes", 2)):
-            vals = [ann[r][k] if r in ann else v for r, v in zip(ids, t.column(col).to_pylist())]
-            t = t.set_column(t.schema.get_field_index(col), col, pa.array(vals, pa.string()))
-    status = t.column("status").to_pylist()
-    live = [j for j, st in enumerate(status) if st == "running"]
-    if live:
-        now, host = time.time(), socket.gethostname()
-        rid, hosts, pids = (t.column(c).to_pylist() for c in ("run_id", "host", "pid"))
-        upd = pc.cast(t.column("updated_at"), pa.int64()).to_pylist()
-        for j in live:
-            if _looks_dead(root, {"run_id": rid[j], "host": hosts[j], "pid": pids[j], "updated_at": upd[j]},
-                           now, host):
-                status[j] = "crashed"
-        t = t.set_column(t.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
-    started = pc.fill_null(pc.cast(t.column("started_at"), pa.int64()), -(2**63))  # unknown start first
-    return t.take(pc.sort_indices(started))
+    return _schema.conform("runs", t)
+
+
+# The one rule for which stored row of a run is its row: a final row (any status but running)
+# before a running one, then the newest updated_at (unknown last), then the row written last
+# (the later file in the listing order of ``store.visible_files``, then the later row in it).
+# A status that is NULL is not final. tags and notes come from the row with the newest
+# annotated_at (``flightlog tag``/``note`` on a live run), ties again to the row written last.
+_NEWEST_ROW = "coalesce(status <> 'running', false) DESC, updated_at DESC NULLS LAST, _file DESC, _row DESC"
+_RUNS_ORDER = "started_at NULLS LAST, run_id"
+
+
+def _settings(con: duckdb.DuckDBPyConnection) -> None:
+    for setting in ("SET TimeZone='UTC'", "SET enable_progress_bar=false"):
+        try:
+            con.execute(setting)
+        except duckdb.Error:
+            pass
 
 
 def _create_runs(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[Path], ref=str) -> None:
-    """The runs table: newest row per run, then ``crashed`` for runs whose process is gone.
+    """The runs table: newest row per run (:data:`_NEWEST_ROW`), then ``crashed`` for runs whose process is gone.
 
     Built in SQL from the files (no Arrow registration: that makes DuckDB import pandas,
-    ~0.2 s of start-up for every CLI command).
+    ~0.2 s of start-up for every CLI command). As in every view, a row's ``run_id`` is the
+    folder it is stored in (``run_id=<id>``, DuckDB's hive partitioning), whatever the file says.
     """
-    body = _files_select("runs", files, ref) if files else _empty_select("runs")
-    # tags and notes come from the row with the newest annotated_at (flightlog tag/note on a live run)
-    con.execute(f"""CREATE TABLE runs AS SELECT * EXCLUDE (_ann) REPLACE (
+    if files:  # each row's place in the write order: its file's position in the listing, its row in the file
+        sel = _files_select("runs", files, ref, written=True)
+        pos = ", ".join(f"({_sql_str(ref(f))}, {i})" for i, f in enumerate(files))
+        body = f"SELECT s.* EXCLUDE (_fn), o._file FROM ({sel}) s JOIN (VALUES {pos}) o(_fn, _file) ON s._fn = o._fn"
+    else:
+        body = f"SELECT *, 0 AS _row, 0 AS _file FROM ({_empty_select('runs')})"
+    con.execute(f"""CREATE TABLE runs AS SELECT * EXCLUDE (_ann, _file, _row) REPLACE (
             CASE WHEN _ann IS NULL THEN tags ELSE _ann.t END AS tags,
             CASE WHEN _ann IS NULL THEN notes ELSE _ann.n END AS notes)
-        FROM (SELECT *, arg_max({{'t': tags, 'n': notes}}, annotated_at) OVER (PARTITION BY run_id) AS _ann
+        FROM (SELECT *, first_value(CASE WHEN annotated_at IS NOT NULL THEN {{'t': tags, 'n': notes}} END)
+                            OVER (PARTITION BY run_id ORDER BY annotated_at DESC NULLS LAST, _file DESC, _row DESC) AS _ann
               FROM ({body})
-              QUALIFY row_number() OVER (PARTITION BY run_id
-                                         ORDER BY (status <> 'running') DESC, updated_at DESC NULLS LAST) = 1)
-        ORDER BY started_at""")
+              QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY {_NEWEST_ROW}) = 1)
+        ORDER BY {_RUNS_ORDER}""")
     # epoch_us, not the timestamp: a stored value outside Python's datetime range must not raise here
     live = con.execute("SELECT run_id, host, pid, epoch_us(updated_at) FROM runs WHERE status = 'running'").fetchall()
     if not live:
@@ -284,11 +271,6 @@ def _create_runs(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[Path
             if _looks_dead(root, {"run_id": rid, "host": h, "pid": pid, "updated_at": upd}, now, host)]
     if dead:
         con.execute(f"UPDATE runs SET status = 'crashed' WHERE run_id IN ({', '.join('?' for _ in dead)})", dead)
-
-
-def _rank(r: dict):
-    final = r["status"] != "running"
-    return (final, r["updated_at"] or r["started_at"])
 
 
 def _epoch_s(v: Any) -> float | None:
@@ -352,11 +334,7 @@ def connect(store: str | os.PathLike | None = None, *, sandbox: bool = True,
         raise StoreError(f"no flightlog store at {root} (set FLIGHTLOG_HOME or pass --store)")
     con = duckdb.connect(":memory:")
     try:
-        for setting in ("SET TimeZone='UTC'", "SET enable_progress_bar=false"):
-            try:
-                con.execute(setting)
-            except duckdb.Error:
-                pass
+        _settings(con)
         held = _snapshot.Held()  # views read what was listed, even if compaction deletes it meanwhile
         _snapshot.register(con, held)
         ref = _snapshot.url

@@ -183,7 +183,7 @@ class RunsIndex:
         if changed:
             latest: dict[str, dict] = {}
             notes: dict[str, dict] = {}  # tags/notes come from the newest annotated row (as the CLI reads them)
-            for _size, _m, rows in self._files.values():
+            for _size, _m, rows in self._files.values():  # in the order the files were written
                 for r in rows:
                     cur = latest.get(r["run_id"])
                     if cur is None or _rank(r) >= _rank(cur):
@@ -227,17 +227,27 @@ class RunsIndex:
 
 
 def _read_runs_file(f: str) -> list[dict]:
-    """Rows of one runs file, or none when the query side's validator refuses it (it warns once)."""
+    """Rows of one runs file, or none when the query side's validator refuses it (it warns once).
+
+    A row's run is the folder it is stored in (``run_id=<id>``), as in every SQL view of the store.
+    """
     if not db._file_ok(Path(f), "runs"):
         return []
     try:
-        return _schema.conform("runs", pq.ParquetFile(f).read()).to_pylist()
+        rows = _schema.conform("runs", pq.ParquetFile(f).read()).to_pylist()
     except Exception:  # a file the validator accepted but cannot be read: skip it
         return []
+    run_id = Path(f).parent.name.partition("=")[2]
+    for r in rows:
+        r["run_id"] = run_id
+    return rows
 
 
 def _rank(r: dict):
-    return (r["status"] != "running", r["updated_at"] or r["started_at"] or 0)
+    """The runs table's rule (``query.db._NEWEST_ROW``): a final row first, then the newest updated_at
+    (unknown last); on a tie the row read later wins (the caller compares with ``>=``): the one written later."""
+    st, upd = r["status"], r["updated_at"]
+    return (st is not None and st != "running", upd is not None, upd or 0)
 
 
 # -- scoped, sandboxed connections ----------------------------------------------------------
