@@ -493,8 +493,13 @@ def _clean(e: Exception) -> str:
 
 
 def run_sql(sql: str, params: Any = None, store: str | os.PathLike | None = None,
-            con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
-    """Run one read-only query in the sandbox; errors become QueryError."""
+            con: duckdb.DuckDBPyConnection | None = None, *, limit: int | None = None) -> pa.Table:
+    """Run one read-only query in the sandbox; errors become QueryError, with DuckDB's error as its cause.
+
+    The one way user SQL runs: ``fl.query``, ``flightlog sql`` and the collector's ``/v1/query``
+    (which tells a refusal, a timeout and running out of memory apart by the cause). With
+    ``limit``, DuckDB stops after that many rows.
+    """
     if not isinstance(sql, str):
         raise QueryError("SQL must be a string")
     own = con is None
@@ -502,10 +507,13 @@ def run_sql(sql: str, params: Any = None, store: str | os.PathLike | None = None
     try:
         check_read_only(con, sql)
         try:
-            return sql_arrow(con, sql, params)
+            rel = con.sql(sql, params=params) if params is not None else con.sql(sql)
+            if rel is None:
+                return pa.table({})
+            return _arrow(rel if limit is None else rel.limit(limit))
         except duckdb.PermissionException as e:
             raise QueryError(f"refused: {_clean(e)} (queries may only read the store)") from e
-        except duckdb.Error as e:
+        except (duckdb.Error, pa.ArrowException, TypeError, ValueError, OverflowError) as e:  # bad SQL or params
             raise QueryError(f"SQL error: {_clean(e)}") from e
     finally:
         if own:

@@ -48,21 +48,14 @@ def _query_result(root: str, sql: str, params: Any, limit: int, timeout: float, 
     timer.daemon = True
     timer.start()
     try:
-        db.check_read_only(con, sql)  # exactly one plain query gets through
-        rel = con.sql(sql, params=params)
-        table = pa.table({}) if rel is None else db._arrow(rel.limit(limit + 1))  # DuckDB stops at the limit
-    except QueryError as e:
-        raise BadRequest(400, str(e)) from None
-    except duckdb.InterruptException:
-        raise BadRequest(408, f"query exceeded the time limit of {timeout:g} s") from None
-    except duckdb.PermissionException as e:
-        raise BadRequest(403, f"refused: {db._clean(e)} (queries may only read the store)") from None
-    except duckdb.OutOfMemoryException:
-        raise MemoryError from None
-    except (duckdb.Error, pa.ArrowException, TypeError, ValueError, OverflowError) as e:
-        if "interrupt" in str(e).lower():
+        table = db.run_sql(sql, params, con=con, limit=limit + 1)  # one row past the limit says "truncated"
+    except QueryError as e:  # the status from what DuckDB said (the cause); the message is run_sql's
+        cause = e.__cause__
+        if isinstance(cause, duckdb.OutOfMemoryException):
+            raise MemoryError from None
+        if isinstance(cause, duckdb.InterruptException) or "interrupt" in str(cause).lower():
             raise BadRequest(408, f"query exceeded the time limit of {timeout:g} s") from None
-        raise BadRequest(400, f"SQL error: {db._clean(e)}") from None
+        raise BadRequest(403 if isinstance(cause, duckdb.PermissionException) else 400, str(e)) from None
     finally:
         timer.cancel()
         con.close()

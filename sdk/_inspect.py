@@ -1184,7 +1184,7 @@ def _finish_span(r, span, attrs: dict, exc: BaseException | None, io: list, ende
     parent = span.parent
     epoch, batch, lctx = r.ctx
     err = _steps.span_row(span, r.writer, None) if exc is not None else None
-    attrs_json = json.dumps(attrs, separators=(",", ":"), default=str)[:-1]
+    attrs_json = _steps.attrs_json_open(attrs)
     rows = tuple(_steps._io_tuple(direction, arg, info, t_us if direction == "output" else span.start_time // 1000,
                                   None) for direction, arg, info in io)
     record = (r.run_id, r.writer, span.name, attrs_json, ctx.trace_id, ctx.span_id,

@@ -90,8 +90,23 @@ _SERVICE: dict = {}
 _ctx_json_cache: list = [None, None]
 
 
-def _json_str(v: str) -> str:
-    return json.dumps(v)
+def attrs_json_open(attrs: dict) -> str:
+    """The JSON of a span's static attributes, left open at the end: :func:`attributes_json` closes it."""
+    return json.dumps(attrs, separators=(",", ":"), default=str)[:-1]
+
+
+def attributes_json(static_open: str, epoch: int | None, batch: int | None, ctx_json: str | None) -> str:
+    """A ``spans`` row's ``attributes``: the static attributes plus the call's loop position (``ctx_json``:
+    the JSON string of its ``fl.loop`` context, or None outside any loop). Kept as string work: it runs
+    once per step call."""
+    if ctx_json is None:
+        return static_open + "}"
+    out = static_open + (',"flightlog.ctx":' if len(static_open) > 1 else '"flightlog.ctx":') + ctx_json
+    if epoch is not None:
+        out += ',"flightlog.epoch":%d' % epoch
+    if batch is not None:
+        out += ',"flightlog.batch":%d' % batch
+    return out + "}"
 
 
 def span_row(span, writer: str | None, call: "_Call | None" = None) -> dict:
@@ -122,18 +137,13 @@ def span_row(span, writer: str | None, call: "_Call | None" = None) -> dict:
     else:
         run_id = call.run.run_id
         epoch, batch, lctx = call.ctx
-        if lctx is None:
-            attributes = call.meta.attrs_json + "}"
-        else:
-            cache = _ctx_json_cache
+        ctx_json = None
+        if lctx is not None:
+            cache = _ctx_json_cache  # successive calls in one loop iteration share the context
             if cache[0] is not lctx:
-                cache[0], cache[1] = lctx, _json_str(lctx)
-            attributes = call.meta.attrs_json + ',"flightlog.ctx":' + cache[1]
-            if epoch is not None:
-                attributes += ',"flightlog.epoch":%d' % epoch
-            if batch is not None:
-                attributes += ',"flightlog.batch":%d' % batch
-            attributes += "}"
+                cache[0], cache[1] = lctx, json.dumps(lctx)
+            ctx_json = cache[1]
+        attributes = attributes_json(call.meta.attrs_json, epoch, batch, ctx_json)
     kind = _KINDS.get(span.kind)
     if kind is None:
         kind = _KINDS[span.kind] = span.kind.name.lower()
@@ -182,8 +192,7 @@ class _Meta:
             self.attrs["code.line.number"] = code.co_firstlineno
         if capture != "fingerprint":
             self.attrs["flightlog.capture"] = capture
-        # The JSON of the static attributes, open at the end: span rows append the per-call ones.
-        self.attrs_json = json.dumps(self.attrs, separators=(",", ":"), default=str)[:-1]
+        self.attrs_json = attrs_json_open(self.attrs)  # span rows append the per-call attributes
         self.pos: tuple = ()
         self.varpos = False
         self.skip_first = False
@@ -406,15 +415,7 @@ def _rows(record: tuple) -> tuple[dict, list]:
     if err is not None:
         span = err
     else:
-        if lctx is None:
-            attributes = attrs_json + "}"
-        else:
-            attributes = attrs_json + ',"flightlog.ctx":' + json.dumps(lctx)
-            if epoch is not None:
-                attributes += ',"flightlog.epoch":%d' % epoch
-            if batch is not None:
-                attributes += ',"flightlog.batch":%d' % batch
-            attributes += "}"
+        attributes = attributes_json(attrs_json, epoch, batch, None if lctx is None else json.dumps(lctx))
         span = {
             "run_id": run_id, "trace_id": "%032x" % trace_id, "span_id": span_id,
             "parent_span_id": ("%016x" % parent) if parent is not None else None, "name": name,
