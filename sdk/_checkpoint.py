@@ -21,7 +21,7 @@ import random
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -38,21 +38,38 @@ def _torch():
     return sys.modules.get("torch")
 
 
-def _clone_tree(obj: Any) -> Any:
-    """Deep copy of a state dict: tensors cloned (detached, on their device), containers rebuilt."""
+def _map_tree(obj: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``leaf`` applied to every non-container of a state tree, the containers rebuilt around the results.
+
+    Containers: dicts (of their own type), lists, tuples and namedtuples (their own type); anything
+    else, tuple subclasses such as ``torch.Size`` included, is a leaf. The one walk of the copy
+    (:func:`_clone_tree`), serialise (:func:`_portable`) and restore (:func:`_restore_tree`) steps.
+    """
+    if isinstance(obj, dict):
+        if type(obj) is dict:
+            return {k: _map_tree(v, leaf) for k, v in obj.items()}
+        return type(obj)((k, _map_tree(v, leaf)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_map_tree(v, leaf) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_map_tree(v, leaf) for v in obj)
+    if isinstance(obj, tuple) and hasattr(type(obj), "_make"):  # a namedtuple
+        return type(obj)._make(_map_tree(v, leaf) for v in obj)
+    return leaf(obj)
+
+
+def _clone_leaf(obj: Any) -> Any:
     torch = _torch()
     if torch is not None and isinstance(obj, torch.Tensor):
         return obj.detach().clone()
     if isinstance(obj, np.ndarray):
         return obj.copy()
-    if isinstance(obj, dict):
-        return type(obj)((k, _clone_tree(v)) for k, v in obj.items()) if type(obj) is not dict else \
-            {k: _clone_tree(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone_tree(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_clone_tree(v) for v in obj)
     return copy.deepcopy(obj)
+
+
+def _clone_tree(obj: Any) -> Any:
+    """Deep copy of a state dict: tensors cloned (detached, on their device), containers rebuilt."""
+    return _map_tree(obj, _clone_leaf)
 
 
 def _kind(obj: Any) -> str:
@@ -175,8 +192,7 @@ class _Tensor:
         return (_Tensor, (self.dtype, self.shape, self.device, self.data))
 
 
-def _portable(obj: Any) -> Any:
-    """Tensors become raw-byte numpy views (no copy), so pickle protocol 5 ships them out of band."""
+def _portable_leaf(obj: Any) -> Any:
     torch = _torch()
     if torch is not None and isinstance(obj, torch.Tensor):
         t = obj.detach()
@@ -186,17 +202,20 @@ def _portable(obj: Any) -> Any:
         t = t.contiguous()
         raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
         return _Tensor(str(t.dtype).split(".")[-1], tuple(t.shape), dev, raw)
-    if isinstance(obj, dict):
-        return type(obj)((k, _portable(v)) for k, v in obj.items()) if type(obj) is not dict else \
-            {k: _portable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_portable(v) for v in obj]
-    if isinstance(obj, tuple) and type(obj) is tuple:
-        return tuple(_portable(v) for v in obj)
     return obj
 
 
+def _portable(obj: Any) -> Any:
+    """Tensors become raw-byte numpy views (no copy), so pickle protocol 5 ships them out of band."""
+    return _map_tree(obj, _portable_leaf)
+
+
 def _restore_tree(obj: Any) -> Any:
+    """The inverse of :func:`_portable`: tensors rebuilt (on their device when it exists), arrays writeable."""
+    return _map_tree(obj, _restore_leaf)
+
+
+def _restore_leaf(obj: Any) -> Any:
     if isinstance(obj, _Tensor):
         import torch
 
@@ -211,13 +230,6 @@ def _restore_tree(obj: Any) -> Any:
         return t
     if isinstance(obj, np.ndarray):
         return obj if obj.flags.writeable else obj.copy()
-    if isinstance(obj, dict):
-        return type(obj)((k, _restore_tree(v)) for k, v in obj.items()) if type(obj) is not dict else \
-            {k: _restore_tree(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_restore_tree(v) for v in obj]
-    if isinstance(obj, tuple) and type(obj) is tuple:
-        return tuple(_restore_tree(v) for v in obj)
     return obj
 
 
