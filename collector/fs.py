@@ -180,15 +180,6 @@ def parquet_bytes(write) -> pa.Buffer:
     return sink.getvalue()
 
 
-def now_ns() -> int:
-    return time.time_ns()
-
-
-def as_path(root: str) -> Path:
-    """A ``Path`` for a store root, local or remote (remote ones keep their scheme)."""
-    return Path(root)
-
-
 # -- the local spool of an object-store store ------------------------------------------------------
 
 def spool_dir(store: str) -> Path:

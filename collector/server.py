@@ -65,7 +65,6 @@ MAX_SPANS = 100_000  # spans in one OTLP request
 OTLP_JSON_LIMIT = 8 << 20  # OTLP/JSON bodies (decoded to Python objects first)
 JSON_BODY_LIMIT = 4 << 20  # bodies of the JSON endpoints (/v1/query, /v1/heartbeat, /v1/compact)
 _BATCH_RE = re.compile(r"^([A-Za-z0-9]{1,64})-(\d{1,15})$")
-_WRITER_RE = re.compile(r"^[A-Za-z0-9]{1,64}$")
 
 
 # -- the storage side (no FastAPI here: unit-testable and used by the bench) ----------

@@ -31,7 +31,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -54,7 +54,6 @@ CURVE_MIN = 20  # smallest subset on the curve (or n_train when smaller)
 SLOPE_POINTS = 4  # the slope is fitted on the largest subsets
 PROJECT_FACTOR = 10.0  # "unlikely" must hold even with this many times the training data
 _U32 = 2.0 ** -24  # unit roundoff of float32
-_U64 = 2.0 ** -53
 
 
 class FeasibilityError(QueryError, ValueError):
@@ -315,9 +314,6 @@ def nn_error_exact(X_train: Any, y_train: Any, X_test: Any, y_test: Any, per_row
 
 
 # -- transformations ------------------------------------------------------------------------------
-
-
-Transform = Callable[[np.ndarray], Any]
 
 
 def _standardize(Xtr: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:

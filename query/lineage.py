@@ -23,8 +23,8 @@ from typing import Any
 from flightlog._errors import QueryError
 from flightlog.query import db
 
-TRIVIAL_TYPES = ("NoneType", "bool", "int", "float", "complex")
-_TRIVIAL_SQL = ("({t}.type IS NULL OR {t}.type NOT IN ('NoneType', 'bool', 'int', 'float', 'complex')) "
+TRIVIAL_TYPES = ("NoneType", "bool", "int", "float", "complex")  # values no lineage edge goes through
+_TRIVIAL_SQL = ("({t}.type IS NULL OR {t}.type NOT IN (" + ", ".join(f"'{x}'" for x in TRIVIAL_TYPES) + ")) "
                 "AND NOT ({t}.type = 'str' AND coalesce({t}.bytes, 0) < 64)")
 MAX_FANOUT = 50  # consumers shown per output in a downstream tree
 

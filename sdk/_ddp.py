@@ -69,9 +69,3 @@ def prepare_env() -> str | None:
         rid = os.environ.get(ENV_RUN_ID) or job_run_id()
     os.environ[ENV_RUN_ID] = rid
     return rid
-
-
-def is_primary() -> bool:
-    """Rank 0, or a one-process run: the process that takes checkpoints."""
-    rank, _, _ = rank_info()
-    return rank in (None, 0)

@@ -43,9 +43,6 @@ FAST_FP_ROWS = 100_000  # frames with at least this many rows are fingerprinted 
 MAX_CALLS_PER_SITE = 100  # calls recorded per line of user code (a pandas call in a loop stays cheap)
 PREFIX = "flightlog.inspect."
 
-# kinds whose row changes the bias checks judge (plus row-dropping opaque calls)
-ROW_KINDS = ("filter", "join")
-
 _lock = threading.RLock()
 _tl = threading.local()
 _configs: list["_Config"] = []  # open blocks, innermost last

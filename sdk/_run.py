@@ -10,7 +10,6 @@ import atexit
 import collections
 import datetime as _dt
 import json
-import logging
 import os
 import platform
 import signal
@@ -25,8 +24,6 @@ from typing import Any
 
 from flightlog import _config, _warn
 from flightlog._record import NO_CTX, Recorder, Sink, coerce, missing_sink_members, pid_writer
-
-log_ = logging.getLogger("flightlog")
 
 ACTIVE: "Run | None" = None
 _FAST: "Run | None" = None  # ACTIVE when it records (not replays): fl.log's one global lookup

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from flightlog import _config
-from flightlog._errors import FlightlogError, QueryError, RunNotFound, StoreError
+from flightlog._errors import FlightlogError, QueryError, RunNotFound
 from flightlog.ui import data as D
 from flightlog.ui.html import attr_json, e, error_page, fmt, kv, login_page, page, table, url
 
