@@ -524,21 +524,6 @@ def write_bytes_atomic(path: Path, data, fsync: bool = False) -> None:
 
 
 
-# The blob functions live in collector/blobs.py. Callers that still say ``store.read_blob`` (and the
-# other names below) get them from there, lazily: blobs.py builds on this module, so an import here
-# would be a cycle.
-_MOVED_TO_BLOBS = frozenset({"BlobError", "check_blob_id", "blob_path", "has_blob", "blob_digest", "put_blob",
-                             "read_blob"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_BLOBS:
-        from flightlog.collector import blobs
-
-        return getattr(blobs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def touch_heartbeat(root: str | os.PathLike, run_id: str, writer: str) -> None:
     """Refresh the heartbeat file readers use to tell a live run from a crashed one."""
     d = part_dir(root, "runs", run_id)

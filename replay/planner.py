@@ -179,9 +179,6 @@ class _Index:
                     best = (node, anc)
         return best
 
-    def fl_loops(self, ancestors: list) -> list[tuple[str, ast.For]]:
-        return [(n, a) for a in ancestors if isinstance(a, ast.For)
-                for n in [_loop_name(a, self.mods, self.loops)] if n]
 
 
 def _stmt_lines(node: ast.stmt) -> set[int]:
@@ -336,13 +333,6 @@ def diff_code(snapshot: dict, current: dict[str, str], main: str) -> CodeDiff:
 
 
 # -- the program: loops at run time, through calls ---------------------------------------------
-
-class _Fn:
-    __slots__ = ("file", "node", "name", "calls")
-
-    def __init__(self, file, node, name):
-        self.file, self.node, self.name = file, node, name
-
 
 class Program:
     """Today's script and its local modules: functions, fl.loop statements, call sites.

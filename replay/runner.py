@@ -32,31 +32,10 @@ import pyarrow.parquet as pq
 from flightlog import _config
 from flightlog._errors import ReplayError, StoreError
 from flightlog.replay import planner
+from flightlog.replay.recorded import (RunInfo, _current_code, _drop_corrupt, _extract_recorded,  # noqa: F401
+                                       load_run)
 from flightlog.replay import slicing as _slicing
 
-PROGRESS_EVERY = 0.25
-
-
-@dataclass
-class RunInfo:
-    run_id: str
-    project: str | None
-    script: str | None
-    cwd: str | None
-    argv: list[str]
-    params: dict
-    snapshot_id: str | None
-    torch_threads: int | None
-    chain: list[str]
-    checkpoints: dict[int, dict]
-    epochs: list[int]
-    names: list[str]
-    owner: dict[int, str]
-    epoch_secs: dict[int, float]
-    inner_secs: dict[int, float]
-    bad_checkpoints: list[int] = field(default_factory=list)
-    top_loops: list[str] = field(default_factory=list)  # outermost fl.loop names the record shows
-    ranks: int = 1  # processes that recorded the run (torchrun/DDP ranks on its rows)
 
 
 @dataclass
@@ -132,92 +111,6 @@ class ReplayResult:
     def rows(self) -> int:
         """Rows stored (verified names of good segments)."""
         return sum(int(s.data.get("stored_rows", 0)) for s in self.segments)
-
-
-# -- reading the record ---------------------------------------------------------------------
-
-def load_run(con, store: str, run_id: str) -> RunInfo:
-    from flightlog.collector import store as _store
-    from flightlog.query import db
-
-    # only the columns planning needs: converting the others (timestamps) to Python imports pandas
-    row = db.sql_arrow(con, "SELECT kind, project, script, cwd, argv, params, code_snapshot, torch_threads "
-                            "FROM runs WHERE run_id = ?", [run_id]).to_pylist()[0]
-    if row["kind"] == "replay":
-        raise ReplayError(f"{run_id} is a replay, not a recorded run")
-    chain = db.run_chain(con, run_id)
-    ck: dict[int, dict] = {}
-    for rid in chain:  # later runs of the chain win
-        rows = db.sql_arrow(con, "SELECT iteration, position, content_hash, bytes, run_id, captured, loop "
-                                 "FROM checkpoints WHERE run_id = ? AND status IN ('ok') ORDER BY time, iteration",
-                            [rid]).to_pylist()
-        # Iterations are indexed per outer loop: a script with a second top-level loop has checkpoints
-        # -1, 0, 1, ... of each. Only the first loop's are the epochs a plan restores (a two-phase
-        # script replays from the start, which needs the FIRST loop's start state, not the second's).
-        first_loop = rows[0]["loop"] if rows else None
-        rows.sort(key=lambda c: c["iteration"])
-        for c in rows:
-            if c["loop"] != first_loop:
-                continue
-            if _store.has_blob(store, c["content_hash"]):
-                try:
-                    cap = json.loads(c["captured"]) if c["captured"] else None
-                except ValueError:
-                    cap = None
-                ck[int(c["iteration"])] = {"content_hash": c["content_hash"], "bytes": c["bytes"], "run_id": rid,
-                                           "position": c["position"] or "iteration_end", "captured": cap,
-                                           "loop": c["loop"]}
-    placeholders = ", ".join("?" for _ in chain)
-    per_epoch = db.sql_arrow(con, f"""
-        SELECT epoch, arg_max(run_id, k) AS owner,
-               epoch(max(wall_time)) AS t_end,
-               epoch(min(wall_time) FILTER (WHERE batch IS NOT NULL)) AS in_start,
-               epoch(max(wall_time) FILTER (WHERE batch IS NOT NULL)) AS in_end
-        FROM (SELECT m.*, list_position([{placeholders}], run_id) AS k FROM metrics m
-              WHERE run_id IN ({placeholders}) AND source = 'record' AND epoch IS NOT NULL)
-        GROUP BY epoch ORDER BY epoch""", chain + chain).to_pylist()
-    names = [r[0] for r in con.execute(
-        f"SELECT DISTINCT name FROM metrics WHERE run_id IN ({placeholders}) AND source = 'record'",
-        chain).fetchall()]
-    epochs = [int(r["epoch"]) for r in per_epoch]
-    top = [r[0] for r in con.execute(
-        f"SELECT DISTINCT regexp_extract(ctx, '^\\{{\"([^\"]+)\"', 1) FROM metrics "
-        f"WHERE run_id IN ({placeholders}) AND source = 'record' AND ctx IS NOT NULL", chain).fetchall() if r[0]]
-    top = sorted(set(top) | {c["loop"] for c in ck.values() if c.get("loop")})
-    owner = {int(r["epoch"]): r["owner"] for r in per_epoch}
-    ranks = con.execute(f"SELECT count(DISTINCT rank) FROM metrics WHERE run_id IN ({placeholders}) "
-                        "AND rank IS NOT NULL", chain).fetchall()[0][0] or 1
-    epoch_secs, inner_secs = {}, {}
-    prev_end = None
-    for r in per_epoch:
-        if prev_end is not None and r["t_end"] is not None:
-            epoch_secs[int(r["epoch"])] = max(0.0, r["t_end"] - prev_end)
-        if r["in_start"] is not None:
-            inner_secs[int(r["epoch"])] = max(0.0, r["in_end"] - r["in_start"])
-        prev_end = r["t_end"]
-    if epochs and epochs[0] not in epoch_secs and inner_secs.get(epochs[0]) is not None:
-        epoch_secs[epochs[0]] = inner_secs[epochs[0]] * 1.05
-    return RunInfo(
-        run_id=run_id, project=row["project"], script=row["script"], cwd=row["cwd"],
-        argv=json.loads(row["argv"] or "[]"), params=json.loads(row["params"] or "{}"),
-        snapshot_id=row["code_snapshot"], torch_threads=row.get("torch_threads"), chain=chain,
-        checkpoints=ck, epochs=epochs, names=names, owner=owner, epoch_secs=epoch_secs, inner_secs=inner_secs,
-        top_loops=top, ranks=int(ranks))
-
-
-def _current_code(script_path: str, snapshot: dict) -> dict[str, str]:
-    base = os.path.dirname(os.path.abspath(script_path))
-    out = {}
-    with open(script_path, encoding="utf-8") as fh:
-        out[snapshot["script"]] = fh.read()
-    for rel in snapshot["files"]:
-        if rel == snapshot["script"]:
-            continue
-        p = os.path.join(base, rel)
-        if os.path.exists(p):
-            with open(p, encoding="utf-8", errors="replace") as fh:
-                out[rel] = fh.read()
-    return out
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -332,23 +225,6 @@ def _verify_epoch(chosen: list[int], ck: dict[int, str], sliced: set[int] = froz
     return max(good) if good else min(chosen)
 
 
-def _drop_corrupt(store: str, info: RunInfo, chosen: list[int]) -> None:
-    """Verify the checkpoints a plan may use; corrupt ones are treated as missing (and said so)."""
-    from flightlog import _checkpoint
-    from flightlog.collector import store as _store
-
-    wanted = set(chosen) | {e - 1 for e in chosen}
-    for it in sorted(wanted & set(info.checkpoints)):
-        c = info.checkpoints[it]
-        try:
-            ok = _checkpoint.digest(_store.read_blob(store, c["content_hash"])) == c["content_hash"]
-        except (OSError, _store.BlobError):  # missing, tampered or not a blob id: unusable
-            ok = False
-        if not ok:
-            info.checkpoints.pop(it)
-            info.bad_checkpoints.append(it)
-
-
 def describe(jobs: list[Job], workers: int) -> str:
     """The plan in words, with a time estimate from the recorded loop timings."""
     if not jobs:
@@ -425,20 +301,6 @@ def _span(xs) -> str:
 
 
 # -- running -----------------------------------------------------------------------------------
-
-def _extract_recorded(con, info: RunInfo, executed: list[int], path: str) -> None:
-    from flightlog.query import db
-
-    chain = info.chain
-    ph = ", ".join("?" for _ in chain)
-    eph = ", ".join("?" for _ in executed) or "NULL"
-    t = db.sql_arrow(con, f"""
-        SELECT name, step, value, epoch, batch, wall_time FROM (
-          SELECT *, row_number() OVER (PARTITION BY name, step ORDER BY list_position([{ph}], run_id) DESC) AS rn
-          FROM metrics WHERE run_id IN ({ph}) AND source = 'record' AND (epoch IN ({eph})))
-        WHERE rn = 1""", chain + chain + executed)
-    pq.write_table(t, path)
-
 
 def _worker_plan(job: Job, store: str, replay_id: str, tmp: str, con, threads: int | None) -> dict:
     k = f"{job.info.run_id}-{job.index}"

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from flightlog import _run, _warn
-from flightlog.collector import store as _store
+from flightlog.collector import blobs as _blobs
 
 DEFAULT_OVERHEAD = 0.02
 FORMAT = 1
@@ -284,9 +284,8 @@ def deserialize(data: bytes) -> dict:
 
 
 def digest(data) -> str:
-    import xxhash
-
-    return xxhash.xxh3_128_hexdigest(data)
+    """The content hash checkpoints are stored under (the blob store's)."""
+    return _blobs.blob_digest(data)
 
 
 def digest_parts(parts: list) -> str:
@@ -418,7 +417,7 @@ class Checkpointer:
         c0 = time.thread_time()
         parts = serialize_parts(payload)
         h = digest_parts(parts)
-        path, _new = _store.put_blob(self.run.store, h, parts)
+        path, _new = _blobs.put_blob(self.run.store, h, parts)
         nbytes = sum(memoryview(p).nbytes for p in parts)
         write_ms = (time.perf_counter() - t0) * 1000.0
         self.last_write_ms = write_ms
@@ -512,7 +511,7 @@ def load(store: str, content_hash: str, what: str = "checkpoint") -> dict:
     from flightlog._errors import StoreError
 
     try:
-        data = _store.read_blob(store, content_hash)
+        data = _blobs.read_blob(store, content_hash)
     except OSError as e:
         raise StoreError(f"{what} {content_hash} cannot be read: {e}") from None
     if digest(data) != content_hash:

@@ -236,7 +236,7 @@ def check_replay_mode(mode, framework: str, no_tails: "str | None" = None) -> No
 def chain_checkpoints(store: str, run_id: str, loop: str) -> list[tuple[int, str]]:
     """``(iteration, content_hash)`` of the complete checkpoints of ``run_id`` and the runs it resumed, newest
     first (a later run of the chain first for the same iteration)."""
-    from flightlog.collector import store as _store
+    from flightlog.collector import blobs as _blobs
     from flightlog.query import db
 
     con = db.connect(store)
@@ -247,7 +247,7 @@ def chain_checkpoints(store: str, run_id: str, loop: str) -> list[tuple[int, str
     finally:
         con.close()
     rows.sort(key=lambda c: (int(c["iteration"]), chain.index(c["run_id"])), reverse=True)
-    return [(int(c["iteration"]), c["content_hash"]) for c in rows if _store.has_blob(store, c["content_hash"])]
+    return [(int(c["iteration"]), c["content_hash"]) for c in rows if _blobs.has_blob(store, c["content_hash"])]
 
 
 # -- what the replay planner may ask: the level of a statement in a framework hook -----------------
