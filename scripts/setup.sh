@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[torch,server,test,ray,lightning,transformers]" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import flightlog, torch, sklearn, fastapi, moto, ray" >/dev/null
+.venv/bin/python -c "import flightlog, torch, sklearn, fastapi, moto, ray, xdist" >/dev/null
 
 # Browser for the UI tests (tests/test_ui_browser.py): Debian's chromium, driven by playwright-python
 # (a test dependency) through executable_path -- never `playwright install`, which downloads a browser.

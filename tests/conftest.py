@@ -8,6 +8,30 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The files that take longest (measured, most first). Under pytest-xdist with --dist loadfile each file runs
+# whole on one worker in the order collected, so they go first: a long file started last would leave the
+# other worker idle at the end. Files not named follow, most slow tests first. Only the order changes.
+LONGEST_FILES = ("test_replay.py", "test_replay_state.py", "test_ray_replay.py", "test_replay_pool.py",
+                 "test_remote_mode.py", "test_integrations_lightning.py", "test_integrations_transformers.py",
+                 "test_ddp.py", "test_record.py", "test_store_trust.py", "test_no_loss.py", "test_s3_store.py",
+                 "test_collector_attacks.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """In an xdist worker, order the files longest first (see LONGEST_FILES); a plain run keeps file order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    files: dict[str, list] = {}
+    for it in items:
+        files.setdefault(it.path.name, []).append(it)
+
+    def cost(name: str) -> tuple:
+        if name in LONGEST_FILES:
+            return (0, LONGEST_FILES.index(name))
+        return (1, -sum(1 for it in files[name] if it.get_closest_marker("slow")))
+
+    items[:] = [it for name in sorted(files, key=cost) for it in files[name]]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _replay_pools(tmp_path_factory):
@@ -43,6 +67,8 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.delenv("FLIGHTLOG_COLLECTOR", raising=False)
     monkeypatch.delenv("FLIGHTLOG_REPLAY", raising=False)
     monkeypatch.setenv("FLIGHTLOG_PROGRESS", "0")
+    # CLI tables fit the terminal: one fixed width, not the one pytest (or xdist, which sets COLUMNS) runs in
+    monkeypatch.setenv("COLUMNS", "100")
     # sys/... samples every 10 s would make row counts of longer tests depend on timing;
     # the tests of system metrics turn them on themselves
     monkeypatch.setenv("FLIGHTLOG_SYSTEM_METRICS", "0")

@@ -116,16 +116,22 @@ def test_compact_merges_parts_of_crashed_runs(tmp_path, store):
     script.write_text("import time, flightlog as fl\nfl.init(flush_interval=0.05)\n"
                       "for i in range(10**9):\n    fl.log('x', 1.0)\n    time.sleep(0.001)\n")
     p = subprocess.Popen([sys.executable, str(script)], env=dict(os.environ, FLIGHTLOG_HOME=store))
+    import glob
     import time
 
-    time.sleep(2.5)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    # kill once it has flushed several parts (a fixed sleep was too short on a busy machine)
+    deadline = time.monotonic() + 120
+    try:
+        while len(glob.glob(f"{store}/metrics/*/*.parquet")) < 3:
+            assert p.poll() is None and time.monotonic() < deadline, "the script wrote no parts"
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
     before = fl.query("SELECT count(*) AS n FROM metrics", store=store).column("n")[0].as_py()
     out = cli("compact", store=store, check=True).stdout
     assert "compacted" in out
     after = fl.query("SELECT count(*) AS n FROM metrics", store=store).column("n")[0].as_py()
     assert before == after > 0
-    import glob
-
     assert len(glob.glob(f"{store}/metrics/*/*.parquet")) == 1

@@ -3,6 +3,7 @@ S3-compatible server (moto's server mode on loopback)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -277,8 +278,11 @@ def test_four_concurrent_writers_lose_nothing(s3, tmp_path):
     assert got.column("name").to_pylist() == ["w0", "w1", "w2", "w3"]
     assert got.column("n").to_pylist() == [3000] * 4
     assert got.column("s").to_pylist() == [float(sum(k * 100000 + i for i in range(3000))) for k in range(4)]
-    writers = {k.rsplit("-", 1)[-1] for k in _keys(s3) if k.startswith("metrics/")}
-    assert len(writers) == 4  # one writer id per process, never shared
+    # part-<seq>-<writer>.parquet, or compact-<writer>-<lo>-<hi>.parquet where a finish merged a writer's parts
+    names = [k.rsplit("/", 1)[-1] for k in _keys(s3) if k.startswith("metrics/")]
+    found = [re.match(r"^(?:part-\d+-([A-Za-z0-9]+)|compact-([A-Za-z0-9]+)-\d+-\d+)\.parquet$", n) for n in names]
+    assert all(found), names
+    assert len({m.group(1) or m.group(2) for m in found}) == 4  # one writer id per process, never shared
 
 
 def test_collector_writes_to_object_storage(s3, tmp_path):
