@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -35,12 +36,14 @@ def recorded(tmp_path_factory):
     store = str(tmp / "store")
     base, p = _run(script(), store, tmp, "train.py")
     assert p.returncode == 0, p.stderr
-    both = script(batch=GRAD, epoch=WNORM)
+    pristine = str(tmp / "pristine")  # the store before any replay, for tests that need a copy to damage
+    shutil.copytree(store, pristine)
+    both = script(batch=GRAD, epoch=WNORM)  # the new statements only read: same training, same values
     full_store = str(tmp / "full")
     _, p = _run(both, full_store, tmp, "full.py")
     assert p.returncode == 0, p.stderr
     truth = fl.dataframe("loss", "lr", "grad_norm", "weight_norm", store=full_store)
-    return {"tmp": tmp, "store": store, "truth": truth, "base": base}
+    return {"tmp": tmp, "store": store, "truth": truth, "base": base, "pristine": pristine}
 
 
 def _frame(store, names):
@@ -144,10 +147,10 @@ def test_model_change_is_refused_without_force(recorded):
     assert r.returncode == 2 and "Dropout(0.5)" in r.stderr and "--force" in r.stderr
 
 
-def test_corrupt_checkpoint_is_named_and_avoided(tmp_path):
+def test_corrupt_checkpoint_is_named_and_avoided(recorded, tmp_path):
     """A corrupt checkpoint is reported and replay runs forward from an earlier one, still exactly."""
     store = str(tmp_path / "s")
-    _run(script(), store, tmp_path, "train.py")
+    shutil.copytree(recorded["pristine"], store)  # a private copy of the recorded run: its blob is damaged
     ck = db.run_sql("SELECT content_hash FROM checkpoints WHERE iteration = 2", store=store).to_pylist()[0]
     blob = glob.glob(f"{store}/blobs/*/{ck['content_hash']}")[0]
     with open(blob, "r+b") as fh:
@@ -158,11 +161,9 @@ def test_corrupt_checkpoint_is_named_and_avoided(tmp_path):
     res = runner.run(str(mod), run="latest", store=store)
     assert "corrupt or unreadable checkpoint(s) of iteration 2" in res.plan_text
     assert res.ok and res.fidelity == "exact"
-    full_store = str(tmp_path / "full")
-    _run(script(epoch=WNORM), full_store, tmp_path, "full.py")
-    want = fl.dataframe("weight_norm", store=full_store).dropna(subset=["weight_norm"])["weight_norm"].tolist()
+    want = recorded["truth"].dropna(subset=["weight_norm"])["weight_norm"].tolist()  # the full re-run's
     got = fl.dataframe("weight_norm", store=store).dropna(subset=["weight_norm"])["weight_norm"].tolist()
-    assert got == want
+    assert got == want and len(want) == 5
 
 
 def test_missing_checkpoints_without_snapshot_fail_clearly(tmp_path):
@@ -183,7 +184,7 @@ def test_missing_checkpoints_without_snapshot_fail_clearly(tmp_path):
         runner.run(str(tmp_path / "plain.py"), run="latest", store=store)
 
 
-def test_replay_across_a_resumed_run(tmp_path):
+def test_replay_across_a_resumed_run(recorded, tmp_path):
     """A crashed-and-resumed run replays across the resume and matches an uninterrupted full re-run."""
     store = str(tmp_path / "s")
     crash = script(extra={"            opt.zero_grad()": "            if epoch == 2 and os.environ.get('CRASH'):\n"
@@ -199,9 +200,7 @@ def test_replay_across_a_resumed_run(tmp_path):
     mod.write_text(crash.replace("            # BATCH", "            " + GRAD))
     res = runner.run(str(mod), run="latest", store=store, workers=2)
     assert res.ok and res.fidelity == "exact", [s.error for s in res.segments]
-    full_store = str(tmp_path / "full")
-    _run(script(batch=GRAD), full_store, tmp_path, "full.py")
-    want = fl.dataframe("grad_norm", store=full_store).dropna(subset=["grad_norm"])
+    want = recorded["truth"].dropna(subset=["grad_norm"])  # the uninterrupted full re-run's values
     got = fl.dataframe("grad_norm", run="latest", store=store).dropna(subset=["grad_norm"])
     assert got["grad_norm"].tolist() == want["grad_norm"].tolist()
     assert got["step"].tolist() == want["step"].tolist()
