@@ -47,7 +47,13 @@ def _replay_pools(tmp_path_factory):
     for sub in os.listdir(d):
         try:
             with open(os.path.join(d, sub, "info.json")) as fh:
-                os.kill(int(json.load(fh)["pid"]), signal.SIGTERM)
+                pid = int(json.load(fh)["pid"])
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().split(b"\0")
+            # a pool that exited left its pid behind for any new process (another test run's, pytest itself):
+            # signal it only while it is still the pool serving this folder
+            if os.fsencode(os.path.join(d, sub)) in cmd:
+                os.kill(pid, signal.SIGTERM)
         except (OSError, ValueError, KeyError, TypeError):
             pass
     for k, v in old.items():
