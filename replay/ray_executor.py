@@ -223,7 +223,9 @@ def run_segment(payload: dict) -> dict:
         env.pop("FLIGHTLOG_RESUME", None)
         log = os.path.join(tmp, "worker.log")
         with open(log, "w") as lf:
-            rc = subprocess.run([sys.executable, script, *payload.get("args", [])], env=env, cwd=cwd,
+            # the lean worker entry of this node's flightlog, as a local cold worker (tail-slicing guards too)
+            entry = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_worker.py")
+            rc = subprocess.run([sys.executable, "-P", entry, script, *payload.get("args", [])], env=env, cwd=cwd,
                                 stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
 
         def read(p, mode="rb"):
