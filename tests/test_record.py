@@ -346,8 +346,9 @@ def test_ctrl_c_caught_by_the_script_is_killed(tmp_path):
             "except KeyboardInterrupt:\n    print('stopped by user')\n")
     store = str(tmp_path / "s")
     (tmp_path / "ctrlc.py").write_text(code)
+    # a pytest-xdist worker ignores SIGINT and children inherit that: give the script a default SIGINT
     p = subprocess.run([sys.executable, str(tmp_path / "ctrlc.py")], env=_env(store), capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.returncode == 0 and "stopped by user" in p.stdout
     row = db.run_sql("SELECT status, error_type FROM runs", store=store).to_pylist()[0]
     assert row == {"status": "killed", "error_type": "KeyboardInterrupt"}
