@@ -219,6 +219,22 @@ def peer_allowed(sock: socket.socket, uid: int | None = None) -> bool:
         return False
 
 
+def _is_pool(pid: int, d: str) -> bool:
+    """Is ``pid`` (from a pool directory's info.json) alive and still that directory's pool?
+
+    Process ids are reused: a stale info.json must never make us signal an unrelated process.
+    Where /proc cannot be read, liveness alone decides.
+    """
+    if not _alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmd = fh.read()
+    except OSError:
+        return os.path.isdir("/proc/self") is False
+    return b"flightlog.replay.pool" in cmd and os.fsencode(d) in cmd
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -685,7 +701,7 @@ def _start(d: str, store: str, fp: str, imports: list[str], worker_env: dict) ->
     end = time.time() + 30
     while time.time() < end:
         info = read_info(d)
-        if info and os.path.exists(os.path.join(d, "sock")) and _alive(info["pid"]):
+        if info and os.path.exists(os.path.join(d, "sock")) and _is_pool(info["pid"], d):
             return
         time.sleep(0.01)
     raise Unavailable("the pool did not start (see " + os.path.join(d, "pool.log") + ")")
@@ -703,7 +719,7 @@ def ensure(store: str, script: str, env: dict | None = None) -> str:
         info = read_info(d)
         if info is not None:
             why = None
-            if not _alive(info["pid"]):
+            if not _is_pool(info["pid"], d):
                 why = f"the pool (pid {info['pid']}) is gone"
             elif info.get("state") == "ready":
                 why = _stale(info, fp)
@@ -716,7 +732,7 @@ def ensure(store: str, script: str, env: dict | None = None) -> str:
                     why = f"the pool (pid {info['pid']}) does not answer"
             if why is None:
                 return d
-            if _alive(info["pid"]):
+            if _is_pool(info["pid"], d):
                 _terminate(info["pid"])
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(d, "info.json"))
@@ -976,7 +992,7 @@ def startup_estimate(store: str | None = None) -> tuple[float, str]:
     except (Unavailable, OSError, ValueError):
         return DEFAULT_STARTUP, "start-up not measured yet"
     info = read_info(d) if not _OPTS.get("cold") else None
-    warm = bool(info and info.get("state") == "ready" and _alive(info["pid"]) and not _stale(info, info["fingerprint"]))
+    warm = bool(info and info.get("state") == "ready" and _is_pool(info["pid"], d) and not _stale(info, info["fingerprint"]))
     kind = "warm" if warm else "cold"
     xs = sorted(x for x in data.get(kind, []) if isinstance(x, (int, float)))
     if not xs:
@@ -1019,7 +1035,7 @@ def status(store: str) -> dict | None:
     except Unavailable:
         return None
     info = read_info(d)
-    if info is None or not _alive(info["pid"]):
+    if info is None or not _is_pool(info["pid"], d):
         return None
     live = _request(d, {"op": "status"}, 2.0) or {}
     out = {k: info.get(k) for k in ("pid", "state", "imports", "failed", "idle_s", "started", "import_s",
@@ -1039,7 +1055,7 @@ def stop(store: str) -> int | None:
     except Unavailable:
         return None
     info = read_info(d)
-    if info is None or not _alive(info["pid"]):
+    if info is None or not _is_pool(info["pid"], d):
         return None
     pid = info["pid"]
     _request(d, {"op": "stop"}, 2.0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -299,3 +300,19 @@ def test_dry_run_start_up_estimate_is_measured_per_store(tmp_path, pools):
         pool.note_startup(store, 100.0)
         assert pool.startup_estimate()[0] == 5.0  # no pool running: cold
         assert "cold start-up ~5.0s (median of this store's last 3 cold replays)" in pool.startup_estimate()[1]
+
+
+def test_a_stale_pid_of_another_process_is_never_signalled(tmp_path, pools):
+    """A leftover info.json whose pid now belongs to an unrelated process: stop/status leave that process alone."""
+    store = str(tmp_path / "store")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        d = pool.pool_dir(store)
+        with open(os.path.join(d, "info.json"), "w") as fh:
+            json.dump({"pid": other.pid, "state": "ready", "fingerprint": "x"}, fh)
+        assert pool.status(store) is None and pool.stop(store) is None
+        time.sleep(0.2)
+        assert other.poll() is None  # still running: not ours, not signalled
+    finally:
+        other.kill()
+        other.wait()
