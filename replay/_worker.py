@@ -206,12 +206,15 @@ def _fresh_stdio() -> None:
 
 
 def child_main(script: str, argv: list[str], env: dict, cwd: str, log_fd: int,
-               rc_path: str | None = None, threads: int | None = None) -> None:
+               rc_path: str | None = None, threads: int | None = None, learn_dir: str | None = None) -> None:
     """In a freshly forked process: become the worker ``python script argv`` would be, run it, ``os._exit``.
 
-    Never returns (the caller's stack must not unwind in the child).
+    Never returns (the caller's stack must not unwind in the child). ``learn_dir``
+    (forked by the warm pool): where to leave the list of installed modules the
+    script imported that the pool had not, for the pool to import before the next fork.
     """
     rc = 1
+    before = set(sys.modules) if learn_dir else None
     try:
         import random
         import signal
@@ -262,6 +265,8 @@ def child_main(script: str, argv: list[str], env: dict, cwd: str, log_fd: int,
             pass
         rc = 1
     finally:
+        if learn_dir:
+            _report_imports(learn_dir, before)
         if rc_path:
             try:
                 with open(rc_path, "w") as fh:
@@ -269,6 +274,27 @@ def child_main(script: str, argv: list[str], env: dict, cwd: str, log_fd: int,
             except BaseException:
                 pass
         os._exit(rc)
+
+
+def _report_imports(learn_dir: str, before: set) -> None:
+    try:
+        import json
+
+        from flightlog.replay import pool
+
+        names = pool.learnable(before)
+        if not names:
+            return
+        scratch = sys.modules.get("flightlog._scratch")
+        if scratch is not None:
+            scratch.stop()  # the script is done: this file is the pool's, not one of the script's writes
+        path = os.path.join(learn_dir, f"learn-{os.getpid()}.json")
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(names, fh)
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        pass
 
 
 def main() -> None:

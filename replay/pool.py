@@ -22,6 +22,12 @@ Safety rules, each checked, each falling back to a cold worker with a reason:
 * no shadowing: a worker whose script folder holds a module named like one the
   pool imported (``utils.py``…) starts cold, as ``python script.py`` would have
   imported the local file;
+* learning: a worker forked by the pool reports the installed modules the script
+  imported lazily (``torch._dynamo`` on the first optimizer, ``transformers``'
+  lazy submodules, sklearn's loaders…); the pool imports them while idle, so the
+  next worker has them, and keeps the list (``learned.json``, tied to the
+  fingerprint) for its successors. A learned import that starts a thread makes
+  the pool exit and is never learned again;
 * bounded: it exits after ``FLIGHTLOG_REPLAY_IDLE`` seconds (default 600) without
   work; ``flightlog replay --status`` shows it, ``--stop`` ends it, ``--cold``
   bypasses it.
@@ -40,6 +46,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -318,6 +325,53 @@ def _write_info(d: str, info: dict) -> None:
     os.replace(tmp, os.path.join(d, "info.json"))
 
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+LEARN_AFTER = 1.0  # seconds after the last worker ended (the runner is still storing its results)
+LEARN_MAX = 20000  # module names one worker may report (torch._dynamo alone pulls ~1,500)
+
+
+def learnable(before: set[str]) -> list[str]:
+    """The installed modules this process imported since ``before`` (in a worker, at its end).
+
+    Only modules the pool itself would import the same way: files under
+    site-packages or the standard library, or flightlog's own; never a module of
+    the script's folder (the pool's ``sys.path`` does not have it).
+    """
+    roots = tuple(os.path.realpath(d) + os.sep for d in _site_dirs() + _stdlib_dirs())
+    out = []
+    for name, mod in list(sys.modules.items()):
+        if name in before or mod is None or name == "__main__" or not _NAME.match(name):
+            continue
+        if name.split(".")[0] == "flightlog":
+            out.append(name)
+            continue
+        f = getattr(mod, "__file__", None)
+        if isinstance(f, str) and os.path.realpath(f).startswith(roots):
+            out.append(name)
+    return out[:LEARN_MAX]
+
+
+def _read_learned(d: str, fp: str) -> dict:
+    try:
+        with open(os.path.join(d, "learned.json")) as fh:
+            got = json.load(fh)
+    except (OSError, ValueError):
+        got = None
+    if not isinstance(got, dict) or got.get("fingerprint") != fp:
+        return {"fingerprint": fp, "modules": [], "unsafe": []}
+    return {"fingerprint": fp,
+            "modules": [n for n in got.get("modules") or [] if isinstance(n, str) and _NAME.match(n)],
+            "unsafe": [n for n in got.get("unsafe") or [] if isinstance(n, str)]}
+
+
+def _write_learned(d: str, learned: dict) -> None:
+    tmp = os.path.join(d, f"learned.json.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(learned, fh)
+    os.replace(tmp, os.path.join(d, "learned.json"))
+
+
 def _import_all(names: list[str]) -> tuple[list[str], list[str]]:
     """Import the installed modules among ``names``; never a module the script's folder provides."""
     import importlib
@@ -351,6 +405,8 @@ class _Server:
         self.listener: socket.socket | None = None
         self.ino = None
         self.info: dict = {}
+        self.learned = _read_learned(d, fp)
+        self.pending: list[str] = []  # modules workers imported that the pool has not (yet)
 
     def bind(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -380,9 +436,55 @@ class _Server:
         done, failed = _import_all(["flightlog", "flightlog._run", "flightlog._read", "flightlog.replay._worker",
                                     "flightlog.collector.store",
                                     *self.imports])
-        self.publish("ready", imports=done, failed=failed, import_s=round(time.time() - t, 3),
+        base = _threads(_FORK_SAFE_THREADS)
+        learned, _ = _import_all([n for n in self.learned["modules"] if n not in self.learned["unsafe"]])
+        if _threads(_FORK_SAFE_THREADS) > base or threading.active_count() > 1:
+            # a learned module started a thread (a package upgrade can do that): forget them all
+            self.learned["unsafe"] = sorted(set(self.learned["unsafe"]) | set(self.learned["modules"]))
+            self.learned["modules"] = []
+            with contextlib.suppress(OSError):
+                _write_learned(self.d, self.learned)
+            self.stop = True
+        self.publish("ready", imports=done, failed=failed, learned=len(learned), import_s=round(time.time() - t, 3),
                      watched=_watched_files(), threads_after_import=_threads(),
                      python_threads=threading.active_count())
+
+    def learn(self) -> None:
+        """Import what the last workers imported lazily, one module at a time, while no worker runs.
+
+        A module whose import starts a thread (Python or native) would make every
+        later fork unsafe: the pool records it as unsafe and exits; the next
+        replay starts a new pool, which never imports it.
+        """
+        import threading
+
+        names, self.pending = self.pending, []
+        known = set(self.learned["modules"])
+        unsafe = set(self.learned["unsafe"])
+        t = time.time()
+        base = _threads(_FORK_SAFE_THREADS)
+        added = []
+        for n in names:
+            if n in sys.modules or n in unsafe:
+                continue
+            done, _failed = _import_all([n])
+            if _threads(_FORK_SAFE_THREADS) > base or threading.active_count() > 1:
+                self.learned["unsafe"] = sorted(unsafe | {n})
+                self.learned["modules"] = sorted(known | set(added))
+                with contextlib.suppress(OSError):
+                    _write_learned(self.d, self.learned)
+                print(f"pool {os.getpid()}: importing {n} started a thread; exiting (it is not learned)", flush=True)
+                self.publish("stale", reason=f"{n} starts a thread when imported")
+                self.stop = True
+                return
+            added += [m for m in done if m not in known]
+        if not added:
+            return
+        self.learned["modules"] = [*self.learned["modules"], *added]
+        with contextlib.suppress(OSError):
+            _write_learned(self.d, self.learned)
+        self.publish("ready", learned=len(self.learned["modules"]), learn_s=round(time.time() - t, 3),
+                     watched=_watched_files(), threads_after_import=_threads())
 
     def cleanup(self) -> None:
         try:
@@ -406,10 +508,25 @@ class _Server:
                 return
             conn = self.children.pop(pid, None)
             self.last = time.time()
+            self._collect_learned(pid)
             if conn is not None:
                 with contextlib.suppress(OSError):
                     _send(conn, {"rc": os.waitstatus_to_exitcode(status)})
                 conn.close()
+
+    def _collect_learned(self, pid: int) -> None:
+        path = os.path.join(self.d, f"learn-{pid}.json")
+        try:
+            with open(path) as fh:
+                got = json.load(fh)
+        except (OSError, ValueError):
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if isinstance(got, list):
+            seen = set(self.pending)
+            self.pending += [n for n in got[:LEARN_MAX] if isinstance(n, str) and _NAME.match(n) and n not in seen]
 
     def serve(self) -> None:
         assert self.listener is not None
@@ -424,9 +541,13 @@ class _Server:
             self.reap()
             if not self.children and time.time() - self.last > self.idle:
                 return
+            if self.pending and not self.children and time.time() - self.last > LEARN_AFTER:
+                self.learn()
+                if self.stop:
+                    return
             watch = [self.listener, wake_r, *self.children.values()]
             try:
-                ready, _, _ = select.select(watch, [], [], 1.0)
+                ready, _, _ = select.select(watch, [], [], 0.5 if self.pending else 1.0)
             except InterruptedError:
                 continue
             for s in ready:
@@ -524,7 +645,8 @@ class _Server:
                 from flightlog.replay import _worker
 
                 _worker.child_main(script, list(req.get("argv", [])), dict(req.get("env", {})),
-                                   req.get("cwd") or "/", fds[0], req.get("rc_path"), req.get("threads"))
+                                   req.get("cwd") or "/", fds[0], req.get("rc_path"), req.get("threads"),
+                                   learn_dir=self.d)
         os.close(fds[0])
         self.forks += 1
         self.children[pid] = conn

@@ -136,6 +136,11 @@ def install(root: str, exempt: list[str]) -> None:
     patch_torch()
 
 
+def stop() -> None:
+    """Stop redirecting (the script is done; what the worker itself writes now goes where it says)."""
+    _state["root"] = None
+
+
 def patch_torch() -> None:
     """Redirect ``torch.save`` once torch is imported (the script imports it after flightlog at times)."""
     torch = sys.modules.get("torch")

@@ -316,3 +316,109 @@ def test_a_stale_pid_of_another_process_is_never_signalled(tmp_path, pools):
     finally:
         other.kill()
         other.wait()
+
+
+LAZY = r'''
+import sys
+print("had colorsys", "colorsys" in sys.modules)
+
+
+def main():
+    import colorsys  # imported lazily, as torch imports torch._dynamo on the first optimizer
+    return colorsys
+
+
+main()
+'''
+
+
+def _wait_for(cond, secs=30.0):
+    end = time.time() + secs
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_the_pool_learns_what_workers_import_lazily(tmp_path, pools):
+    """A module the script imports inside a function is imported by the pool afterwards: the next fork has it."""
+    store = str(tmp_path / "store")
+    pools.append(store)
+    script = tmp_path / "lazy" / "s.py"
+    script.parent.mkdir()
+    script.write_text(LAZY)
+    d = pool.ensure(store, str(script))
+    pid = pool.read_info(d)["pid"]
+    w, rc, log = _spawn(store, script, [], tmp_path, name="w1")
+    assert rc == 0 and w.how == "pool" and "had colorsys False" in log
+
+    def learned():
+        try:
+            with open(os.path.join(d, "learned.json")) as fh:
+                return "colorsys" in json.load(fh)["modules"]
+        except (OSError, ValueError, KeyError):
+            return False
+
+    assert _wait_for(learned)
+    assert _wait_for(lambda: (pool.read_info(d) or {}).get("learned", 0) >= 1)
+    w, rc, log = _spawn(store, script, [], tmp_path, name="w2")
+    assert rc == 0 and w.how == "pool" and "had colorsys True" in log
+    assert pool.read_info(d)["pid"] == pid
+    # a new pool (here: after --stop) starts with what its predecessor learned
+    pool.stop(store)
+    d = pool.ensure(store, str(script))
+    assert pool.read_info(d)["pid"] != pid
+    w, rc, log = _spawn(store, script, [], tmp_path, name="w3")
+    assert rc == 0 and w.how == "pool" and "had colorsys True" in log
+
+
+THREADED = r'''
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from flightlog.replay import pool
+d, fp = sys.argv[2], "fp-test"
+srv = pool._Server(d, fp, 60.0, [], d)
+srv.pending = ["starts_a_thread"]
+srv.learn()
+print(json.dumps({"stop": srv.stop, "learned": pool._read_learned(d, fp), "state": pool.read_info(d)["state"]}))
+srv2 = pool._Server(d, fp, 60.0, [], d)
+srv2.pending = ["starts_a_thread"]
+before = "starts_a_thread" in sys.modules
+sys.modules.pop("starts_a_thread", None)
+srv2.learn()
+print(json.dumps({"again": "starts_a_thread" in sys.modules, "before": before}))
+'''
+
+
+def test_a_learned_import_that_starts_a_thread_is_never_learned(tmp_path):
+    """Forking after a thread started is unsafe: the pool exits and marks the module unsafe for its successors."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "starts_a_thread.py").write_text("import threading, time\n"
+                                             "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n")
+    d = tmp_path / "pooldir"
+    d.mkdir(mode=0o700)
+    script = tmp_path / "t.py"
+    script.write_text(THREADED)
+    p = subprocess.run([sys.executable, str(script), str(mods), str(d)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    first, second = (json.loads(x) for x in p.stdout.strip().splitlines()[-2:])
+    assert first["stop"] is True and first["state"] == "stale"
+    assert first["learned"]["unsafe"] == ["starts_a_thread"] and first["learned"]["modules"] == []
+    assert second == {"again": False, "before": True}
+
+
+def test_workers_report_only_installed_modules(tmp_path, monkeypatch):
+    """A module of the script's folder is never reported: the pool could not import it the same way."""
+    (tmp_path / "mylocal_mod_x.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = set(sys.modules)
+    import colorsys  # noqa: F401  (may be imported already by another test: then it is not new)
+    import mylocal_mod_x  # noqa: F401
+
+    got = pool.learnable(before)
+    assert "mylocal_mod_x" not in got
+    assert ("colorsys" in got) == ("colorsys" not in before)
+    sys.modules.pop("mylocal_mod_x", None)
