@@ -52,4 +52,6 @@ want torch --no-deps torch==2.13.0      # torch.utils.tensorboard.SummaryWriter
 want mlflow mlflow
 want wandb wandb
 want aim aim
+want sklearn scikit-learn               # the digits data of bench/train_digits.py (FlorDB's copy runs here)
+want flordb flordb==4.0.1                # bench/_flordb.py: FlorDB's record and replay, side by side
 exit $status

@@ -145,6 +145,12 @@ def main() -> None:
         replay("(b) epoch-level, first warm replay (starts the pool)", "train_epoch.py", [], ("weight_norm", None), 1)
         replay("(b) epoch-level statement, all epochs, warm pool", "train_epoch.py", [], ("weight_norm", None),
                a.reps)
+        # the fast path alone (no verification epoch): what tail slicing and the pool cost; the verified rows
+        # above cannot be faster than one full epoch (re-executed to check the checkpoints), see docs/benchmarks.md
+        replay("(b) epoch-level, --no-verify, --cold", "train_epoch.py", ["--no-verify", "--cold"],
+               ("weight_norm", None), a.reps)
+        replay("(b) epoch-level, --no-verify, warm pool", "train_epoch.py", ["--no-verify"], ("weight_norm", None),
+               a.reps)
         replay(f"(d) batch-level statement, --epochs {one}, --cold", "train_batch.py", ["--epochs", str(one), "--cold"],
                ("grad_norm", [one]), a.reps)
         replay(f"(d) batch-level statement, --epochs {one}, warm pool", "train_batch.py", ["--epochs", str(one)],
@@ -182,6 +188,10 @@ def main() -> None:
     print(f"replay start-up = replay command start -> first planned epoch; the script's own start-up "
           f"(imports, data, model: a plain run from process start to its first epoch) is {script_startup:.2f}s "
           f"of it")
+    epoch_s = base / a.epochs
+    print(f"one epoch of the full re-run: {epoch_s:.2f}s; a verified epoch-level replay re-executes one epoch in "
+          f"full, so it cannot beat {base / epoch_s:.0f}x even with zero start-up (bound with the measured warm "
+          f"start-up: {base / (epoch_s + _median_startup(info, 'warm pool')):.1f}x)")
     pools = [p for v in info.values() for p in v.get("pools", [])]
     print(f"warm pool pids over the warm replays, in order: {pools} (a change = the pool was restarted)")
     c1 = res.get("(c) batch-level statement, all epochs, 1 worker")
@@ -190,6 +200,12 @@ def main() -> None:
         print(f"parallel speed-up, 2 workers vs 1: {statistics.median(c1) / statistics.median(c2):.2f}x")
     for row in flor_rows:
         print(row)
+
+
+def _median_startup(info: dict, which: str) -> float:
+    xs = [x for label, v in info.items() if which in label and "(b)" in label for x in v.get("startup") or []
+          if x is not None]
+    return statistics.median(xs) if xs else 0.0
 
 
 def demo(a) -> list[str]:

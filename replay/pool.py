@@ -105,9 +105,14 @@ def _private_dir(path: str) -> str:
 
 def pool_dir(store: str) -> str:
     """The private directory of ``store``'s pool (socket, info.json, log)."""
-    key = hashlib.sha256(os.path.realpath(store).encode()).hexdigest()[:16]
+    key = hashlib.sha256(_store_key(store).encode()).hexdigest()[:16]
     base = _private_dir(_base_dir())
     return _private_dir(os.path.join(base, key))
+
+
+def _store_key(store: str) -> str:
+    """The store's name as every process sees it: a URI as given (s3://…), a folder's real path."""
+    return store.rstrip("/") if "://" in store else os.path.realpath(store)
 
 
 def _site_dirs() -> list[str]:
@@ -815,7 +820,7 @@ def _start(d: str, store: str, fp: str, imports: list[str], worker_env: dict) ->
     log = os.open(os.path.join(d, "pool.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         p = subprocess.Popen([sys.executable, "-P", "-m", "flightlog.replay.pool", "serve", d, fp, str(_idle()),
-                              os.path.realpath(store), json.dumps(imports)],
+                              _store_key(store), json.dumps(imports)],
                              cwd=d, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True)
     finally:
         os.close(log)
@@ -1008,24 +1013,25 @@ def _session_safe() -> str | None:
 
 
 def spawn(cmd: list[str], env: dict, cwd: str, logf, store: str, cold_kwargs: dict,
-          threads: int | None = None):
+          threads: int | None = None, fork_session: bool = True):
     """Start one worker: forked from this session, from the store's warm pool, or ``None`` (cold).
 
-    ``cmd`` is ``[python, script, *args]`` as a cold start would run it.
+    ``cmd`` is ``[python, script, *args]`` as a cold start would run it;
+    ``fork_session=False`` never forks this process (a Ray task's worker process).
     """
     if _OPTS["cold"] or os.environ.get("FLIGHTLOG_REPLAY_COLD") == "1":
         _OPTS.setdefault("how", set()).add("cold")
         return None
-    w = _spawn_warm(cmd, env, cwd, logf, store, cold_kwargs, threads)
+    w = _spawn_warm(cmd, env, cwd, logf, store, cold_kwargs, threads, fork_session)
     _OPTS.setdefault("how", set()).add("cold" if w is None else "warm")
     return w
 
 
 def _spawn_warm(cmd: list[str], env: dict, cwd: str, logf, store: str, cold_kwargs: dict,
-                threads: int | None = None):
+                threads: int | None = None, fork_session: bool = True):
     script, argv = cmd[1], list(cmd[2:])
     rc_path = logf.name + ".rc"
-    if "torch" in sys.modules:
+    if fork_session and "torch" in sys.modules:
         why = _session_safe()
         if why is None:
             logf.flush()
@@ -1123,28 +1129,64 @@ def startup_estimate(store: str | None = None) -> tuple[float, str]:
     return m, f"{kind} start-up ~{m:.1f}s (median of this store's last {len(xs)} {kind} replays)"
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat, or None where there is none."""
+    try:
+        with open("/proc/stat") as fh:
+            parts = fh.readline().split()
+    except OSError:
+        return None
+    if not parts or parts[0] != "cpu" or len(parts) < 5:
+        return None
+    vals = [int(x) for x in parts[1:9]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    return sum(vals) - idle, sum(vals)
+
+
+def busy_cores(interval: float = 0.15) -> tuple[float, str] | None:
+    """Cores busy right now (sampled over ``interval`` s of /proc/stat), or None where it cannot be read.
+
+    The load average would do, but it lags a minute: right after a replay or a
+    training run ended it still counts them, and a parallel replay started then
+    would wrongly get one worker.
+    """
+    a = _cpu_times()
+    if a is None:
+        return None
+    time.sleep(interval)
+    b = _cpu_times()
+    if b is None or b[1] <= a[1]:
+        return None
+    n = os.cpu_count() or 1
+    return (b[0] - a[0]) / (b[1] - a[1]) * n, f"{interval:g} s sample of /proc/stat"
+
+
 def fit_workers(requested: int) -> tuple[int, str]:
     """How many of the ``requested`` workers the machine has idle cores for, and why, in words.
 
     Idle cores = the cores this process may run on (``sched_getaffinity``) minus
-    the 1-minute load average. A second worker on a core that is already busy
-    only adds its start-up and slows the first one down.
+    the cores busy now (a short sample of /proc/stat; the 1-minute load average
+    where there is none). A second worker on a core that is already busy only
+    adds its start-up and slows the first one down.
     """
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return requested, f"{requested} worker(s) as asked (load average unknown)"
-    idle = max(0, int(cores - load + 0.5))
     if requested <= 1:
-        return 1, f"1 worker (load {load:.1f} on {cores} cores)"
+        return 1, "1 worker"
+    got = busy_cores()
+    if got is None:
+        try:
+            got = (os.getloadavg()[0], "load average")
+        except OSError:
+            return requested, f"{requested} worker(s) as asked (how busy the cores are is unknown)"
+    busy, how = got
+    idle = max(0, int(cores - busy + 0.5))
     n = max(1, min(requested, idle))
     if n == requested:
-        return n, f"{n} workers as asked: {idle} of {cores} cores idle (load {load:.1f})"
-    return n, (f"{n} worker(s) instead of {requested}: only {idle} of {cores} cores idle (load {load:.1f}); "
+        return n, f"{n} workers as asked: {idle} of {cores} cores idle ({busy:.1f} busy, {how})"
+    return n, (f"{n} worker(s) instead of {requested}: only {idle} of {cores} cores idle ({busy:.1f} busy, {how}); "
                "more workers than idle cores would each pay the start-up and slow the others")
 
 
@@ -1192,9 +1234,9 @@ def stop(store: str) -> int | None:
 def describe_status(store: str) -> str:
     st = status(store)
     if st is None:
-        return f"no warm replay pool for {os.path.realpath(store)}"
+        return f"no warm replay pool for {_store_key(store)}"
     age = time.time() - (st.get("started") or time.time())
-    line = (f"warm replay pool pid {st['pid']} for {os.path.realpath(store)}: {st.get('state')}, "
+    line = (f"warm replay pool pid {st['pid']} for {_store_key(store)}: {st.get('state')}, "
             f"up {age:.0f} s, {st.get('forks', '?')} workers forked, {st.get('running', '?')} running, "
             f"idle {st.get('idle_for', '?')} s of {st.get('idle_s'):g} s; imports "
             f"{', '.join(st.get('imports') or []) or '(flightlog only)'}")

@@ -17,6 +17,7 @@ the reason, like a local worker that crashed.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -117,8 +118,11 @@ class RayWorker:
         script = self.cmd[1]
         with open(script, encoding="utf-8", errors="replace") as fh:
             text = fh.read()
+        from flightlog.replay import pool as _pool
+
         payload = {"plan": plan, "recorded": recorded, "script": script, "script_text": text,
-                   "args": self.cmd[2:], "cwd": self.cwd, "env": self.env, "store": self.store}
+                   "args": self.cmd[2:], "cwd": self.cwd, "env": self.env, "store": self.store,
+                   "cold": bool(_pool._OPTS.get("cold")) or os.environ.get("FLIGHTLOG_REPLAY_COLD") == "1"}
         self.ref = _remote().remote(payload)
 
     def poll(self) -> int | None:
@@ -187,6 +191,42 @@ class RayWorker:
         self.kill()
 
 
+def _run_worker(script: str, args: list[str], env: dict, cwd: str, lf, store: str, cold: bool) -> int:
+    """The worker process on this node: forked from this node's warm pool for the store, else cold.
+
+    The same worker as a local replay's (``replay/pool.py``, ``replay/_worker.py``): a
+    node that ran a segment before keeps a pool that has imported the script's
+    packages, so later tasks skip the interpreter and torch start-up. The Ray
+    worker process itself is never forked (it runs threads).
+    """
+    from flightlog.replay import pool
+
+    cmd = [sys.executable, script, *args]
+    kw = dict(env=env, cwd=cwd, stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    notes = io.StringIO()
+    # where this node's pools live and how long they idle: the driver's settings (the Ray worker's own
+    # environment is the cluster's, not the replay's)
+    saved = {k: os.environ.get(k) for k in (pool.ENV_DIR, pool.ENV_IDLE)}
+    try:
+        for k in saved:
+            if env.get(k):
+                os.environ[k] = env[k]
+        with pool.options(cold=cold, out=notes, store=store):
+            w = pool.spawn(cmd, env, cwd, lf, store, kw, None, fork_session=False)
+        if w is None:
+            w = subprocess.Popen(pool.cold_cmd(cmd), **kw)
+        rc = w.wait()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if notes.getvalue():
+        lf.write("".join(f"flightlog (Ray task): {x}\n" for x in notes.getvalue().splitlines()))
+    return rc
+
+
 def run_segment(payload: dict) -> dict:
     """On a Ray worker: run one planned segment as a local worker process; return what it produced."""
     from flightlog.collector import fs as _fs
@@ -223,10 +263,7 @@ def run_segment(payload: dict) -> dict:
         env.pop("FLIGHTLOG_RESUME", None)
         log = os.path.join(tmp, "worker.log")
         with open(log, "w") as lf:
-            # the lean worker entry of this node's flightlog, as a local cold worker (tail-slicing guards too)
-            entry = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_worker.py")
-            rc = subprocess.run([sys.executable, "-P", entry, script, *payload.get("args", [])], env=env, cwd=cwd,
-                                stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+            rc = _run_worker(script, list(payload.get("args", [])), env, cwd, lf, store, bool(payload.get("cold")))
 
         def read(p, mode="rb"):
             try:

@@ -71,7 +71,18 @@ def _replay(rec, monkeypatch, **kw):
     for k, v in rec["env"].items():
         if k.startswith(("AWS_", "FLIGHTLOG_", "XDG_")):
             monkeypatch.setenv(k, v)
+    monkeypatch.setenv("FLIGHTLOG_REPLAY_POOL_DIR", str(rec["tmp"] / "pools"))
     return runner.run(str(rec["tmp"] / "mod.py"), run="latest", workers=2, **kw)
+
+
+@pytest.fixture
+def pools_stopped(s3_recorded, monkeypatch):
+    """The warm pools the Ray tasks started (one per node: this machine) are stopped afterwards."""
+    yield
+    from flightlog.replay import pool
+
+    monkeypatch.setenv("FLIGHTLOG_REPLAY_POOL_DIR", str(s3_recorded["tmp"] / "pools"))
+    pool.stop(s3_recorded["env"]["FLIGHTLOG_HOME"])
 
 
 def _values(name):
@@ -79,21 +90,35 @@ def _values(name):
     return list(zip(t.column("epoch").to_pylist(), t.column("value").to_pylist()))
 
 
-def test_ray_replay_equals_local_replay(cluster, s3_recorded, monkeypatch):
-    """Replaying from checkpoints on S3 as Ray tasks gives the same values and fidelity as local workers."""
+def test_ray_replay_equals_local_replay(cluster, s3_recorded, monkeypatch, pools_stopped):
+    """Replaying from checkpoints on S3 as Ray tasks gives the same values and fidelity as local workers.
+
+    The tasks fork their workers from the node's warm pool (started by the first task); a second Ray
+    replay reuses it, and its values are the same again.
+    """
+    from flightlog.replay import pool
+
     local = _replay(s3_recorded, monkeypatch)
     assert local.ok and local.fidelity == "exact", [s.error for s in local.segments]
     want = _values("weight_norm")
     assert len(want) == 5
+    pool.stop(s3_recorded["env"]["FLIGHTLOG_HOME"])  # the local replay's pool: the tasks must start their own
     with ray_executor.options("ray", cluster):
         res = _replay(s3_recorded, monkeypatch)
     assert res.ok and res.fidelity == "exact", [s.error for s in res.segments]
     assert len(res.segments) == 2 and res.compared == local.compared
     assert _values("weight_norm") == want  # bit for bit, and the earlier replay's rows were replaced
+    st = pool.status(s3_recorded["env"]["FLIGHTLOG_HOME"])
+    assert st is not None and st.get("forks", 0) >= 2, st  # the tasks' workers were forked by the node's pool
+    with ray_executor.options("ray", cluster):
+        again = _replay(s3_recorded, monkeypatch, force=True)
+    assert again.ok and again.fidelity == "exact" and _values("weight_norm") == want
+    assert pool.status(s3_recorded["env"]["FLIGHTLOG_HOME"])["pid"] == st["pid"]
 
 
-def test_lost_ray_worker_is_retried(cluster, s3_recorded, monkeypatch, tmp_path):
+def test_lost_ray_worker_is_retried(cluster, s3_recorded, monkeypatch, tmp_path, pools_stopped):
     """A Ray worker process killed mid-segment is retried by Ray and the replay still ends exact."""
+    monkeypatch.setenv("FLIGHTLOG_REPLAY_COLD", "1")  # the worker's parent is then the Ray worker: kill that
     marker = tmp_path / "killed-once"
     kill = (f"import os\nif os.environ.get('FLIGHTLOG_REPLAY') and not os.path.exists({str(marker)!r}):\n"
             f"    open({str(marker)!r}, 'w').close(); os.kill(os.getppid(), 9); os._exit(1)\n")

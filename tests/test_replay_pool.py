@@ -235,13 +235,32 @@ def test_warm_replay_is_bit_equal_to_cold_and_to_a_full_run(tmp_path, pools, mon
 def test_workers_split_only_over_idle_cores(monkeypatch):
     """--workers N is used only where N cores are idle; otherwise fewer, and the reason names the load."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))
-    assert pool.fit_workers(2) == (2, "2 workers as asked: 4 of 4 cores idle (load 0.3)")
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 3.0, 3.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    stat = iter([(100, 1000), (130, 1400)])  # 30 of 400 jiffies busy over the sample: 0.3 cores
+    monkeypatch.setattr(pool, "_cpu_times", lambda: next(stat))
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    n, why = pool.fit_workers(2)
+    assert n == 2 and why.startswith("2 workers as asked: 4 of 4 cores idle (0.3 busy")
+    stat = iter([(0, 1000), (320, 1400)])  # 3.2 cores busy
     n, why = pool.fit_workers(3)
-    assert n == 1 and "instead of 3" in why and "only 1 of 4 cores idle (load 3.2)" in why
+    assert n == 1 and "instead of 3" in why and "only 1 of 4 cores idle (3.2 busy" in why
+    # no /proc/stat: the load average
+    monkeypatch.setattr(pool, "_cpu_times", lambda: None)
     monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
     assert pool.fit_workers(2)[0] == 1 and pool.fit_workers(1)[0] == 1
+    assert "load average" in pool.fit_workers(2)[1]
+
+
+def test_busy_cores_sees_a_busy_core_at_once():
+    """A process spinning right now counts as a busy core (the load average would lag behind)."""
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy, how = pool.busy_cores(0.3)
+        assert busy >= 0.7 and "/proc/stat" in how
+    finally:
+        p.kill()
+        p.wait()
 
 
 SESSION = r'''
