@@ -253,7 +253,7 @@ def describe(jobs: list[Job], workers: int) -> str:
                 lines.append(f"    skipped: {sl.file}:{ln}  {txt}")
         elif diff.slice_why:
             lines.append(f"  tail slicing: none ({diff.slice_why})")
-    est_total = 0.0
+    times = []
     for j in jobs:
         full = [e for e, a in j.actions.items() if a == "full"]
         tail = [e for e, a in j.actions.items() if a == "tail"]
@@ -263,7 +263,7 @@ def describe(jobs: list[Job], workers: int) -> str:
                  * (_sliced_cost(diff) if e in sliced else 1.0) for e in tail)
         restore = [c for c in (min(j.actions) - 1,) if c in info.checkpoints] + tail
         t += sum(info.checkpoints[c]["bytes"] for c in restore if c in info.checkpoints) / 300e6
-        est_total = max(est_total, t)
+        times.append(t)
         if j.role == "verify":
             lines.append(f"  verify: epoch {_span(j.emit)} re-executed in full from the checkpoint before it; "
                          f"the new values of the fast path must equal it  ~{t:.1f}s")
@@ -272,6 +272,15 @@ def describe(jobs: list[Job], workers: int) -> str:
                      + (f" (re-executes {_span(full)})" if full else "")
                      + (f" restores {len(tail)} end-of-epoch checkpoint(s)" if tail else "")
                      + f"  ~{t:.1f}s")
+    slots = _slots(len(jobs), [info.torch_threads])
+    loads = [0.0] * slots
+    for t in times:  # the runner starts each worker in the first free slot
+        loads[loads.index(min(loads))] += t
+    est_total = max(loads)
+    if slots < len(jobs):
+        lines.append(f"  {slots} worker(s) at a time: the recorded run used {info.torch_threads} torch threads and "
+                     "a worker replays with as many (other counts can change float results); more at once "
+                     "than the cores hold would make their threads fight")
     full_run = sum(info.epoch_secs.values())
     if info.bad_checkpoints:
         lines.append(f"  corrupt or unreadable checkpoint(s) of iteration {_span(info.bad_checkpoints)}: "
@@ -414,11 +423,7 @@ def execute(jobs: list[Job], store: str, workers: int, threads: int | None = Non
     for j in jobs:
         th = threads if threads is not None else j.info.torch_threads
         plan = _worker_plan(j, store, replay_id, tmp, con, th)
-        path = _plan_path(tmp, j.info.run_id, j.index)
-        with open(path + ".tmp", "w") as fh:
-            json.dump(plan, fh)
-        os.replace(path + ".tmp", path)
-        plans.append((j, plan, path))
+        plans.append((j, plan, _plan_path(tmp, j.info.run_id, j.index)))
     used = {path for _j, _p, path in plans}
     for path in list(prespawned):
         if path not in used:
@@ -426,14 +431,19 @@ def execute(jobs: list[Job], store: str, workers: int, threads: int | None = Non
             prespawned.pop(path)[0].wait()
     total_epochs = sum(len(j.actions) for j in jobs)
     n_verify = sum(1 for j in jobs if j.role == "verify")
+    slots = _slots(max(1, workers) + n_verify, [p.get("torch_threads") for _j, p, _path in plans])
     show = progress if progress is not None else _isatty(out)
     pending = list(plans)
     running: list[tuple] = []
     results: list[SegmentResult] = []
     started_at = _now()
     while pending or running:
-        while pending and len(running) < max(1, workers) + n_verify:
+        while pending and len(running) < slots:
             j, plan, path = pending.pop(0)
+            # a worker starts when its plan exists (a prespawned one has been waiting for it)
+            with open(path + ".tmp", "w") as fh:
+                json.dump(plan, fh)
+            os.replace(path + ".tmp", path)
             if path in prespawned:
                 p, logf, log_path, ts = prespawned.pop(path)
             else:
@@ -486,6 +496,25 @@ def execute(jobs: list[Job], store: str, workers: int, threads: int | None = Non
     return res
 
 
+def _slots(wanted: int, threads: list) -> int:
+    """How many workers run at once: ``wanted``, but never more torch threads than cores.
+
+    A recorded run that used 2 intra-op threads replays with 2 (other thread counts can change
+    float results); two such workers on 2 cores made OpenMP's spinning threads fight for them, and
+    a 0.1 s epoch took seconds. Workers beyond the cores wait for a free slot instead.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    from flightlog.replay import ray_executor as _ray
+
+    if _ray.active():
+        return wanted  # the cluster's scheduler places the tasks
+    per = max([int(t) for t in threads if isinstance(t, (int, float)) and t and t > 0] or [1])
+    return max(1, min(wanted, cores // per))
+
+
 def _unslice(jobs, plans, results, store, workers, threads, replay_id, tmp, con):
     """Tail slicing's fallback: a run whose sliced fast path disagrees with its verification epoch
     re-runs its segments with the whole tail (the verification itself is reused).
@@ -534,8 +563,9 @@ def _unslice(jobs, plans, results, store, workers, threads, replay_id, tmp, con)
     done: dict[int, tuple] = {}
     pending = list(fresh)
     running: list[tuple] = []
+    slots = _slots(max(1, workers), [pl.get("torch_threads") for _o, _n, pl, _p in fresh])
     while pending or running:
-        while pending and len(running) < max(1, workers):
+        while pending and len(running) < slots:
             old, nj, plan, path = pending.pop(0)
             p, logf, log_path, ts = _spawn(nj.script_path, nj.script_args, nj.cwd, path, store,
                                            plan.get("torch_threads"), tmp, f"{nj.info.run_id}-{nj.index}")

@@ -441,3 +441,16 @@ def test_workers_report_only_installed_modules(tmp_path, monkeypatch):
     assert "mylocal_mod_x" not in got
     assert ("colorsys" in got) == ("colorsys" not in before)
     sys.modules.pop("mylocal_mod_x", None)
+
+
+def test_workers_at_once_never_hold_more_torch_threads_than_cores(monkeypatch):
+    """2 workers of a run recorded with 2 torch threads on 2 cores run one at a time (their OpenMP threads fought)."""
+    from flightlog.replay import runner
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert runner._slots(2, [2, 2]) == 1
+    assert runner._slots(2, [1, 1]) == 2
+    assert runner._slots(3, [None]) == 2  # no thread count recorded: one each
+    assert runner._slots(1, [4]) == 1  # never zero
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert runner._slots(3, [2, 2, 2]) == 3
