@@ -624,6 +624,11 @@ class _Server:
         if not isinstance(script, str) or not os.path.isfile(script):
             return refuse("no such script")
         _import_all([n for n in req.get("imports", []) if isinstance(n, str)])
+        if self.pending:
+            # replays back to back leave no idle second to learn in; the worker would import these itself
+            self.learn()
+            if self.stop:
+                return refuse("a learned import started a thread in the pool; it restarts without it")
         shadow = _shadowed(os.path.dirname(os.path.abspath(script)))
         if shadow:
             return refuse(f"the script's folder has its own {shadow[0]} (a cold worker imports that file)")
