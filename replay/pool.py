@@ -322,12 +322,17 @@ def _recv(sock: socket.socket, with_fds: bool = False, limit: int = 1 << 22) -> 
 
 # -- the pool process ------------------------------------------------------------------------
 
-def _write_info(d: str, info: dict) -> None:
-    tmp = os.path.join(d, f"info.json.{os.getpid()}")
+def _write_json(path: str, obj) -> None:
+    """Replace ``path`` at once with ``obj`` as JSON, readable by the owner only."""
+    tmp = f"{path}.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump(info, fh)
-    os.replace(tmp, os.path.join(d, "info.json"))
+        json.dump(obj, fh)
+    os.replace(tmp, path)
+
+
+def _write_info(d: str, info: dict) -> None:
+    _write_json(os.path.join(d, "info.json"), info)
 
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
@@ -370,11 +375,7 @@ def _read_learned(d: str, fp: str) -> dict:
 
 
 def _write_learned(d: str, learned: dict) -> None:
-    tmp = os.path.join(d, f"learned.json.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(learned, fh)
-    os.replace(tmp, os.path.join(d, "learned.json"))
+    _write_json(os.path.join(d, "learned.json"), learned)
 
 
 def _import_all(names: list[str]) -> tuple[list[str], list[str]]:
@@ -1098,14 +1099,6 @@ def note_startup(store: str, seconds: float | None) -> None:
         _write_json(path, data)
     except (Unavailable, OSError, ValueError):
         pass
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh)
-    os.replace(tmp, path)
 
 
 def startup_estimate(store: str | None = None) -> tuple[float, str]:
