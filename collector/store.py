@@ -292,9 +292,9 @@ def _compact_locked(d: Path, table: str, writer: str, fsync: bool) -> Path | Non
             column_encoding=enc or None,
             **_WRITE_OPTS,
         ) as w:
-            for f in files:
+            for f, src in _sources(files, remote):
                 try:
-                    t = pq.ParquetFile(_fs.open_input(f) if remote else f).read()  # (read_table imports pandas)
+                    t = pq.ParquetFile(src).read()  # (read_table imports pandas)
                 except Exception as e:  # a torn or foreign file: leave it where it is
                     log.warning("flightlog: not compacting unreadable file %s: %s", f, e)
                     raise
@@ -313,17 +313,70 @@ def _compact_locked(d: Path, table: str, writer: str, fsync: bool) -> Path | Non
         except OSError:
             pass
         return None
-    for f in files:
-        if f.name == target.name:  # an earlier merge with the same range, replaced just now
-            continue
-        if remote:
-            _fs.delete(f)
-            continue
+    old = [f for f in files if f.name != target.name]  # the same name: an earlier merge, replaced just now
+    if remote:
+        _each(_fs.delete, old)
+        return target
+    for f in old:
         try:
             f.unlink()
         except OSError:
             pass
     return target
+
+
+_IO_THREADS = 8
+
+
+def _each(fn, items: list) -> list:
+    """``[fn(x) for x in items]`` over up to 8 plain threads (object-store round trips), in order.
+
+    Plain threads, not an executor: runs usually end in an ``atexit`` handler, where
+    ``concurrent.futures`` refuses new work. The first exception is raised after all finished.
+    """
+    if len(items) < 2:
+        return [fn(x) for x in items]
+    out: list = [None] * len(items)
+    errors: list[BaseException] = []
+    nxt = iter(range(len(items)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                k = next(nxt, None)
+            if k is None:
+                return
+            try:
+                out[k] = fn(items[k])
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(e)
+
+    threads = [threading.Thread(target=work, name="flightlog-io", daemon=True)
+               for _ in range(min(_IO_THREADS, len(items)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def _sources(files: list[Path], remote: bool):
+    """``(file, readable)`` in order; on an object store fetched 8 at a time (one round trip each,
+    and the run's end waits for them), never more than a window of parts in memory."""
+    if not remote:
+        yield from ((f, f) for f in files)
+        return
+    for i in range(0, len(files), _IO_THREADS):
+        chunk = files[i:i + _IO_THREADS]
+        try:
+            got = _each(_fs.read_bytes, chunk)
+        except Exception:  # one unreadable part: read them one by one, so the error names it
+            got = [None] * len(chunk)
+        for f, data in zip(chunk, got):
+            yield f, (pa.BufferReader(data) if data is not None else _fs.open_input(f))
 
 
 MEMBERS_KEY = b"flightlog.batches"

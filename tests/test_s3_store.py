@@ -316,3 +316,27 @@ def test_collector_writes_to_object_storage(s3, tmp_path):
     t = fl.query("SELECT count(*) AS n, sum(value) AS s FROM metrics WHERE name = 'x'")
     assert (t.column("n")[0].as_py(), t.column("s")[0].as_py()) == (500, float(sum(range(500))))
     assert [r["status"] for r in db.read_runs(s3).to_pylist()] == ["finished"]
+
+
+def test_object_store_round_trips_run_on_plain_threads_even_at_exit(tmp_path):
+    """`_each` keeps order, raises the first error after all finished, and works in an atexit handler
+    (where runs usually end and concurrent.futures refuses work)."""
+    import threading
+
+    seen = []
+    assert _store._each(lambda x: seen.append(threading.current_thread().name) or x * 2, list(range(20))) == \
+        [x * 2 for x in range(20)]
+    assert len(seen) == 20
+
+    def boom(x):
+        if x == 3:
+            raise ValueError("planted")
+        return x
+
+    with pytest.raises(ValueError, match="planted"):
+        _store._each(boom, list(range(10)))
+    script = tmp_path / "atexit_each.py"
+    script.write_text("import atexit\nfrom flightlog.collector import store\n"
+                      "atexit.register(lambda: print('each', store._each(lambda x: x + 1, [1, 2, 3])))\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "each [2, 3, 4]" in out.stdout, out.stderr
