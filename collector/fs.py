@@ -139,7 +139,9 @@ def open_input(p: Any):
 
 
 def read_bytes(p: Any) -> bytes:
-    with open_input(p) as fh:
+    """The whole object in one GET (a stream needs no HEAD for the size first)."""
+    fs, path = split(p)
+    with fs.open_input_stream(path) as fh:
         return fh.read()
 
 
