@@ -1201,7 +1201,7 @@ def status(store: str) -> dict | None:
         return None
     live = _request(d, {"op": "status"}, 2.0) or {}
     out = {k: info.get(k) for k in ("pid", "state", "imports", "failed", "idle_s", "started", "import_s",
-                                    "threads_after_import")}
+                                    "threads_after_import", "learned")}
     out.update({k: live[k] for k in ("forks", "running", "idle_for") if k in live})
     out["dir"] = d
     # the Python environment is compared at the next replay (it depends on the workers' environment)
@@ -1238,6 +1238,8 @@ def describe_status(store: str) -> str:
             f"up {age:.0f} s, {st.get('forks', '?')} workers forked, {st.get('running', '?')} running, "
             f"idle {st.get('idle_for', '?')} s of {st.get('idle_s'):g} s; imports "
             f"{', '.join(st.get('imports') or []) or '(flightlog only)'}")
+    if st.get("learned"):
+        line += f", and {st['learned']} module(s) its workers imported later (learned)"
     if st.get("stale"):
         line += f"; stale ({st['stale']}): the next replay restarts it"
     if not st.get("answers"):

@@ -382,6 +382,7 @@ def test_the_pool_learns_what_workers_import_lazily(tmp_path, pools):
 
     assert _wait_for(learned)
     assert _wait_for(lambda: (pool.read_info(d) or {}).get("learned", 0) >= 1)
+    assert "(learned)" in pool.describe_status(store)
     w, rc, log = _spawn(store, script, [], tmp_path, name="w2")
     assert rc == 0 and w.how == "pool" and "had colorsys True" in log
     assert pool.read_info(d)["pid"] == pid
