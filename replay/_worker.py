@@ -46,7 +46,10 @@ def _fsync_results() -> None:
     try:
         with open(plan_path) as fh:
             plan = json.load(fh)
-    except (OSError, ValueError):
+        from flightlog import _replay
+
+        plan = _replay.rank_plan(plan, _replay.worker_rank())
+    except (OSError, ValueError, ImportError):
         return
     for key in ("result_path", "rows_path"):
         p = plan.get(key)

@@ -149,7 +149,8 @@ def fingerprint(env: dict | None = None) -> str:
             parts.append(f"{d}:{os.stat(d).st_mtime_ns}")  # changes when a package is (un)installed
         except OSError:
             parts.append(d)
-    parts += sorted(f"{k}={v}" for k, v in env.items() if k.startswith(_ENV_PREFIXES))
+    parts += sorted(f"{k}={v}" for k, v in env.items()
+                    if k.startswith(_ENV_PREFIXES) and not k.startswith("TORCHELASTIC_"))  # a launcher's, per job
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 

@@ -145,8 +145,9 @@ def _extract_recorded(con, info: RunInfo, executed: list[int], path: str) -> Non
     ph = ", ".join("?" for _ in chain)
     eph = ", ".join("?" for _ in executed) or "NULL"
     t = db.sql_arrow(con, f"""
-        SELECT name, step, value, epoch, batch, wall_time FROM (
-          SELECT *, row_number() OVER (PARTITION BY name, step ORDER BY list_position([{ph}], run_id) DESC) AS rn
+        SELECT name, step, value, epoch, batch, wall_time, rank FROM (
+          SELECT *, row_number() OVER (PARTITION BY name, step, rank
+                                       ORDER BY list_position([{ph}], run_id) DESC) AS rn
           FROM metrics WHERE run_id IN ({ph}) AND source = 'record' AND (epoch IN ({eph})))
         WHERE rn = 1""", chain + chain + executed)
     pq.write_table(t, path)

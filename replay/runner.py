@@ -34,6 +34,7 @@ from flightlog._errors import ReplayError, StoreError
 from flightlog.replay import planner
 from flightlog.replay.recorded import (RunInfo, _current_code, _drop_corrupt, _extract_recorded,  # noqa: F401
                                        load_run)
+from flightlog.replay import _ranks
 from flightlog.replay import slicing as _slicing
 
 
@@ -122,11 +123,6 @@ def plan_run(store: str, info: RunInfo, script_path: str, script_args: list[str]
 
     if not info.snapshot_id:
         raise ReplayError(f"run {info.run_id} has no code snapshot; it cannot be replayed")
-    if info.ranks > 1:
-        # a replay worker is one process: the ranks' all-reduced gradients and data shards would differ
-        raise ReplayError(f"run {info.run_id} was recorded by {info.ranks} processes (torchrun/DDP ranks); replay "
-                          "runs each segment in one process, which would not reproduce it (resume works: "
-                          "flightlog resume)")
     try:
         snap = _snapshot.load(store, info.snapshot_id)
     except OSError as e:
@@ -178,6 +174,8 @@ def plan_run(store: str, info: RunInfo, script_path: str, script_args: list[str]
     cwd = info.cwd if info.cwd and os.path.isdir(info.cwd) else None
     ck = {i: c["position"] for i, c in info.checkpoints.items()}
     used = _checkpoints_used(chosen, level, ck)
+    if info.ranks > 1:
+        _ranks.check_replayable(store, info, used)
     planner.resolve_levels(diff, [info.checkpoints[i].get("captured") for i in used],
                            sorted(set(info.top_loops) | set(diff.top_loops)))
     level = diff.level
@@ -341,6 +339,7 @@ def _worker_plan(job: Job, store: str, replay_id: str, tmp: str, con, threads: i
         "scratch": os.path.join(scratch_root(store, replay_id), f"{job.info.run_id}-{job.role}{job.index}"),
         "tmp": tmp,
         "torch_threads": threads,
+        "world_size": job.info.ranks,  # > 1: the segment runs as that many rank processes (replay/_ranks.py)
     }
 
 
@@ -372,7 +371,7 @@ def _verdict(d: dict) -> str:
 
 
 def _spawn(script_path: str, script_args: list[str], cwd: str | None, plan_path: str, store: str,
-           threads: int | None, tmp: str, tag: str) -> tuple:
+           threads: int | None, tmp: str, tag: str, world: int = 1) -> tuple:
     env = dict(os.environ)
     env[_config.ENV_REPLAY] = plan_path
     env[_config.ENV_HOME] = store
@@ -390,6 +389,9 @@ def _spawn(script_path: str, script_args: list[str], cwd: str | None, plan_path:
     # warm (forked from the store's pool or this session) when it can be, else the lean cold entry
     from flightlog.replay import pool as _pool
 
+    if world > 1:  # the ranks of a torchrun/DDP run: one process each, on this machine
+        p = _ranks.spawn_group(cmd, env, cwd or os.getcwd(), logf, log_path, plan_path, store, threads, world, tag)
+        return p, logf, log_path, time.time()
     kw = dict(env=env, cwd=cwd or os.getcwd(), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     p = _pool.spawn(cmd, env, kw["cwd"], logf, store, kw, threads) or subprocess.Popen(_pool.cold_cmd(cmd), **kw)
     return p, logf, log_path, time.time()
@@ -431,7 +433,8 @@ def execute(jobs: list[Job], store: str, workers: int, threads: int | None = Non
             prespawned.pop(path)[0].wait()
     total_epochs = sum(len(j.actions) for j in jobs)
     n_verify = sum(1 for j in jobs if j.role == "verify")
-    slots = _slots(max(1, workers) + n_verify, [p.get("torch_threads") for _j, p, _path in plans])
+    slots = _slots(max(1, workers) + n_verify,
+                   [(p.get("torch_threads") or 1) * int(p.get("world_size") or 1) for _j, p, _path in plans])
     show = progress if progress is not None else _isatty(out)
     pending = list(plans)
     running: list[tuple] = []
@@ -448,7 +451,8 @@ def execute(jobs: list[Job], store: str, workers: int, threads: int | None = Non
                 p, logf, log_path, ts = prespawned.pop(path)
             else:
                 p, logf, log_path, ts = _spawn(j.script_path, j.script_args, j.cwd, path, store,
-                                               plan.get("torch_threads"), tmp, f"{j.info.run_id}-{j.index}")
+                                               plan.get("torch_threads"), tmp, f"{j.info.run_id}-{j.index}",
+                                               plan.get("world_size", 1))
             running.append((j, plan, p, logf, log_path, ts))
         time.sleep(0.05)
         still = []
@@ -473,7 +477,8 @@ def execute(jobs: list[Job], store: str, workers: int, threads: int | None = Non
         with open(path, "w") as fh:
             json.dump(plan, fh)
         p, logf, log_path, ts = _spawn(newj.script_path, newj.script_args, newj.cwd, path, store,
-                                       plan.get("torch_threads"), tmp, f"{newj.info.run_id}-{newj.index}")
+                                       plan.get("torch_threads"), tmp, f"{newj.info.run_id}-{newj.index}",
+                                       plan.get("world_size", 1))
         p.wait()
         logf.close()
         results = [(j, r) for j, r in results if j is not old]
@@ -563,12 +568,14 @@ def _unslice(jobs, plans, results, store, workers, threads, replay_id, tmp, con)
     done: dict[int, tuple] = {}
     pending = list(fresh)
     running: list[tuple] = []
-    slots = _slots(max(1, workers), [pl.get("torch_threads") for _o, _n, pl, _p in fresh])
+    slots = _slots(max(1, workers), [(pl.get("torch_threads") or 1) * int(pl.get("world_size") or 1)
+                                     for _o, _n, pl, _p in fresh])
     while pending or running:
         while pending and len(running) < slots:
             old, nj, plan, path = pending.pop(0)
             p, logf, log_path, ts = _spawn(nj.script_path, nj.script_args, nj.cwd, path, store,
-                                           plan.get("torch_threads"), tmp, f"{nj.info.run_id}-{nj.index}")
+                                           plan.get("torch_threads"), tmp, f"{nj.info.run_id}-{nj.index}",
+                                           plan.get("world_size", 1))
             running.append((old, nj, plan, path, p, logf, log_path, ts))
         time.sleep(0.05)
         still = []

@@ -50,10 +50,37 @@ def _wait_for_plan(plan_path: str) -> None:
         time.sleep(0.005)
 
 
+def worker_rank() -> int | None:
+    """This worker's rank in a multi-process segment (env ``RANK``); None for a one-process worker."""
+    raw = os.environ.get("RANK")
+    try:
+        return int(raw) if raw not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def rank_plan(plan: dict, rank: int | None) -> dict:
+    """The plan as rank ``rank`` of a multi-process segment follows it.
+
+    The ranks of one segment share one plan file; rank 0 writes the result, rows and
+    progress files it names, rank r > 0 writes them with a ``.rank<r>`` suffix (the runner
+    merges them) and uses a writer id of its own (part names must not collide).
+    """
+    if not rank or int(plan.get("world_size") or 1) <= 1:
+        return plan
+    plan = dict(plan)
+    for key in ("result_path", "rows_path"):
+        if isinstance(plan.get(key), str):
+            plan[key] = f"{plan[key]}.rank{rank}"
+    plan["progress_path"] = None
+    plan["writer"] = f"{plan['writer']}r{rank}"
+    return plan
+
+
 def start_replay_run(plan_path: str, project=None, store=None) -> "_run.Run":
     _wait_for_plan(plan_path)
     with open(plan_path) as fh:
-        plan = json.load(fh)
+        plan = rank_plan(json.load(fh), worker_rank())
     from flightlog.collector.store import LocalSink
 
     home = plan["store"]
@@ -113,6 +140,7 @@ class ReplayMode(Mode):
         self.ckpts = {int(k): v for k, v in plan["checkpoints"].items()}
         self.owner = {int(k): v for k, v in plan.get("owner", {}).items()}
         self.recorded_names = set(plan.get("recorded_names", []))
+        self.rank = worker_rank() if int(plan.get("world_size") or 1) > 1 else None
         self.recorded: dict[tuple[str, int], float] = {}
         self.times: dict[tuple, Any] = {}
         self._load_recorded(plan.get("recorded_path"))
@@ -132,6 +160,7 @@ class ReplayMode(Mode):
         self.new_rows: list[tuple] = []  # (name, value, step or None, ctx, epoch)
         self.out_rows: dict[str, list] = {k: [] for k in _schema.METRICS.names}
         self.new_names: set[str] = set()
+        self.pre_steps: dict[str, int] = {}  # new names' calls before training (not replayed; they shift steps)
         self.rows_written = 0
         self.epochs_done: list[int] = []
         self.stopped_early: int | None = None
@@ -168,6 +197,10 @@ class ReplayMode(Mode):
         import pyarrow.parquet as pq
 
         t = pq.read_table(path)
+        if "rank" in t.column_names and self.rank is not None:
+            import pyarrow.compute as pc
+
+            t = t.filter(pc.equal(t.column("rank"), self.rank))  # each rank compares with its own record
         names = t.column("name").to_pylist()
         steps = t.column("step").to_pylist()
         vals = t.column("value").to_pylist()
@@ -389,6 +422,12 @@ class ReplayMode(Mode):
             step = run.steps.get(name, 0)
             run.steps[name] = step + 1
         e = self.cur_epoch
+        if e is not None and e < -1:
+            # before training (Lightning's sanity validation): not replayed, but counted, because in a full
+            # re-run these calls come first and every later value's step follows them
+            if step is None:
+                self.pre_steps[name] = self.pre_steps.get(name, 0) + 1
+            return
         if e is not None and e not in self.emit and not (self.kind == "from_start" and self.outer_loops > 1):
             return  # fast-forward epoch: its new values belong to another worker or are not wanted
         if e is None and not self.plan.get("store_run_level", True):
@@ -451,7 +490,7 @@ class ReplayMode(Mode):
             if step is None:
                 k = seen.get(name, 0)
                 seen[name] = k + 1
-                step = (e * per_name[name] if e is not None else 0) + k
+                step = (self.pre_steps.get(name, 0) + e * per_name[name] if e is not None else 0) + k
             cols["run_id"].append(self.owner.get(e, self.run.run_id) if e is not None else self.run.run_id)
             cols["name"].append(name)
             cols["value"].append(v)
@@ -464,7 +503,7 @@ class ReplayMode(Mode):
             cols["writer"].append(self.run.writer)
             cols["replay_id"].append(self.plan.get("replay_id"))
             if "rank" in cols:
-                cols["rank"].append(None)  # replay workers are single processes
+                cols["rank"].append(self.rank)  # None: a one-process worker
         self.rows_written += len(rows)
 
     def write_result(self) -> None:

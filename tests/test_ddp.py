@@ -58,11 +58,35 @@ def _run(args, store, cwd, env=None):
     return subprocess.run(args, capture_output=True, text=True, timeout=600, env=e, cwd=str(cwd))
 
 
+def _per_rank_script(folder, extra: dict[str, str] | None = None) -> str:
+    """The example with a seed per rank (ranks' RNG states differ), plus ``extra`` lines after anchors."""
+    with open(EXAMPLE) as fh:
+        text = fh.read().replace("pl.seed_everything(0, workers=True)",
+                                 'pl.seed_everything(int(os.environ.get("RANK") or 0), workers=True)')
+    for anchor, line in (extra or {}).items():
+        assert anchor in text
+        indent = anchor[:len(anchor) - len(anchor.lstrip())]
+        text = text.replace(anchor, anchor + "\n" + indent + line)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(str(folder), "train.py")
+    with open(path, "w") as fh:
+        fh.write(text)
+    return path
+
+
+VAL_ANCHOR = '        self.log("val_acc", (logits.argmax(1) == y).float().mean())'
+TRAIN_ANCHOR = '        self.log("train_loss", loss, on_step=True, on_epoch=True)'
+VAL_LINE = 'fl.log("val_top2", (logits.topk(2, 1).indices == y[:, None]).any(1).float().mean().item())'
+TRAIN_LINE = 'fl.log("w_probe", self.net[1].weight.abs().mean().item())'
+
+
 @pytest.mark.slow
 def test_ddp_two_gloo_ranks_one_run_and_exact_resume(tmp_path):
-    """2 gloo ranks: one run id, a rank on every row, checkpoints by rank 0, show per rank; resume is exact."""
+    """2 gloo ranks (a seed per rank): one run id, a rank on every row, rank 0's checkpoints, show per rank;
+    resume after SIGKILL is bit for bit, each rank continuing with its own RNG states."""
+    script = _per_rank_script(tmp_path / "code")
     store, full = str(tmp_path / "s"), str(tmp_path / "full")
-    p = _run(TORCHRUN + [EXAMPLE, "3"], store, tmp_path, env={"KILL_AT_EPOCH": "2"})
+    p = _run(TORCHRUN + [script, "3"], store, tmp_path, env={"KILL_AT_EPOCH": "2"})
     assert p.returncode != 0
     runs = fl.query("SELECT DISTINCT run_id FROM runs", store=store).column(0).to_pylist()
     assert len(runs) == 1
@@ -73,10 +97,11 @@ def test_ddp_two_gloo_ranks_one_run_and_exact_resume(tmp_path):
     assert show.returncode == 0 and "ranks (2 processes" in show.stdout, show.stderr
 
     w_res, w_full = str(tmp_path / "res.pt"), str(tmp_path / "full.pt")
-    p = _run([sys.executable, "-m", "flightlog.cli", "resume", runs[0], "--"] + TORCHRUN + [EXAMPLE, "3"],
+    p = _run([sys.executable, "-m", "flightlog.cli", "resume", runs[0], "--"] + TORCHRUN + [script, "3"],
              store, tmp_path, env={"WEIGHTS_OUT": w_res})
     assert p.returncode == 0, p.stderr[-3000:]
-    p = _run(TORCHRUN + [EXAMPLE, "3"], full, tmp_path, env={"WEIGHTS_OUT": w_full})
+    assert "resume_rng" not in p.stderr  # every rank found its own RNG states in the checkpoint
+    p = _run(TORCHRUN + [script, "3"], full, tmp_path, env={"WEIGHTS_OUT": w_full})
     assert p.returncode == 0, p.stderr[-3000:]
     import torch
 
@@ -89,8 +114,90 @@ def test_ddp_two_gloo_ranks_one_run_and_exact_resume(tmp_path):
     want = [r for r in fl.query(q.replace("RUN", "true"), store=full).to_pylist() if r["epoch"] >= 2]
     assert got and got == want
     assert fl.query("SELECT count(*) FROM checkpoints", store=full).column(0)[0].as_py() == 4  # rank 0's only
-    # replay runs a segment in one process: a 2-process run is refused, with the reason and what works
-    from flightlog.replay import run as replay
 
-    with pytest.raises(fl.ReplayError, match="recorded by 2 processes.*flightlog resume"):
-        replay(EXAMPLE, run=res[0], store=store, cold=True)
+
+def _replay(script, run_id, store, cwd, *extra):
+    return _run([sys.executable, "-m", "flightlog.cli", "replay", script, "--run", run_id, "--store", store, *extra],
+                store, cwd)
+
+
+def _values(store: str, name: str, epochs=None) -> list[tuple]:
+    q = f"SELECT rank, epoch, batch, step, value FROM metrics WHERE name = '{name}' ORDER BY rank, step"
+    return [tuple(r.values()) for r in fl.query(q, store=store).to_pylist() if epochs is None or r["epoch"] in epochs]
+
+
+@pytest.mark.slow
+def test_ddp_replay_epoch_and_batch_level_equal_a_full_rerun(tmp_path):
+    """A 2-rank gloo run replays as 2 rank processes per segment: a new statement in validation_step
+    (epoch level: training batches skipped) and one in training_step (batch level, from the checkpoint
+    of epoch 1 with each rank's own RNG) give exactly what a full torchrun re-run of that script logs."""
+    store = str(tmp_path / "s")
+    p = _run(TORCHRUN + [_per_rank_script(tmp_path / "code"), "3"], store, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rid = fl.query("SELECT run_id FROM runs", store=store).column(0)[0].as_py()
+    both = _per_rank_script(tmp_path / "full", {VAL_ANCHOR: VAL_LINE, TRAIN_ANCHOR: TRAIN_LINE})
+    p = _run(TORCHRUN + [both, "3"], str(tmp_path / "full-s"), tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    ep = _per_rank_script(tmp_path / "ep", {VAL_ANCHOR: VAL_LINE})
+    p = _replay(ep, rid, store, tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    assert "epoch-level replay" in p.stdout and "fidelity: exact" in p.stdout, p.stdout
+    got = _values(store, "val_top2")
+    assert {r[0] for r in got} == {0, 1} and len(got) == 6
+    # the same values at the same steps; the full run also logged it in Lightning's sanity validation
+    # (epoch NULL), which replay counts for the steps but does not re-create
+    assert got == _values(str(tmp_path / "full-s"), "val_top2", epochs={0, 1, 2})
+
+    bt = _per_rank_script(tmp_path / "bt", {TRAIN_ANCHOR: TRAIN_LINE})
+    p = _replay(bt, rid, store, tmp_path, "--epochs", "2")
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    assert "batch-level replay" in p.stdout and "fidelity: exact" in p.stdout, p.stdout
+    assert "compared 16" in p.stdout  # both ranks' recorded values of epoch 2, each against its own record
+    got = _values(store, "w_probe")
+    assert {r[0] for r in got} == {0, 1} and len(got) == 10
+    assert got == _values(str(tmp_path / "full-s"), "w_probe", epochs={2})
+
+
+def test_multi_process_run_without_every_ranks_rng_is_refused(tmp_path, monkeypatch):
+    """A multi-process run whose checkpoints hold one process's RNG states (plain fl.loop under torchrun)
+    is refused with the reason, not replayed into values that could differ from the record."""
+    import dataclasses
+
+    from flightlog.replay import _ranks
+    from flightlog.replay.recorded import load_run
+
+    monkeypatch.delenv("RANK", raising=False)
+    store = str(tmp_path / "s")
+    fl.init(store=store)
+    state = {"w": 1.0}
+    with fl.checkpointing(state=state, every=1):
+        for e in fl.loop("epoch", range(2)):
+            state["w"] *= 0.5
+            fl.log("w", state["w"])
+    fl.finish()
+    from flightlog.query import db
+
+    con = db.connect(store)
+    try:
+        info = dataclasses.replace(load_run(con, store, db.resolve_run(con, "latest")), ranks=2)
+    finally:
+        con.close()
+    with pytest.raises(fl.ReplayError, match="recorded by 2 processes.*not every rank's"):
+        _ranks.check_replayable(store, info, sorted(info.checkpoints))
+    _ranks.check_replayable(store, info, [])  # nothing to restore (replay from the start): fine
+
+
+def test_rank_results_merge():
+    """A segment's result adds its ranks' counts, keeps the first divergence (with its rank) and only the
+    epochs every rank completed."""
+    from flightlog.replay._ranks import merge_results
+
+    a = {"compared": 3, "exact": 3, "diverged": 0, "max_abs_diff": 0.0, "epochs_done": [1, 2], "new_names": ["x"],
+         "counters": {"k": 1}, "first_divergence": None, "rows": 2}
+    b = {"compared": 3, "exact": 2, "diverged": 1, "max_abs_diff": 0.5, "epochs_done": [1], "new_names": ["x", "y"],
+         "counters": {"k": 2}, "first_divergence": {"name": "loss", "step": 4}, "rows": 2}
+    m = merge_results([a, b])
+    assert (m["compared"], m["exact"], m["diverged"], m["rows"]) == (6, 5, 1, 4)
+    assert m["max_abs_diff"] == 0.5 and m["epochs_done"] == [1] and m["new_names"] == ["x", "y"]
+    assert m["first_divergence"] == {"name": "loss", "step": 4, "rank": 1} and m["counters"] == {"k": 3}

@@ -48,6 +48,7 @@ __all__ = ["FlightlogCallback"]
 
 LOOP = "epoch"
 INNER = "inner_rng"  # the checkpoint object holding the RNG states where the training batches ended
+RANKS = "rank_rng"  # under DDP: every rank's RNG states at the checkpoint and where the batches ended
 
 
 def _validates_only_at_epoch_end(trainer) -> bool:
@@ -70,6 +71,58 @@ class _InnerRNG:
 
     def load_state_dict(self, sd: dict) -> None:
         self.loaded = sd.get("rng")
+
+
+class _RankRNG:
+    """Every rank's RNG states (a checkpoint object of rank 0's, under DDP).
+
+    Rank 0 alone writes checkpoints: weights, optimizer and scheduler states are the
+    same on every rank, but RNG states need not be (a seed offset by rank, or RNG use
+    that depends on the rank's data). At each checkpoint position every rank's states
+    are gathered to rank 0 (a small collective, a few KB per rank), so a replay or
+    resume gives each rank its own: ``end`` where the checkpoint was taken, ``inner``
+    where the epoch's training batches ended.
+    """
+
+    def __init__(self) -> None:
+        self.end: list | None = None
+        self.inner: list | None = None
+        self.loaded: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"end": self.end, "inner": self.inner}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.loaded = sd
+
+
+def _gather_rng(trainer) -> list | None:
+    """Every rank's RNG states on rank 0 (None elsewhere, and with one process). All ranks must call it."""
+    if trainer.world_size <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(_checkpoint.rng_state(), out, dst=0)
+    return out
+
+
+def _own_rng(states: dict | None, which: str) -> dict | None:
+    """This rank's RNG states from a checkpoint's ``rank_rng`` (None: not recorded for this rank)."""
+    import os
+
+    if not states:
+        return None
+    got = states.get(which)
+    try:
+        rank = int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return None
+    if not got or rank >= len(got):
+        return None
+    return got[rank]
 
 
 class _TrainerState:
@@ -176,6 +229,8 @@ class FlightlogCallback(Callback):
         self._primary = True
         self._replay: "_Replay | None" = None
         self._inner = _InnerRNG()
+        self._ranks = _RankRNG()
+        self._gather = False  # recording a multi-process run with checkpoints: every rank joins the gathers
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -192,8 +247,10 @@ class FlightlogCallback(Callback):
             if _common.mode_name(self.run) == "replay":
                 if stage == "fit":
                     self._replay = _Replay(self.run, trainer)
-            elif stage == "fit" and self.checkpoints and self._primary:
-                self._register(trainer)
+            elif stage == "fit" and self.checkpoints:
+                self._gather = trainer.world_size > 1
+                if self._primary:
+                    self._register(trainer)
         except Exception as e:
             if self.run is not None and _common.mode_name(self.run) == "replay":
                 raise  # a replay worker that cannot follow its plan fails with the reason
@@ -207,6 +264,8 @@ class FlightlogCallback(Callback):
         if isinstance(mgr, _checkpoint.Checkpointer):
             mgr.objects["lightning"] = _TrainerState(trainer)
             mgr.objects[INNER] = self._inner
+            if trainer.world_size > 1:
+                mgr.objects[RANKS] = self._ranks
             self._ckpt = mgr
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -233,7 +292,7 @@ class FlightlogCallback(Callback):
             # restore_training_state (loops, optimizers, schedulers) runs next, inside Lightning.
             # RNG states now: FitLoop.run creates the first epoch's data iterator (a draw from the
             # global RNG) before on_train_start; the sanity check in between runs under isolate_rng.
-            _checkpoint.set_rng_state(payload["rng"])
+            _checkpoint.set_rng_state(self._resume_rng(trainer, payload))
             steps = dict(payload.get("steps", {}))
             try:
                 steps.update(_common.parent_steps(state.store, r.parent_run_id, state.iteration))
@@ -245,10 +304,24 @@ class FlightlogCallback(Callback):
         except Exception as e:
             _warn.problem("resume_failed", f"could not restore the Lightning checkpoint: {e!r}")
 
+    def _resume_rng(self, trainer, payload: dict) -> dict:
+        """This rank's RNG states of the checkpoint resumed from (rank 0's with one process)."""
+        if trainer.world_size <= 1:
+            return payload["rng"]
+        got = payload.get("objects", {}).get(RANKS)
+        own = _own_rng(got[1] if got else None, "end")
+        if own is None:
+            _warn.problem("resume_rng", "the checkpoint holds rank 0's RNG states only: every rank continues "
+                                        "with them (exact only if the ranks' RNG states were equal)")
+            return payload["rng"]
+        return own
+
     def on_train_start(self, trainer, pl_module) -> None:
         r = self.run
         if r is None:
             return
+        if self._gather and trainer.current_epoch == 0:
+            self._ranks.end = self._gather_rng(trainer)  # the loop-start checkpoint's, on rank 0
         from flightlog._loops import Frame
 
         total = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
@@ -290,14 +363,17 @@ class FlightlogCallback(Callback):
         # step values arrive through the logger, in this batch's context. After the last batch, before
         # validation draws from the RNG (its data loader iterator does): the RNG states an epoch-level tail
         # restores. Only when validation runs once, at the epoch's end.
-        if self._ckpt is None:
+        if self._ckpt is None and not self._gather:
             return
         try:
             loop = trainer.fit_loop.epoch_loop
             last = bool(getattr(loop.batch_progress, "is_last_batch", False)) or \
                 batch_idx + 1 == trainer.num_training_batches
             if last and _validates_only_at_epoch_end(trainer):
-                self._inner.state = _checkpoint.rng_state()
+                if self._gather:
+                    self._ranks.inner = self._gather_rng(trainer)
+                if self._ckpt is not None:
+                    self._inner.state = _checkpoint.rng_state()
         except Exception as e:
             _warn.problem("checkpoint_failed", f"RNG state at the end of the training batches not kept: {e!r}")
 
@@ -322,12 +398,15 @@ class FlightlogCallback(Callback):
         _common.set_ctx(r, e, None)
         if self._replay is not None:
             self._replay.epoch_end(trainer, e)
+        if self._gather:
+            self._ranks.end = self._gather_rng(trainer)
         if self._ckpt is not None:
             # flightlog's policy: every epoch when affordable, else an adaptive period. With the RNG states
             # of the end of the training batches it is also the state where they ended: inner_exit.
             pos = "inner_exit" if self._inner.state is not None else "iteration_end"
             self._ckpt.on_boundary(r, LOOP, e, time.perf_counter() - self._epoch_t0, pos)
             self._inner.state = None
+            self._ranks.end = self._ranks.inner = None
             r.rec.request_flush()
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -354,6 +433,14 @@ class FlightlogCallback(Callback):
         if self._owns and _run.ACTIVE is r and _common.mode_name(r) != "replay":
             _run.finish()
             self.run = None
+
+    def _gather_rng(self, trainer) -> list | None:
+        try:
+            return _gather_rng(trainer)
+        except Exception as e:
+            self._gather = False
+            _warn.problem("checkpoint_failed", f"RNG states of the other ranks not gathered: {e!r}")
+            return None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         pass  # the run's own exit hooks mark it failed/killed
@@ -385,7 +472,9 @@ class _Replay:
         _common.check_replay_mode(mode, "Lightning")
         self.run, self.mode, self.trainer = run, mode, trainer
         self.inner = _InnerRNG()
-        self.mode.checkpointing(run, {"lightning": _TrainerState(trainer), INNER: self.inner})
+        self.ranks = _RankRNG()
+        self.world = trainer.world_size
+        self.mode.checkpointing(run, {"lightning": _TrainerState(trainer), INNER: self.inner, RANKS: self.ranks})
         self.last = max(mode.actions) if mode.actions else -1
         self.emit = set(mode.emit)
         self.prev: int | None = None  # the epoch whose exact end state this process holds
@@ -401,6 +490,7 @@ class _Replay:
         self.trainer.fit_loop.min_epochs = self.last + 1
         if self.mode.actions.get(0) == "full":
             self.mode._restore(-1)  # the recorded loop-start state, if any
+            self._own_rng(-1, "end")
             self.prev = -1
 
     def epoch_start(self, trainer, e: int) -> None:
@@ -427,6 +517,7 @@ class _Replay:
             return
         if self.prev != e - 1:
             self.mode._restore(e - 1)  # model, optimizers, schedulers, RNG of the end of epoch e-1
+            self._own_rng(e - 1, "end")
         _common.set_counters(self.run, self.mode.recorded_names, self.start_counters.get(e, {}))
 
     def run_tail(self, trainer, e: int) -> None:
@@ -440,6 +531,7 @@ class _Replay:
                                  "batches: it cannot be replayed at epoch level")
         _checkpoint.set_rng_state(self.inner.loaded)
         self.inner.loaded = None
+        self._own_rng(e, "inner")
         loop = trainer.fit_loop.epoch_loop
         loop._batches_that_stepped -= 1  # validation ran before Lightning counted the last batch
         _common.set_counters(self.run, self.mode.recorded_names, self.inner_counters.get(e, {}))
@@ -456,6 +548,19 @@ class _Replay:
             trainer.training = True
             trainer._logger_connector._first_loop_iter = first
         loop._batches_that_stepped += 1
+
+    def _own_rng(self, iteration: int, which: str) -> None:
+        """Under DDP: this rank's RNG states of the checkpoint just restored (it restored rank 0's)."""
+        loaded, self.ranks.loaded = self.ranks.loaded, None
+        if self.world <= 1 or iteration not in self.mode.ckpts:
+            return
+        own = _own_rng(loaded, which)
+        if own is None:
+            from flightlog import FlightlogError
+
+            raise FlightlogError(f"the checkpoint of epoch {iteration} holds rank 0's RNG states only, not every "
+                                 f"rank's ({self.world} processes): this rank cannot be replayed exactly")
+        _checkpoint.set_rng_state(own)
 
     def epoch_end(self, trainer, e: int) -> None:
         if e >= self.last:
