@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
@@ -166,6 +167,9 @@ class LocalSink:
         # an object-store heartbeat is a PUT (an HTTP request, a billed call): every 10 s is enough
         # for readers, which call a run crashed after STALE_SECONDS (30 s) without one
         self.heartbeat_seconds = 10.0 if self.spool is not None else _config.HEARTBEAT_SECONDS
+        # object stores: this writer's files per (table, run), kept in memory to merge without GETs
+        self._kept: dict[tuple[str, str], _Kept] = {}
+        self._kept_writer = self.writer
 
     def write(self, table: str, data: pa.Table) -> None:
         """Write one batch (rows of possibly several runs) as one part per run."""
@@ -190,10 +194,70 @@ class LocalSink:
                 write_parquet_atomic(path, sub, table, fsync=self.fsync)
             with self._lock:
                 self._written.setdefault((table, run_id), []).append(seq)
+            if self.spool is not None:
+                self._keep(table, run_id, seq, sub)
+
+    # -- object stores: this writer's files in memory, merged as the run goes ------------------------
+
+    def _kept_state(self) -> dict[tuple[str, str], "_Kept"]:
+        """The kept files of the current writer (a forked child gets a new writer id: start afresh)."""
+        if self._kept_writer != self.writer:
+            with self._lock:
+                for k in self._kept.values():
+                    k.release()
+                self._kept = {}
+                self._kept_writer = self.writer
+        return self._kept
+
+    def _keep(self, table: str, run_id: str, seq: int, data: pa.Table) -> None:
+        """Remember a stored part; merge the partition's parts when enough have gathered, and delete
+        files replaced long enough ago (on the flush thread, while training goes on). Never raises:
+        the part is stored already."""
+        try:
+            kept = self._kept_state()
+            with self._lock:
+                k = kept.get((table, run_id))
+                if k is None:
+                    k = kept[(table, run_id)] = _Kept(part_dir(self.root, table, run_id), table, self.writer)
+                every = list(kept.values())
+            k.add(seq, data)
+            if self.spool.unreachable:  # no round trips while the store cannot be reached
+                return
+            if k.should_merge():
+                k.merge()
+            for k in every:
+                k.delete_doomed(older_than=DELETE_GRACE_SECONDS)
+        except Exception as e:  # noqa: BLE001 - merging is an optimisation; the run's end merges anyway
+            log.warning("flightlog: merging %s parts as the run goes failed: %r", table, e)
+
+    def _compact_remote(self, run_id: str, tables: Iterable[str] | None) -> None:
+        """The run's end on an object store: one file per table, all tables at once.
+
+        Partitions whose files are all in memory are merged without listing or GETs; the others
+        (over the memory bound) through the store, as ``flightlog compact`` does. The replaced files
+        are deleted last, all together.
+        """
+        kept = self._kept_state()
+        with self._lock:
+            keys = [key for key in kept if key[1] == run_id and (tables is None or key[0] in tables)]
+        todo = [kept[key] for key in keys]
+
+        def one(k: "_Kept") -> None:
+            if k.complete:
+                k.merge()
+            if not k.complete:  # over the memory bound (or the merge from memory failed)
+                compact_dir(k.dir, k.table, self.writer)
+            k.drop_memory()  # the run is over: later writes (rare) merge through the store
+
+        _each(one, todo)
+        _each(_fs.delete, [p for k in todo for p in k.take_doomed()])
 
     def compact(self, run_id: str, tables: Iterable[str] | None = None) -> None:
         """Merge this writer's parts of ``run_id`` into one file per table."""
         if self.spool is not None and self.spool.unreachable:  # later: `flightlog compact` merges them
+            return
+        if self.spool is not None:
+            self._compact_remote(run_id, tables)
             return
         for table in tables or _schema.TABLES:
             d = part_dir(self.root, table, run_id)
@@ -208,6 +272,9 @@ class LocalSink:
             import time
 
             self.spool.drain(deadline=time.monotonic() + 10.0)
+            with self._lock:
+                for k in self._kept.values():
+                    k.drop_memory()
 
 
 def compact_dir(d: Path, table: str, writer: str, fsync: bool = False) -> Path | None:
@@ -220,7 +287,7 @@ def compact_dir(d: Path, table: str, writer: str, fsync: bool = False) -> Path |
     inputs it has written out, and readers skip files a compact file holds).
     """
     if _fs.is_remote(d):
-        with _remote_compact_lock:
+        with _partition_lock(d, writer):
             return _compact_locked(d, table, writer, fsync)
     try:
         import fcntl
@@ -237,7 +304,168 @@ def compact_dir(d: Path, table: str, writer: str, fsync: bool = False) -> Path |
         os.close(fd)
 
 
-_remote_compact_lock = threading.Lock()
+_partition_locks = [threading.Lock() for _ in range(64)]
+
+
+def _partition_lock(d: Path, writer: str) -> threading.Lock:
+    """The lock that serialises this process's merges of ``writer`` in partition ``d`` (object stores).
+
+    A fixed pool: two partitions may share a lock (they then merge one after the other), never nested.
+    """
+    return _partition_locks[hash((str(d), writer)) % len(_partition_locks)]
+
+
+# -- object stores: a writer's own files kept in memory ----------------------------------------------
+#
+# Merging a partition through the store costs a GET per part and a DELETE per part at the run's end,
+# one round trip each. A writer on an object store therefore keeps what it stored in memory (up to
+# KEEP_BYTES per process) and merges from there: every MERGE_PARTS parts during the run (on the flush
+# thread), and once more at the end, so the end only writes one file per table and deletes the few
+# files written since the last merge. Files a merge replaced stay DELETE_GRACE_SECONDS for readers
+# that listed them just before; the run's end deletes the rest. Readers never see a row twice or miss
+# one at any moment: a merged file is written before anything it replaces is deleted, and holds every
+# batch of the files it replaces (visible_files skips those).
+
+KEEP_BYTES = 64 << 20
+MERGE_PARTS = 8
+DELETE_GRACE_SECONDS = 5.0
+_CHEAP_MERGE_BYTES = 4 << 20
+_kept_bytes = 0
+_kept_lock = threading.Lock()
+
+
+def kept_bytes() -> int:
+    """Bytes of stored parts this process holds in memory for merging (object stores)."""
+    return _kept_bytes
+
+
+def _reserve(n: int) -> bool:
+    global _kept_bytes
+    with _kept_lock:
+        if n > 0 and _kept_bytes + n > KEEP_BYTES:
+            return False
+        _kept_bytes = max(0, _kept_bytes + n)
+        return True
+
+
+class _Kept:
+    """One partition's files of one writer on an object store: the latest merged file and the parts
+    written since, each with its rows in memory while ``complete`` (else merges go through the store)."""
+
+    def __init__(self, d: Path, table: str, writer: str) -> None:
+        self.dir, self.table, self.writer = d, table, writer
+        self.lock = threading.Lock()
+        self.complete = True
+        self.merged: tuple[str, list[tuple[int, int]], list[pa.Table]] | None = None  # (name, batches, rows)
+        self.merged_bytes = 0
+        self.parts: dict[int, pa.Table] = {}
+        self.parts_bytes = 0
+        self.doomed: list[tuple[float, Path]] = []  # (when replaced, file)
+
+    def add(self, seq: int, data: pa.Table) -> None:
+        n = data.nbytes
+        with self.lock:
+            if not self.complete:
+                return
+            if not _reserve(n):  # over the process's bound: this partition merges through the store
+                self._drop()
+                return
+            self.parts[seq] = data
+            self.parts_bytes += n
+
+    def should_merge(self) -> bool:
+        """Enough parts gathered, and the rewrite of what is merged already is cheap enough for them."""
+        with self.lock:
+            if not self.complete or len(self.parts) < MERGE_PARTS:
+                return False
+            return (self.merged_bytes <= _CHEAP_MERGE_BYTES or len(self.parts) >= 8 * MERGE_PARTS
+                    or 4 * self.parts_bytes >= self.merged_bytes)
+
+    def merge(self) -> bool:
+        """Write the merged file and the parts since as one merged file, from memory (no GET).
+
+        The replaced files join ``doomed``. False when nothing was written (nothing to merge, the store
+        failed: everything stays as it was).
+        """
+        with _partition_lock(self.dir, self.writer):
+            with self.lock:
+                if not self.complete:
+                    return False
+                merged, parts = self.merged, sorted(self.parts.items())
+            if len(parts) + (merged is not None) < 2:
+                return False
+            spans = list(merged[1]) if merged else []
+            members = _merge_spans(spans + [(q, q) for q, _ in parts])
+            lo, hi = members[0][0], members[-1][1]
+            target = self.dir / f"compact-{self.writer}-{lo:08d}-{hi:08d}.parquet"
+            rows = (merged[2] if merged else []) + [t for _, t in parts]
+            try:
+                _fs.put(target, _encode_merged(self.table, members, rows))
+            except OSError as e:  # the store failed: the parts stay; the run's end or `flightlog compact` retries
+                log.debug("flightlog: merge of %s failed: %s", target, e)
+                return False
+            except Exception as e:  # a bug or bad rows: leave it to the merge through the store
+                log.warning("flightlog: could not merge %s in memory (%r); merging through the store", self.dir, e)
+                with self.lock:
+                    self._drop()
+                return False
+            now = time.monotonic()
+            old = ([merged[0]] if merged else []) + [f"part-{q:08d}-{self.writer}.parquet" for q, _ in parts]
+            with self.lock:
+                if not self.complete:  # dropped meanwhile: the file is written, its rows are no longer here
+                    rows_bytes = 0
+                    self.merged = None
+                else:
+                    for q, _ in parts:
+                        self.parts_bytes -= self.parts.pop(q).nbytes
+                    rows_bytes = sum(t.nbytes for _, t in parts)
+                    self.merged = (target.name, members, rows)
+                    self.merged_bytes += rows_bytes
+                self.doomed.extend((now, self.dir / n) for n in old if n != target.name)
+            return True
+
+    def delete_doomed(self, older_than: float = 0.0) -> None:
+        """Delete replaced files (a merged file holds their rows) replaced more than ``older_than`` s ago."""
+        cut = time.monotonic() - older_than
+        with self.lock:
+            due = [p for t, p in self.doomed if t <= cut]
+            self.doomed = [(t, p) for t, p in self.doomed if t > cut]
+        if due:
+            _each(_fs.delete, due)
+
+    def take_doomed(self) -> list[Path]:
+        with self.lock:
+            due, self.doomed = [p for _, p in self.doomed], []
+        return due
+
+    def _drop(self) -> None:  # lock held
+        _reserve(-(self.parts_bytes + self.merged_bytes))
+        self.complete = False
+        self.merged, self.parts = None, {}
+        self.parts_bytes = self.merged_bytes = 0
+
+    def drop_memory(self) -> None:
+        """Forget the rows (the run ended, or memory is short); later merges go through the store."""
+        with self.lock:
+            self._drop()
+
+    def release(self) -> None:
+        """Forget everything, doomed files included (a forked child: they are its parent's to delete)."""
+        with self.lock:
+            self._drop()
+            self.doomed = []
+
+
+def _encode_merged(table: str, members: list[tuple[int, int]], rows: list[pa.Table]) -> pa.Buffer:
+    """One compact file's bytes: ``rows`` in order, the batch numbers they hold in the footer."""
+    sch = _schema.schema(table).with_metadata({MEMBERS_KEY: json.dumps(members, separators=(",", ":")).encode()})
+    enc = {"value": "BYTE_STREAM_SPLIT"} if table == "metrics" else {}
+    buf = pa.BufferOutputStream()
+    with pq.ParquetWriter(buf, sch, use_dictionary=[f.name for f in sch if f.name not in enc],
+                          column_encoding=enc or None, **_WRITE_OPTS) as w:
+        for t in rows:
+            w.write_table(_schema.conform(table, t).cast(sch))
+    return buf.getvalue()
 
 
 def is_dir(d: Path) -> bool:
@@ -264,8 +492,15 @@ def exists(p: Path) -> bool:
 
 
 def _compact_locked(d: Path, table: str, writer: str, fsync: bool) -> Path | None:
-    files = [f for f in visible_files(d) if _file_writer(f.name) == writer]
+    remote = _fs.is_remote(d)
+    hidden: list[Path] | None = [] if remote else None
+    files = [f for f in visible_files(d, hidden) if _file_writer(f.name) == writer]
+    # object stores: files a merged file holds but that were never deleted (a writer killed between its
+    # merge and the deletes, a failed DELETE) are deleted here, so `flightlog compact` cleans them up
+    covered = [f for f in hidden or () if _file_writer(f.name) == writer]
     if len(files) < 2:
+        if covered:
+            _each(_fs.delete, covered)
         return None
     spans: list[tuple[int, int]] = []
     for f in files:
@@ -283,7 +518,6 @@ def _compact_locked(d: Path, table: str, writer: str, fsync: bool) -> Path | Non
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     sch = _schema.schema(table).with_metadata({MEMBERS_KEY: json.dumps(members, separators=(",", ":")).encode()})
     enc = {"value": "BYTE_STREAM_SPLIT"} if table == "metrics" else {}
-    remote = _fs.is_remote(d)
     try:
         with pq.ParquetWriter(
             buf := pa.BufferOutputStream() if remote else tmp,
@@ -315,7 +549,7 @@ def _compact_locked(d: Path, table: str, writer: str, fsync: bool) -> Path | Non
         return None
     old = [f for f in files if f.name != target.name]  # the same name: an earlier merge, replaced just now
     if remote:
-        _each(_fs.delete, old)
+        _each(_fs.delete, old + [f for f in covered if f.name != target.name])
         return target
     for f in old:
         try:
@@ -396,18 +630,19 @@ def _merge_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in out]
 
 
-def compact_members(path: Path) -> tuple[tuple[int, int], ...] | None:
+def compact_members(path: Path, listed: tuple[int, int] | None = None) -> tuple[tuple[int, int], ...] | None:
     """The batch numbers a compact file holds, as sorted ``(a, b)`` ranges; None if it cannot be read.
 
     Files written before the numbers were recorded hold their whole name range.
-    Cached by inode, mtime and size: a compact file never changes once renamed in.
+    Cached by inode, mtime and size: a compact file never changes once renamed in. On an object
+    store ``listed`` is the ``(size, mtime_ns)`` a listing just gave (saves a HEAD per lookup).
     """
     m = _COMPACT.match(path.name)
     if not m:
         return None
     try:
         if _fs.is_remote(path):
-            size, mtime = _fs.stat(path)
+            size, mtime = listed if listed is not None and listed[0] >= 0 and listed[1] else _fs.stat(path)
             key = (0, mtime, size)
         else:
             st = os.stat(path)
@@ -476,15 +711,17 @@ def _file_writer(name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def visible_files(d: Path) -> list[Path]:
+def visible_files(d: Path, hidden: list[Path] | None = None) -> list[Path]:
     """Parquet files of one partition that readers should see, oldest first.
 
-    Skips temporaries and parts already merged into a compact file.
+    Skips temporaries and parts already merged into a compact file. ``hidden``, when given, gets
+    the skipped files whose every batch a readable compact file was seen to hold (safe to delete).
     """
     try:
-        names = _listdir(d)
+        names = _fs.listdir(d) if _fs.is_remote(d) else os.listdir(d)  # object stores: {name: (size, mtime_ns)}
     except OSError:
         return []
+    listed = names.get if isinstance(names, dict) else (lambda n: None)
     compacts: dict[str, list[tuple[int, int]]] = {}
     parts = []
     others = []
@@ -503,7 +740,8 @@ def visible_files(d: Path) -> list[Path]:
     def members(w: str, lo: int, hi: int):
         # Only read (cached) when a file falls inside a compact range: the moment between a
         # merge's rename and its deletes, or a batch delivered after the merge.
-        return compact_members(d / f"compact-{w}-{lo:08d}-{hi:08d}.parquet")
+        n = f"compact-{w}-{lo:08d}-{hi:08d}.parquet"
+        return compact_members(d / n, listed(n))
 
     def holds(w: str, lo: int, hi: int, spans) -> bool:
         got = members(w, lo, hi)
@@ -511,16 +749,25 @@ def visible_files(d: Path) -> list[Path]:
             got = ((lo, hi),)
         return all(any(a <= x and y <= b for a, b in got) for x, y in spans)
 
+    def proven(w: str, lo: int, hi: int, spans) -> bool:  # holds, by the batch list actually read
+        got = members(w, lo, hi)
+        return got is not None and all(any(a <= x and y <= b for a, b in got) for x, y in spans)
+
     for w, ranges in compacts.items():
         for lo, hi in ranges:
             outer = [(a, b) for a, b in ranges if a <= lo and hi <= b and (a, b) != (lo, hi)]
             if outer:
-                mine = members(w, lo, hi) or ((lo, hi),)
-                if any(holds(w, a, b, mine) for a, b in outer):
+                mine = members(w, lo, hi)
+                if any(holds(w, a, b, mine or ((lo, hi),)) for a, b in outer):
+                    if hidden is not None and mine is not None and any(proven(w, a, b, mine) for a, b in outer):
+                        hidden.append(d / f"compact-{w}-{lo:08d}-{hi:08d}.parquet")
                     continue
             out.append((lo, d / f"compact-{w}-{lo:08d}-{hi:08d}.parquet"))
     for seq, w, n in parts:
         if any(lo <= seq <= hi and holds(w, lo, hi, ((seq, seq),)) for lo, hi in compacts.get(w, ())):
+            if hidden is not None and any(lo <= seq <= hi and proven(w, lo, hi, ((seq, seq),))
+                                          for lo, hi in compacts.get(w, ())):
+                hidden.append(d / n)
             continue
         out.append((seq, d / n))
     out.sort(key=lambda x: (x[0], x[1].name))

@@ -340,3 +340,116 @@ def test_object_store_round_trips_run_on_plain_threads_even_at_exit(tmp_path):
                       "atexit.register(lambda: print('each', store._each(lambda x: x + 1, [1, 2, 3])))\n")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "each [2, 3, 4]" in out.stdout, out.stderr
+
+
+def _metrics_batch(run: str, start: int, n: int):
+    import pyarrow as pa
+
+    return pa.table({"run_id": [run] * n, "name": ["x"] * n, "value": [float(v) for v in range(start, start + n)],
+                     "step": list(range(start, start + n))})
+
+
+def _exact(s3: str, run: str, n: int) -> None:
+    got = db.run_sql(f"SELECT count(*) AS n, count(DISTINCT step) AS d, sum(value) AS s FROM metrics "
+                     f"WHERE run_id = '{run}'", store=s3)
+    assert (got.column("n")[0].as_py(), got.column("d")[0].as_py(), got.column("s")[0].as_py()) == \
+        (n, n, float(sum(range(n))))
+
+
+def test_object_store_writer_merges_as_it_goes_and_ends_without_gets(s3, monkeypatch):
+    """On S3 a writer merges every MERGE_PARTS parts from memory while rows stay exactly once at every
+    step, replaced files wait out the grace, and the end merges from memory (no GET) into one object."""
+    monkeypatch.setattr(_store, "DELETE_GRACE_SECONDS", 0.3)
+    sink = _store.LocalSink(s3)
+    d = _store.part_dir(s3, "metrics", "g")
+    for k in range(20):
+        sink.write("metrics", _metrics_batch("g", k * 10, 10))
+        _exact(s3, "g", (k + 1) * 10)  # never a row twice nor a row missing, between merges too
+        if k == _store.MERGE_PARTS - 1:
+            names = [f.name for f in _store.visible_files(d)]
+            assert len(names) == 1 and names[0].startswith("compact-"), names
+            assert len([n for n in _keys(s3) if "run_id=g/" in n]) > 1  # the parts wait out the grace
+    assert _store.kept_bytes() > 0
+    time.sleep(0.4)
+    sink.write("metrics", _metrics_batch("g", 200, 10))  # a later write deletes what the grace let go
+
+    def no_get(*a, **k):
+        raise AssertionError("the run's end fetched a part")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_fs, "read_bytes", no_get)
+        mp.setattr(_fs, "open_input", no_get)
+        sink.compact("g")
+    files = _store.visible_files(d)
+    assert len(files) == 1 and files[0].name.startswith("compact-")
+    assert [k for k in _keys(s3) if "run_id=g/" in k] == [f"metrics/run_id=g/{files[0].name}"]
+    _exact(s3, "g", 210)
+    sink.close()
+
+
+def test_memory_bound_falls_back_to_merging_through_the_store(s3, monkeypatch):
+    """Past KEEP_BYTES a writer holds nothing more in memory and the end merges through the store, exactly."""
+    monkeypatch.setattr(_store, "KEEP_BYTES", _store.kept_bytes() + 3000)
+    sink = _store.LocalSink(s3)
+    for k in range(12):
+        sink.write("metrics", _metrics_batch("b", k * 50, 50))
+        assert _store.kept_bytes() <= _store.KEEP_BYTES
+    assert not sink._kept[("metrics", "b")].complete
+    sink.compact("b")
+    d = _store.part_dir(s3, "metrics", "b")
+    assert len(_store.visible_files(d)) == 1
+    assert len([k for k in _keys(s3) if "run_id=b/" in k]) == 1
+    _exact(s3, "b", 600)
+
+
+def test_leftovers_of_a_merge_stay_hidden_and_flightlog_compact_deletes_them(s3):
+    """Files a merge replaced but never deleted (a writer killed in between) are skipped by readers and
+    deleted by `flightlog compact`."""
+    sink = _store.LocalSink(s3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_fs, "delete", lambda p: False)  # every DELETE lost, as if killed after each merge
+        for k in range(2 * _store.MERGE_PARTS + 3):
+            sink.write("metrics", _metrics_batch("l", k * 10, 10))
+        sink.compact("l")
+    n = (2 * _store.MERGE_PARTS + 3) * 10
+    assert len([k for k in _keys(s3) if "run_id=l/" in k]) > 1
+    _exact(s3, "l", n)
+    d = _store.part_dir(s3, "metrics", "l")
+    assert _store.compact_dir(d, "metrics", sink.writer) is None  # nothing to merge; the leftovers go
+    assert [k for k in _keys(s3) if "run_id=l/" in k] == [f"metrics/run_id=l/{_store.visible_files(d)[0].name}"]
+    _exact(s3, "l", n)
+
+
+KILLED = """
+import os, signal, sys, threading, time
+import flightlog as fl
+fl.init(project="kill")
+print(fl.run_id() if hasattr(fl, "run_id") else "", flush=True)
+threading.Timer(float(sys.argv[1]), lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+i = 0
+while True:
+    fl.log("x", i)
+    i += 1
+    if i % 50 == 0:
+        time.sleep(0.01)
+"""
+
+
+@pytest.mark.parametrize("when", [1.3, 2.1])
+def test_sigkill_while_merging_leaves_exactly_a_prefix(s3, tmp_path, when):
+    """A run killed with SIGKILL while it merges parts as it goes reads back a prefix of what it logged:
+    no row twice, none missing in between; `flightlog compact` then leaves one file with the same rows."""
+    p = _script(tmp_path, KILLED, str(when), env={"FLIGHTLOG_FLUSH_INTERVAL": "0.05"})
+    assert p.returncode == -9, p.stderr
+    t = fl.query("SELECT count(*) AS n, count(DISTINCT value) AS d, min(value) AS lo, max(value) AS hi "
+                 "FROM metrics WHERE name = 'x'")
+    n, dist, lo, hi = (t.column(c)[0].as_py() for c in ("n", "d", "lo", "hi"))
+    assert n > 0 and n == dist and lo == 0 and hi == n - 1
+    assert any(k.rsplit("/", 1)[-1].startswith("compact-") for k in _keys(s3) if k.startswith("metrics/"))
+    rid = db.read_runs(s3).column("run_id")[0].as_py()
+    out = subprocess.run([sys.executable, "-m", "flightlog.cli", "compact", "--run", rid], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    t2 = fl.query("SELECT count(*) AS n, count(DISTINCT value) AS d FROM metrics WHERE name = 'x'")
+    assert (t2.column("n")[0].as_py(), t2.column("d")[0].as_py()) == (n, n)
+    assert len([k for k in _keys(s3) if k.startswith(f"metrics/run_id={rid}/")]) == 1
