@@ -24,7 +24,7 @@ import time
 
 from flightlog._errors import ReplayError
 
-RANK_RNG = "rank_rng"  # the checkpoint object holding every rank's RNG states (integrations/lightning.py)
+RANK_RNG = "rank_rng"  # the checkpoint object holding every rank's RNG states (integrations/_common.py)
 _GRACE_S = 5.0  # how long the other ranks may take to notice a failed peer before they are killed
 
 
@@ -50,14 +50,20 @@ def check_replayable(store: str, info, used: list[int]) -> None:
         payload = _checkpoint.load(store, info.checkpoints[ck[0]]["content_hash"], f"checkpoint of iteration {ck[0]}")
     except Exception as e:
         raise ReplayError(f"run {info.run_id}: checkpoint of iteration {ck[0]} cannot be read ({e})") from None
-    got = payload.get("objects", {}).get(RANK_RNG)
+    objs = payload.get("objects", {})
+    got = objs.get(RANK_RNG)
     states = got[1] if isinstance(got, (tuple, list)) and len(got) == 2 else None
     end = states.get("end") if isinstance(states, dict) else None
-    if not isinstance(end, list) or len(end) != n or any(s is None for s in end):
+    ok = isinstance(end, list) and len(end) == n and all(s is not None for s in end)
+    ref = objs.get("trainer_checkpoint")  # a folder the Transformers Trainer saved: it has a file per rank
+    if not ok and isinstance(ref, (tuple, list)) and len(ref) == 2 and isinstance(ref[1], dict):
+        files = ref[1].get("files") or {}
+        ok = all(f"rng_state_{r}.pth" in files for r in range(n))
+    if not ok:
         raise ReplayError(f"run {info.run_id} was recorded by {n} processes, but its checkpoints hold one process's "
                           "RNG states, not every rank's (a plain fl.loop under torchrun, or a record made before "
                           "flightlog kept them): a replayed rank could differ from the record. Record with the "
-                          "Lightning integration (FlightlogCallback), or resume it: flightlog resume")
+                          "Lightning or Transformers integration (FlightlogCallback), which keep every rank's")
 
 
 def _free_port() -> int:

@@ -211,3 +211,50 @@ def test_batch_level_replay_in_parallel_segments_equals_a_full_rerun(hf):
     got = fl.query(q.replace("SRC", "source = 'replay'"), store=hf.store).to_pylist()
     want = fl.query(q.replace("SRC", "true"), store=hf.full).to_pylist()
     assert len(want) == 3 * 4 + 3 * 5 and got == want  # 4 steps an epoch; 4 training + 1 evaluation loss
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_record_resume_and_replay_exactly(tmp_path):
+    """torchrun with 2 gloo processes: one run with a rank on every row; after SIGKILL the resume (from
+    flightlog's own checkpoints, each rank given its own RNG file) equals the uninterrupted run bit for bit;
+    replaying new statements runs each segment as 2 ranks and equals a full torchrun re-run of the new script."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    src = open(EXAMPLE).read()
+    old = (src.replace("\ndef main(", HOOKS, 1).replace("trainer = Trainer(", "trainer = ProbeTrainer(")
+           .replace("torch.manual_seed(0)", 'torch.manual_seed(0)\n    seed = int(os.environ.get("RANK") or 0)')
+           .replace("seed=0,", "seed=seed,")  # every rank its own RNG streams (dropout masks differ by rank)
+           .replace("callbacks = [FlightlogCallback(every=every)]", "callbacks = [FlightlogCallback(every=every), Probe()]"))
+    new = old
+    for a, b in NEW:
+        new = new.replace(a, b, 1)
+    assert "seed=seed," in old and new.count('fl.log("probe') == 2
+    for k, text in (("old", old), ("new", new)):
+        (tmp_path / k).mkdir()
+        (tmp_path / k / "train.py").write_text(text)
+    s, full = tmp_path / "s", tmp_path / "full"
+    env = {"OMP_NUM_THREADS": "1"}
+    p = _py(torchrun + [tmp_path / "old" / "train.py", "3"], s, tmp_path / "old",
+            env=dict(env, KILL_AT_EPOCH="2", OUT_DIR=str(tmp_path / "o1")))
+    assert p.returncode != 0
+    p = _py(["-m", "flightlog.cli", "resume", "latest", "--", sys.executable] + torchrun +
+            [tmp_path / "old" / "train.py", "3"], s, tmp_path / "old",
+            env=dict(env, OUT_DIR=str(tmp_path / "o2"), WEIGHTS_OUT=str(tmp_path / "res.pt")))
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = _py(torchrun + [tmp_path / "new" / "train.py", "3"], full, tmp_path / "new",
+            env=dict(env, OUT_DIR=str(tmp_path / "o3"), WEIGHTS_OUT=str(tmp_path / "full.pt")))
+    assert p.returncode == 0, p.stderr[-3000:]
+    import torch
+
+    a, b = torch.load(tmp_path / "res.pt"), torch.load(tmp_path / "full.pt")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert fl.query("SELECT count(DISTINCT run_id) FROM metrics WHERE rank = 1", store=str(s)).column(0)[0].as_py() == 2
+
+    p = _py(["-m", "flightlog.cli", "replay", tmp_path / "new" / "train.py", "--run", "latest", "--store", s],
+            s, tmp_path / "new", env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "batch-level replay" in p.stdout and "fidelity: exact" in p.stdout, p.stdout
+    q = ("SELECT rank, name, epoch, batch, step, value FROM metrics WHERE name LIKE 'probe%' AND SRC "
+         "ORDER BY rank, name, step")
+    got = fl.query(q.replace("SRC", "source = 'replay'"), store=str(s)).to_pylist()
+    want = fl.query(q.replace("SRC", "true"), store=str(full)).to_pylist()
+    assert {r["rank"] for r in want} == {0, 1} and got == want

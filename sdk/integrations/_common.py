@@ -276,3 +276,58 @@ def hook_level(method: str, bases: "list[str]", imports: "set[str]") -> "tuple[s
     return ("epoch", ["epoch"],
             f"in `{method}` of a {kind}, which runs after the training batches of each epoch: the "
             "batches are skipped and each epoch's checkpoint (taken when they ended) restored", ["batch"])
+
+
+RANKS = "rank_rng"  # the checkpoint object holding every rank's RNG states (multi-process runs)
+
+
+class RankRNG:
+    """Every rank's RNG states, as a checkpoint object of rank 0's (torchrun/DDP runs).
+
+    Rank 0 alone writes checkpoints: weights, optimizer and scheduler states are the
+    same on every rank, but RNG states need not be (a seed offset by rank, or RNG use
+    that depends on the rank's data). At each checkpoint position every rank's states
+    are gathered to rank 0 (a small collective, a few KB per rank), so a replay or
+    resume gives each rank its own: ``end`` where the checkpoint was taken, ``inner``
+    where the epoch's training batches ended (Lightning's epoch-level tails).
+    """
+
+    def __init__(self) -> None:
+        self.end: list | None = None
+        self.inner: list | None = None
+        self.loaded: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"end": self.end, "inner": self.inner}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.loaded = sd
+
+
+def gather_rng(world_size: int) -> "list | None":
+    """Every rank's RNG states on rank 0 (None on the others and with one process). Every rank must call it."""
+    if world_size <= 1:
+        return None
+    import torch.distributed as dist
+
+    from flightlog import _checkpoint
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(_checkpoint.rng_state(), out, dst=0)
+    return out
+
+
+def own_rng(states: "dict | None", which: str) -> "dict | None":
+    """This rank's (env ``RANK``) RNG states from a ``RankRNG`` state (None: not recorded for this rank)."""
+    if not isinstance(states, dict):
+        return None
+    got = states.get(which)
+    try:
+        rank = int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return None
+    if not isinstance(got, list) or rank >= len(got):
+        return None
+    return got[rank]

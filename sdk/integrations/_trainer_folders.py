@@ -59,11 +59,18 @@ def write_trainer_checkpoint(payload: dict, folder: str) -> str:
         torch.save(objs["optimizer"][1], os.path.join(folder, "optimizer.pt"))
     if "scheduler" in objs:
         torch.save(objs["scheduler"][1], os.path.join(folder, "scheduler.pt"))
-    rng = payload["rng"]
-    st = {"python": rng["python"], "numpy": rng["numpy"], "cpu": rng["torch"]}
-    if "cuda" in rng:
-        st["cuda"] = rng["cuda"]
-    torch.save(st, os.path.join(folder, "rng_state.pth"))
+    def trainer_rng(rng: dict) -> dict:
+        st = {"python": rng["python"], "numpy": rng["numpy"], "cpu": rng["torch"]}
+        if "cuda" in rng:
+            st["cuda"] = rng["cuda"]
+        return st
+
+    torch.save(trainer_rng(payload["rng"]), os.path.join(folder, "rng_state.pth"))
+    # a multi-process run: the Trainer of rank r loads rng_state_<r>.pth (and only that one)
+    ranks = objs.get(_common.RANKS, (None, {}))[1] or {}
+    for r, rng in enumerate(ranks.get("end") or []):
+        if rng is not None:
+            torch.save(trainer_rng(rng), os.path.join(folder, f"rng_state_{r}.pth"))
     with open(os.path.join(folder, "trainer_state.json"), "w") as fh:
         fh.write(objs["trainer_state"][1]["json"])
     return folder

@@ -48,7 +48,7 @@ __all__ = ["FlightlogCallback"]
 
 LOOP = "epoch"
 INNER = "inner_rng"  # the checkpoint object holding the RNG states where the training batches ended
-RANKS = "rank_rng"  # under DDP: every rank's RNG states at the checkpoint and where the batches ended
+RANKS = _common.RANKS  # under DDP: every rank's RNG states at the checkpoint and where the batches ended
 
 
 def _validates_only_at_epoch_end(trainer) -> bool:
@@ -71,58 +71,6 @@ class _InnerRNG:
 
     def load_state_dict(self, sd: dict) -> None:
         self.loaded = sd.get("rng")
-
-
-class _RankRNG:
-    """Every rank's RNG states (a checkpoint object of rank 0's, under DDP).
-
-    Rank 0 alone writes checkpoints: weights, optimizer and scheduler states are the
-    same on every rank, but RNG states need not be (a seed offset by rank, or RNG use
-    that depends on the rank's data). At each checkpoint position every rank's states
-    are gathered to rank 0 (a small collective, a few KB per rank), so a replay or
-    resume gives each rank its own: ``end`` where the checkpoint was taken, ``inner``
-    where the epoch's training batches ended.
-    """
-
-    def __init__(self) -> None:
-        self.end: list | None = None
-        self.inner: list | None = None
-        self.loaded: dict | None = None
-
-    def state_dict(self) -> dict:
-        return {"end": self.end, "inner": self.inner}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.loaded = sd
-
-
-def _gather_rng(trainer) -> list | None:
-    """Every rank's RNG states on rank 0 (None elsewhere, and with one process). All ranks must call it."""
-    if trainer.world_size <= 1:
-        return None
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(_checkpoint.rng_state(), out, dst=0)
-    return out
-
-
-def _own_rng(states: dict | None, which: str) -> dict | None:
-    """This rank's RNG states from a checkpoint's ``rank_rng`` (None: not recorded for this rank)."""
-    import os
-
-    if not states:
-        return None
-    got = states.get(which)
-    try:
-        rank = int(os.environ.get("RANK") or 0)
-    except ValueError:
-        return None
-    if not got or rank >= len(got):
-        return None
-    return got[rank]
 
 
 class _TrainerState:
@@ -229,7 +177,7 @@ class FlightlogCallback(Callback):
         self._primary = True
         self._replay: "_Replay | None" = None
         self._inner = _InnerRNG()
-        self._ranks = _RankRNG()
+        self._ranks = _common.RankRNG()
         self._gather = False  # recording a multi-process run with checkpoints: every rank joins the gathers
 
     # -- lifecycle -------------------------------------------------------------------
@@ -309,7 +257,7 @@ class FlightlogCallback(Callback):
         if trainer.world_size <= 1:
             return payload["rng"]
         got = payload.get("objects", {}).get(RANKS)
-        own = _own_rng(got[1] if got else None, "end")
+        own = _common.own_rng(got[1] if got else None, "end")
         if own is None:
             _warn.problem("resume_rng", "the checkpoint holds rank 0's RNG states only: every rank continues "
                                         "with them (exact only if the ranks' RNG states were equal)")
@@ -436,7 +384,7 @@ class FlightlogCallback(Callback):
 
     def _gather_rng(self, trainer) -> list | None:
         try:
-            return _gather_rng(trainer)
+            return _common.gather_rng(trainer.world_size)
         except Exception as e:
             self._gather = False
             _warn.problem("checkpoint_failed", f"RNG states of the other ranks not gathered: {e!r}")
@@ -472,7 +420,7 @@ class _Replay:
         _common.check_replay_mode(mode, "Lightning")
         self.run, self.mode, self.trainer = run, mode, trainer
         self.inner = _InnerRNG()
-        self.ranks = _RankRNG()
+        self.ranks = _common.RankRNG()
         self.world = trainer.world_size
         self.mode.checkpointing(run, {"lightning": _TrainerState(trainer), INNER: self.inner, RANKS: self.ranks})
         self.last = max(mode.actions) if mode.actions else -1
@@ -554,7 +502,7 @@ class _Replay:
         loaded, self.ranks.loaded = self.ranks.loaded, None
         if self.world <= 1 or iteration not in self.mode.ckpts:
             return
-        own = _own_rng(loaded, which)
+        own = _common.own_rng(loaded, which)
         if own is None:
             from flightlog import FlightlogError
 

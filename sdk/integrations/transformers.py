@@ -122,6 +122,8 @@ class FlightlogCallback(TrainerCallback):
         self._at_epoch_end = False
         self._saved: tuple[int, str] | None = None  # (global step, folder) of the Trainer's last epoch-end save
         self._replay: "_Replay | None" = None
+        self._ranks = _common.RankRNG()
+        self._gather = False  # recording a multi-process run with checkpoints: every rank joins the gathers
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -197,8 +199,13 @@ class FlightlogCallback(TrainerCallback):
                 objects["scheduler"] = kw["lr_scheduler"]
             objects["trainer_state"] = _StateJSON(state)
         if self._replay is not None:
-            self._replay.train_begin(objects)
+            self._replay.train_begin(objects, args.world_size)
             return
+        if self.checkpoints and objects and args.world_size > 1:
+            self._gather = True
+            if not self._resumed and state.global_step == 0:
+                self._ranks.end = self._gather_rng(args.world_size)  # the loop-start checkpoint's, on rank 0
+            objects[_common.RANKS] = self._ranks
         if self.checkpoints and self._primary and objects:
             mgr = r.checkpointer
             if mgr is None or not isinstance(mgr, _checkpoint.Checkpointer):
@@ -226,9 +233,13 @@ class FlightlogCallback(TrainerCallback):
 
     def _boundary(self, state) -> None:
         e = self._epoch
-        if e is None or self._ckpt is None:
+        if e is None or (self._ckpt is None and not self._gather):
             return
         self._epoch = None
+        if self._gather:
+            self._ranks.end = self._gather_rng(self._world)  # every rank takes part; rank 0 keeps them
+        if self._ckpt is None:
+            return
         _common.set_ctx(self.run, e, None)
         loop_s = time.perf_counter() - self._epoch_t0
         saved, self._saved = self._saved, None
@@ -237,6 +248,21 @@ class FlightlogCallback(TrainerCallback):
                 return
         self._ckpt.on_boundary(self.run, LOOP, e, loop_s, "iteration_end")
         self.run.rec.request_flush()
+
+    @property
+    def _world(self) -> int:
+        try:
+            return int(os.environ.get("WORLD_SIZE") or 1)
+        except ValueError:
+            return 1
+
+    def _gather_rng(self, world: int) -> "list | None":
+        try:
+            return _common.gather_rng(world)
+        except Exception as e:
+            self._gather = False
+            _warn.problem("checkpoint_failed", f"RNG states of the other ranks not gathered: {e!r}")
+            return None
 
     def _take_reference(self, e: int, folder: str, step: int, loop_s: float) -> bool:
         """Checkpoint epoch ``e`` as a reference to the folder the Trainer just saved (no second copy)."""
@@ -315,7 +341,7 @@ class FlightlogCallback(TrainerCallback):
                 self._ckpt.close()
             except Exception:
                 pass
-            for k in ("model", "optimizer", "scheduler", "trainer_state"):
+            for k in ("model", "optimizer", "scheduler", "trainer_state", _common.RANKS):
                 self._ckpt.objects.pop(k, None)
         if self._resume_tmp is not None:
             import shutil
@@ -365,10 +391,19 @@ class _Replay:
                 _warn.problem("replay_from_start", f"no usable checkpoint before epoch {self.first}: "
                                                    "re-executing from the start of training")
 
-    def train_begin(self, objects: dict) -> None:
-        self.mode.checkpointing(self.run, objects)
+    def train_begin(self, objects: dict, world: int = 1) -> None:
+        ranks = _common.RankRNG()
+        self.mode.checkpointing(self.run, dict(objects, **{_common.RANKS: ranks}))
         if self.folder is None and -1 in self.mode.ckpts:
             self.mode._restore(-1)  # the recorded state at the start of training (unseeded RNGs, weights)
+            if world > 1:  # it restored rank 0's RNG states: this rank's own
+                own = _common.own_rng(ranks.loaded, "end")
+                if own is None:
+                    from flightlog import FlightlogError
+
+                    raise FlightlogError(f"the loop-start checkpoint holds rank 0's RNG states only, not every "
+                                         f"rank's ({world} processes): this rank cannot be replayed exactly")
+                _checkpoint.set_rng_state(own)
 
     def epoch_begin(self, e: int) -> None:
         self._complete()
