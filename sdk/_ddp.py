@@ -9,10 +9,10 @@
 * every metrics row carries the process's ``rank`` (env ``RANK``);
 * checkpoints are taken by rank 0 only: under DDP every rank holds the same
   weights, optimizer and scheduler state after each step (gradients are
-  all-reduced), so rank 0's copy is the state of all. RNG states are rank 0's;
-  a rank whose RNG matters separately (per-rank dropout) is therefore not
-  replayed bit for bit -- resume restores through the framework, which keeps
-  per-rank RNG files where it has them (the Trainer's ``rng_state_<rank>.pth``).
+  all-reduced), so rank 0's copy is the state of all. RNG states can differ by
+  rank, so the integrations gather every rank's into rank 0's checkpoint
+  (``integrations._common.RankRNG``); resume and replay (``replay/_ranks.py``:
+  a segment runs as its ranks) give each rank its own.
 """
 from __future__ import annotations
 
