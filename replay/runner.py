@@ -270,13 +270,18 @@ def describe(jobs: list[Job], workers: int) -> str:
                      + (f" (re-executes {_span(full)})" if full else "")
                      + (f" restores {len(tail)} end-of-epoch checkpoint(s)" if tail else "")
                      + f"  ~{t:.1f}s")
-    slots = _slots(len(jobs), [info.torch_threads])
+    if info.ranks > 1:
+        lines.append(f"  {info.ranks} processes recorded this run (torchrun/DDP ranks): each worker runs as {info.ranks} "
+                     "rank processes on this machine, each restoring its own RNG states and comparing with its own "
+                     "recorded rows")
+    slots = _slots(len(jobs), [(info.torch_threads or 1) * max(1, info.ranks)])
     loads = [0.0] * slots
     for t in times:  # the runner starts each worker in the first free slot
         loads[loads.index(min(loads))] += t
     est_total = max(loads)
     if slots < len(jobs):
-        lines.append(f"  {slots} worker(s) at a time: the recorded run used {info.torch_threads} torch threads and "
+        ranks = f" in each of {info.ranks} ranks" if info.ranks > 1 else ""
+        lines.append(f"  {slots} worker(s) at a time: the recorded run used {info.torch_threads} torch threads{ranks} and "
                      "a worker replays with as many (other counts can change float results); more at once "
                      "than the cores hold would make their threads fight")
     full_run = sum(info.epoch_secs.values())
