@@ -35,7 +35,7 @@ want() {  # want <import name> <pip args...>
     echo "ok       $mod (already installed)"
     return
   fi
-  if $PIP install -c "$PINS" "$@" >/tmp/peers_setup_$$.log 2>&1 && "$PY" -c "import $mod" 2>/dev/null; then
+  if timeout 600 $PIP install -c "$PINS" "$@" >/tmp/peers_setup_$$.log 2>&1 && "$PY" -c "import $mod" 2>/dev/null; then
     echo "ok       $mod (installed: $*)"
     $VENV/bin/pip freeze --exclude-editable 2>/dev/null | grep -v '^-e ' > "$PINS"
   else
@@ -54,4 +54,7 @@ want wandb wandb
 want aim aim
 want sklearn scikit-learn               # the digits data of bench/train_digits.py (FlorDB's copy runs here)
 want flordb flordb==4.0.1                # bench/_flordb.py: FlorDB's record and replay, side by side
+# bench/integrations_overhead.py next to each framework's TensorBoard logger (same versions as the project's extras)
+want lightning lightning==2.6.6
+want transformers transformers==5.24.0 accelerate==1.15.0
 exit $status

@@ -8,8 +8,16 @@ epoch checkpoints with the adaptive period). Transformers: a 2-layer BERT (hidde
 on synthetic token sequences with ``report_to=[]`` (the Trainer's own log history
 only) and with ``FlightlogCallback``. Each configuration runs ``--repeats`` times,
 interleaved, in this one process; the medians of the ``fit``/``train`` wall times
-are compared. TensorBoard is not in the project's environment, so the peer is
-Lightning's CSV logger (same ``log_metrics`` path as TensorBoardLogger).
+are compared, and flightlog's overhead is also printed against each framework's own
+logger (the peer).
+
+The peers: Lightning's ``CSVLogger`` always; TensorBoard (Lightning's
+``TensorBoardLogger``, the Trainer's ``report_to=["tensorboard"]``) where it is
+installed, which is the benchmark environment (TensorBoard is never a dependency of
+flightlog):
+
+    bash bench/_peers_setup.sh
+    bench/.venv/bin/python bench/integrations_overhead.py --repeats 5 --epochs 20
 """
 from __future__ import annotations
 
@@ -59,6 +67,10 @@ def lightning_fit(kind: str, epochs: int, tmp: str) -> float:
     logger, cbs = False, []
     if kind == "csv":
         logger = CSVLogger(tmp, name="csv")
+    elif kind == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger(tmp, name="tb")
     elif kind == "flightlog":
         cbs = [FlightlogCallback(store=os.path.join(tmp, "store"))]
     t = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, callbacks=cbs,
@@ -87,8 +99,8 @@ def transformers_train(kind: str, epochs: int, tmp: str) -> float:
     cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=128, max_position_embeddings=32, num_labels=2)
     args = TrainingArguments(output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=32,
-                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                             seed=0)
+                             logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+                             report_to=["tensorboard"] if kind == "tensorboard" else [])
     cbs = [FlightlogCallback(store=os.path.join(tmp, "store"))] if kind == "flightlog" else []
     tr = Trainer(model=BertForSequenceClassification(cfg), args=args, train_dataset=data, callbacks=cbs)
     tr.remove_callback(PrinterCallback)  # no log dicts on stdout
@@ -99,7 +111,11 @@ def transformers_train(kind: str, epochs: int, tmp: str) -> float:
 
 def bench(name: str, fn, kinds: list[str], repeats: int, epochs: int) -> None:
     times: dict[str, list[float]] = {k: [] for k in kinds}
-    fn(kinds[0], 1, tempfile.mkdtemp())  # warm-up: imports, first-call costs
+    for k in kinds:  # warm-up: imports and first-call costs of every configuration
+        fn(k, 1, tempfile.mkdtemp())
+        from flightlog import _run
+
+        _run._ENDED_ONCE = False
     for _ in range(repeats):
         for k in kinds:
             times[k].append(fn(k, epochs, tempfile.mkdtemp()))
@@ -113,6 +129,11 @@ def bench(name: str, fn, kinds: list[str], repeats: int, epochs: int) -> None:
         m = statistics.median(times[k])
         print(f"  {k:<14} {m:9.3f} {100 * (m - base) / base:+21.1f}%   "
               + " ".join(f"{t:.2f}" for t in times[k]))
+    fl_m = statistics.median(times["flightlog"])
+    for peer in kinds[1:-1]:
+        m = statistics.median(times[peer])
+        print(f"  flightlog vs {peer}: {100 * (fl_m - m) / m:+.1f}% of the training time "
+              f"(ratio {fl_m / m:.3f}; target: flightlog's overhead <= 2%)")
 
 
 def main() -> int:
@@ -121,10 +142,18 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--only", choices=("lightning", "transformers"))
     a = ap.parse_args()
+    import importlib.util
+
+    tb = importlib.util.find_spec("tensorboard") is not None
+    if not tb:
+        print("TensorBoard is not installed here: run in the benchmark environment for that peer "
+              "(bash bench/_peers_setup.sh; bench/.venv/bin/python bench/integrations_overhead.py)")
     if a.only in (None, "lightning"):
-        bench("Lightning (digits MLP)", lightning_fit, ["none", "csv", "flightlog"], a.repeats, a.epochs)
+        bench("Lightning (digits MLP)", lightning_fit, ["none", "csv"] + (["tensorboard"] if tb else []) + ["flightlog"],
+              a.repeats, a.epochs)
     if a.only in (None, "transformers"):
-        bench("Transformers (tiny BERT)", transformers_train, ["none", "flightlog"], a.repeats, a.epochs)
+        bench("Transformers (tiny BERT)", transformers_train, ["none"] + (["tensorboard"] if tb else []) + ["flightlog"],
+              a.repeats, a.epochs)
     return 0
 
 
