@@ -278,16 +278,20 @@ class Spool:
                 _store.write_parquet_atomic(path, data, table)
                 return
             except OSError as e:
-                self._until = time.monotonic() + self.BACKOFF
-                import logging
-
-                logging.getLogger("flightlog").warning(
-                    "flightlog: store %s unreachable (%s); spooling parts in %s", uri(self.root), e, self.dir)
+                self.unreachable_for_now(e)
         local = self.dir / key
         _store.write_parquet_atomic(local, data, table)  # raises only when the local disk fails too
         with self._lock:
             self._pending = True
             self.spooled += 1
+
+    def unreachable_for_now(self, err: BaseException) -> None:
+        """An upload elsewhere just failed: back off (later parts go to the spool without trying)."""
+        self._until = time.monotonic() + self.BACKOFF
+        import logging
+
+        logging.getLogger("flightlog").warning(
+            "flightlog: store %s unreachable (%s); spooling parts in %s", uri(self.root), err, self.dir)
 
     def _key(self, path: Path) -> str:
         full, root = uri(path), uri(self.root)

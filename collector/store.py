@@ -170,6 +170,7 @@ class LocalSink:
         # object stores: this writer's files per (table, run), kept in memory to merge without GETs
         self._kept: dict[tuple[str, str], _Kept] = {}
         self._kept_writer = self.writer
+        self._finishing = False
 
     def write(self, table: str, data: pa.Table) -> None:
         """Write one batch (rows of possibly several runs) as one part per run."""
@@ -188,14 +189,24 @@ class LocalSink:
                 self._seq += 1
                 seq = self._seq
             path = part_dir(self.root, table, run_id) / f"part-{seq:08d}-{self.writer}.parquet"
+            merged = False
             if self.spool is not None:
-                self.spool.write(path, sub, table)
+                # the run is ending: its last batches go straight into the partition's merged file
+                merged = self._finishing and self._write_merged(table, run_id, seq, sub)
+                if not merged:
+                    self.spool.write(path, sub, table)
             else:
                 write_parquet_atomic(path, sub, table, fsync=self.fsync)
             with self._lock:
                 self._written.setdefault((table, run_id), []).append(seq)
-            if self.spool is not None:
+            if self.spool is not None and not merged:
                 self._keep(table, run_id, seq, sub)
+
+    def finishing(self) -> None:
+        """The run starts to finish (Sink's optional hook): on an object store, later batches are
+        written merged with what the partition holds (one PUT, where a part would need a PUT now,
+        and a GET or memory, a PUT and a DELETE at the merge)."""
+        self._finishing = self.spool is not None
 
     # -- object stores: this writer's files in memory, merged as the run goes ------------------------
 
@@ -229,6 +240,20 @@ class LocalSink:
                 k.delete_doomed(older_than=DELETE_GRACE_SECONDS)
         except Exception as e:  # noqa: BLE001 - merging is an optimisation; the run's end merges anyway
             log.warning("flightlog: merging %s parts as the run goes failed: %r", table, e)
+
+    def _write_merged(self, table: str, run_id: str, seq: int, data: pa.Table) -> bool:
+        """Store batch ``seq`` inside a new merged file of its partition; False: write it as a part."""
+        try:
+            k = self._kept_state().get((table, run_id))
+            if k is None or not k.complete or self.spool.unreachable:
+                return False
+            return k.merge(extra=(seq, data))
+        except OSError as e:  # the store cannot be reached: straight to the spool, without a second try
+            self.spool.unreachable_for_now(e)
+            return False
+        except Exception as e:  # noqa: BLE001 - the part path stores it
+            log.warning("flightlog: could not write %s rows merged: %r", table, e)
+            return False
 
     def _compact_remote(self, run_id: str, tables: Iterable[str] | None) -> None:
         """The run's end on an object store: one file per table, all tables at once.
@@ -381,9 +406,10 @@ class _Kept:
             return (self.merged_bytes <= _CHEAP_MERGE_BYTES or len(self.parts) >= 8 * MERGE_PARTS
                     or 4 * self.parts_bytes >= self.merged_bytes)
 
-    def merge(self) -> bool:
+    def merge(self, extra: tuple[int, pa.Table] | None = None) -> bool:
         """Write the merged file and the parts since as one merged file, from memory (no GET).
 
+        ``extra``: a batch not stored yet, written inside the new file (the run's last batches).
         The replaced files join ``doomed``. False when nothing was written (nothing to merge, the store
         failed: everything stays as it was).
         """
@@ -392,35 +418,41 @@ class _Kept:
                 if not self.complete:
                     return False
                 merged, parts = self.merged, sorted(self.parts.items())
-            if len(parts) + (merged is not None) < 2:
+            stored = len(parts) + (merged is not None)
+            if stored + (extra is not None) < 2 or extra is not None and not _reserve(extra[1].nbytes):
                 return False
+            new = parts + ([extra] if extra is not None else [])
             spans = list(merged[1]) if merged else []
-            members = _merge_spans(spans + [(q, q) for q, _ in parts])
+            members = _merge_spans(spans + [(q, q) for q, _ in new])
             lo, hi = members[0][0], members[-1][1]
             target = self.dir / f"compact-{self.writer}-{lo:08d}-{hi:08d}.parquet"
-            rows = (merged[2] if merged else []) + [t for _, t in parts]
+            rows = (merged[2] if merged else []) + [t for _, t in new]
             try:
                 _fs.put(target, _encode_merged(self.table, members, rows))
-            except OSError as e:  # the store failed: the parts stay; the run's end or `flightlog compact` retries
-                log.debug("flightlog: merge of %s failed: %s", target, e)
-                return False
-            except Exception as e:  # a bug or bad rows: leave it to the merge through the store
+            except Exception as e:
+                if extra is not None:
+                    _reserve(-extra[1].nbytes)
+                if isinstance(e, OSError):  # the store failed: the parts stay; the end or `flightlog compact` retries
+                    log.debug("flightlog: merge of %s failed: %s", target, e)
+                    if extra is not None:
+                        raise  # the caller spools the batch
+                    return False
                 log.warning("flightlog: could not merge %s in memory (%r); merging through the store", self.dir, e)
-                with self.lock:
+                with self.lock:  # a bug or bad rows: leave it to the merge through the store
                     self._drop()
                 return False
             now = time.monotonic()
             old = ([merged[0]] if merged else []) + [f"part-{q:08d}-{self.writer}.parquet" for q, _ in parts]
             with self.lock:
                 if not self.complete:  # dropped meanwhile: the file is written, its rows are no longer here
-                    rows_bytes = 0
+                    if extra is not None:
+                        _reserve(-extra[1].nbytes)
                     self.merged = None
                 else:
                     for q, _ in parts:
                         self.parts_bytes -= self.parts.pop(q).nbytes
-                    rows_bytes = sum(t.nbytes for _, t in parts)
                     self.merged = (target.name, members, rows)
-                    self.merged_bytes += rows_bytes
+                    self.merged_bytes += sum(t.nbytes for _, t in new)
                 self.doomed.extend((now, self.dir / n) for n in old if n != target.name)
             return True
 

@@ -453,3 +453,28 @@ def test_sigkill_while_merging_leaves_exactly_a_prefix(s3, tmp_path, when):
     t2 = fl.query("SELECT count(*) AS n, count(DISTINCT value) AS d FROM metrics WHERE name = 'x'")
     assert (t2.column("n")[0].as_py(), t2.column("d")[0].as_py()) == (n, n)
     assert len([k for k in _keys(s3) if k.startswith(f"metrics/run_id={rid}/")]) == 1
+
+
+def test_last_batches_go_straight_into_the_merged_file_or_the_spool(s3):
+    """Once the run finishes, a batch is written inside the partition's merged file (no part object);
+    with the store unreachable it waits in the local spool as a part and is uploaded later, rows exact."""
+    sink = _store.LocalSink(s3)
+    for k in range(3):
+        sink.write("metrics", _metrics_batch("f", k * 10, 10))
+    sink.finishing()
+    sink.write("metrics", _metrics_batch("f", 30, 10))
+    names = [k.rsplit("/", 1)[-1] for k in _keys(s3) if "run_id=f/" in k]
+    assert not any(n.startswith(f"part-00000004-") for n in names), names
+    _exact(s3, "f", 40)
+    with pytest.MonkeyPatch.context() as mp:
+        def down(*a, **k):
+            raise OSError("store unreachable (planted)")
+
+        mp.setattr(_fs, "put", down)
+        sink.write("metrics", _metrics_batch("f", 40, 10))  # neither merged nor uploaded: spooled
+        sink.compact("f")  # the spool holds a part: merging waits for a later writer
+    assert list(_fs.spool_dir(s3).rglob("part-*.parquet"))
+    _exact(s3, "f", 40)
+    _store.LocalSink(s3).close()  # the next writer of this store uploads it
+    _exact(s3, "f", 50)
+    sink.close()
