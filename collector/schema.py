@@ -131,6 +131,9 @@ CHECKPOINTS = pa.schema(
         # JSON {"vars": [loop variables saved besides the registered objects],
         #       "uncaptured": {name: why}}; null for checkpoints written before this column
         ("captured", pa.string()),
+        # the process that wrote it (env RANK; null with one process): under torchrun a plain fl.loop
+        # script's ranks each checkpoint their own state; the integrations' rank 0 writes every rank's RNG
+        ("rank", pa.int64()),
     ]
 )
 

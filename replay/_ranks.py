@@ -44,6 +44,8 @@ def check_replayable(store: str, info, used: list[int]) -> None:
     ck = [i for i in used if i in info.checkpoints]
     if not ck:
         return  # from the script's start: nothing to restore
+    if all(all(i in info.rank_checkpoints.get(r, {}) for i in ck) for r in range(1, n)):
+        return  # every rank checkpointed its own state (a plain fl.loop under torchrun): each restores its own
     from flightlog import _checkpoint
 
     try:
@@ -61,9 +63,8 @@ def check_replayable(store: str, info, used: list[int]) -> None:
         ok = all(f"rng_state_{r}.pth" in files for r in range(n))
     if not ok:
         raise ReplayError(f"run {info.run_id} was recorded by {n} processes, but its checkpoints hold one process's "
-                          "RNG states, not every rank's (a plain fl.loop under torchrun, or a record made before "
-                          "flightlog kept them): a replayed rank could differ from the record. Record with the "
-                          "Lightning or Transformers integration (FlightlogCallback), which keep every rank's")
+                          "RNG states, not every rank's (recorded before flightlog kept them): a replayed rank could differ "
+                          "from the record; resume it instead (flightlog resume)")
 
 
 def _free_port() -> int:

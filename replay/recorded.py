@@ -35,23 +35,21 @@ class RunInfo:
     bad_checkpoints: list[int] = field(default_factory=list)
     top_loops: list[str] = field(default_factory=list)  # outermost fl.loop names the record shows
     ranks: int = 1  # processes that recorded the run (torchrun/DDP ranks on its rows)
+    rank_checkpoints: dict[int, dict[int, dict]] = field(default_factory=dict)  # rank > 0 -> its own checkpoints
 
 
-def load_run(con, store: str, run_id: str) -> RunInfo:
+def _chain_checkpoints(con, store: str, chain: list[str], rank: int) -> dict[int, dict]:
+    """iteration -> checkpoint of the first outer loop over the resume chain (later runs win), of ``rank``
+    (0 also takes one-process rows, whose rank is null)."""
     from flightlog.collector import blobs as _blobs
     from flightlog.query import db
 
-    # only the columns planning needs: converting the others (timestamps) to Python imports pandas
-    row = db.sql_arrow(con, "SELECT kind, project, script, cwd, argv, params, code_snapshot, torch_threads "
-                            "FROM runs WHERE run_id = ?", [run_id]).to_pylist()[0]
-    if row["kind"] == "replay":
-        raise ReplayError(f"{run_id} is a replay, not a recorded run")
-    chain = db.run_chain(con, run_id)
     ck: dict[int, dict] = {}
     for rid in chain:  # later runs of the chain win
         rows = db.sql_arrow(con, "SELECT iteration, position, content_hash, bytes, run_id, captured, loop "
-                                 "FROM checkpoints WHERE run_id = ? AND status IN ('ok') ORDER BY time, iteration",
-                            [rid]).to_pylist()
+                                 "FROM checkpoints WHERE run_id = ? AND status IN ('ok') AND coalesce(rank, 0) = ? "
+                                 "ORDER BY time, iteration",
+                            [rid, rank]).to_pylist()
         # Iterations are indexed per outer loop: a script with a second top-level loop has checkpoints
         # -1, 0, 1, ... of each. Only the first loop's are the epochs a plan restores (a two-phase
         # script replays from the start, which needs the FIRST loop's start state, not the second's).
@@ -68,7 +66,30 @@ def load_run(con, store: str, run_id: str) -> RunInfo:
                 ck[int(c["iteration"])] = {"content_hash": c["content_hash"], "bytes": c["bytes"], "run_id": rid,
                                            "position": c["position"] or "iteration_end", "captured": cap,
                                            "loop": c["loop"]}
+    return ck
+
+
+def load_run(con, store: str, run_id: str) -> RunInfo:
+    from flightlog.query import db
+
+    # only the columns planning needs: converting the others (timestamps) to Python imports pandas
+    row = db.sql_arrow(con, "SELECT kind, project, script, cwd, argv, params, code_snapshot, torch_threads "
+                            "FROM runs WHERE run_id = ?", [run_id]).to_pylist()[0]
+    if row["kind"] == "replay":
+        raise ReplayError(f"{run_id} is a replay, not a recorded run")
+    chain = db.run_chain(con, run_id)
+    ck = _chain_checkpoints(con, store, chain, 0)
+    rank_ck: dict[int, dict[int, dict]] = {}
     placeholders = ", ".join("?" for _ in chain)
+    others = [int(r[0]) for r in con.execute(
+        f"SELECT DISTINCT rank FROM checkpoints WHERE run_id IN ({placeholders}) AND rank > 0 ORDER BY 1",
+        chain).fetchall()]
+    if others:
+        # a plain fl.loop script under torchrun: every rank checkpointed its own state (their adaptive periods
+        # may differ); a plan restores only iterations every rank has
+        rank_ck = {r: _chain_checkpoints(con, store, chain, r) for r in others}
+        ck = {i: c for i, c in ck.items() if all(i in rc for rc in rank_ck.values())}
+        rank_ck = {r: {i: c for i, c in rc.items() if i in ck} for r, rc in rank_ck.items()}
     per_epoch = db.sql_arrow(con, f"""
         SELECT epoch, arg_max(run_id, k) AS owner,
                epoch(max(wall_time)) AS t_end,
@@ -103,7 +124,7 @@ def load_run(con, store: str, run_id: str) -> RunInfo:
         argv=json.loads(row["argv"] or "[]"), params=json.loads(row["params"] or "{}"),
         snapshot_id=row["code_snapshot"], torch_threads=row.get("torch_threads"), chain=chain,
         checkpoints=ck, epochs=epochs, names=names, owner=owner, epoch_secs=epoch_secs, inner_secs=inner_secs,
-        top_loops=top, ranks=int(ranks))
+        top_loops=top, ranks=int(ranks), rank_checkpoints=rank_ck)
 
 
 def _current_code(script_path: str, snapshot: dict) -> dict[str, str]:

@@ -335,6 +335,7 @@ def _worker_plan(job: Job, store: str, replay_id: str, tmp: str, con, threads: i
         "slice_epochs": _slicing.sliceable_epochs(job.actions, job.diff.level == "run") if job.slice else [],
         "run_after_loop": job.diff.level == "run",
         "checkpoints": {str(i): c for i, c in job.info.checkpoints.items()},
+        "rank_checkpoints": {str(r): {str(i): c for i, c in ck.items()} for r, ck in job.info.rank_checkpoints.items()},
         "owner": {str(e): r for e, r in job.info.owner.items()},
         "recorded_names": job.info.names,
         "recorded_path": rec_path,

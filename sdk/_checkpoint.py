@@ -441,6 +441,7 @@ class Checkpointer:
             "status": "ok" if not skipped else "partial",
             "error": ("left out: " + ", ".join(skipped)) if skipped else None,
             "captured": _json_summary(payload.get("captured")),
+            "rank": _rank(),
         })
         self.run.rec.request_flush()  # make the index row durable soon after the blob
 
@@ -454,6 +455,13 @@ class Checkpointer:
         except queue.Full:
             return
         t.join(timeout)
+
+
+def _rank() -> int | None:
+    from flightlog import _ddp
+
+    rank, world, _local = _ddp.rank_info()
+    return rank if world > 1 else None
 
 
 def _json_summary(summary: dict | None) -> str | None:

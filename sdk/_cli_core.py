@@ -52,9 +52,11 @@ def run_show(args) -> int:
                    count(*) FILTER (WHERE source = 'replay') AS replayed
             FROM metrics m WHERE run_id = ? AND {GOOD_REPLAY_ROWS} GROUP BY name ORDER BY name""", [rid])
         ckpts = db.sql_arrow(con, """
-            SELECT loop, iteration, position, bytes, content_hash, round(copy_ms, 2) AS copy_ms,
+            SELECT loop, iteration, position, rank, bytes, content_hash, round(copy_ms, 2) AS copy_ms,
                    round(write_ms, 1) AS write_ms, status
-            FROM checkpoints WHERE run_id = ? ORDER BY iteration""", [rid])
+            FROM checkpoints WHERE run_id = ? ORDER BY iteration, rank""", [rid])
+        if ckpts.num_rows and ckpts.column("rank").null_count == ckpts.num_rows:
+            ckpts = ckpts.drop_columns(["rank"])  # one process: no rank to show
         replays = db.sql_arrow(con, """
             SELECT replay_id, segment, status, fidelity, compared, first_divergence, new_names
             FROM replays WHERE run_id = ? ORDER BY started_at""", [rid])
@@ -111,7 +113,9 @@ def run_show(args) -> int:
     print("\nmetrics")
     print(_format.text_table(metrics) if metrics.num_rows else "  (none)")
     if ranks.num_rows:
-        print(f"\nranks ({ranks.num_rows} processes recorded into this run; checkpoints are rank 0's)")
+        per_rank = "rank" in ckpts.column_names and len(set(ckpts.column("rank").to_pylist()) - {None}) > 1
+        whose = "each rank checkpointed its own state" if per_rank else "checkpoints are rank 0's"
+        print(f"\nranks ({ranks.num_rows} processes recorded into this run; {whose})")
         print(_format.text_table(ranks))
     print(f"\ncheckpoints ({ckpts.num_rows}, "
           f"{sum(b or 0 for b in ckpts.column('bytes').to_pylist()) / 1e6:.2f} MB)")

@@ -40,10 +40,25 @@ def job_run_id() -> str:
     import hashlib
     import time
 
-    parts = [os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE",
-                                             "TORCHELASTIC_RESTART_COUNT", "GROUP_WORLD_SIZE")]
+    job_ids = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID", "OMPI_MCA_orte_ess_jobid", "PMIX_NAMESPACE")
+    parts = [os.environ.get(k, "") for k in job_ids + ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE",
+                                                       "TORCHELASTIC_RESTART_COUNT", "GROUP_WORLD_SIZE")]
+    if not any(os.environ.get(k) for k in job_ids) and os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE"):
+        # no launcher job id, one machine: the ranks are children of one launcher process; its pid and start
+        # time tell this job from an earlier one on the same port
+        parts.append(_launcher())
     h = hashlib.sha256("|".join(parts).encode()).hexdigest()[:6]
     return time.strftime("%Y%m%d", time.gmtime()) + "-ddp-" + h
+
+
+def _launcher() -> str:
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/stat") as fh:
+            started = fh.read().rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks
+    except (OSError, IndexError):
+        started = ""
+    return f"{ppid}:{started}"
 
 
 def _broadcast_id() -> str | None:

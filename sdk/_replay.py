@@ -141,6 +141,9 @@ class ReplayMode(Mode):
         self.owner = {int(k): v for k, v in plan.get("owner", {}).items()}
         self.recorded_names = set(plan.get("recorded_names", []))
         self.rank = worker_rank() if int(plan.get("world_size") or 1) > 1 else None
+        own = (plan.get("rank_checkpoints") or {}).get(str(self.rank)) if self.rank else None
+        if own is not None:  # a plain fl.loop script under torchrun: this rank restores its own checkpoints
+            self.ckpts = {int(k): v for k, v in own.items()}
         self.recorded: dict[tuple[str, int], float] = {}
         self.times: dict[tuple, Any] = {}
         self._load_recorded(plan.get("recorded_path"))

@@ -16,8 +16,13 @@ from flightlog import _config, _run, _warn
 from flightlog._errors import FlightlogError
 
 
-def last_checkpoint(store: str, run_id: str) -> tuple[str, dict] | None:
-    """(run id, checkpoints row) of the newest complete checkpoint of ``run_id`` or its resume parents."""
+def last_checkpoint(store: str, run_id: str, rank: int | None = None) -> tuple[str, dict] | None:
+    """(run id, checkpoints row) of the newest complete checkpoint of ``run_id`` or its resume parents.
+
+    Where several ranks each checkpointed their own state (a plain ``fl.loop`` script under
+    torchrun; their adaptive periods can differ), it is ``rank``'s checkpoint at the newest
+    iteration that every rank has: each rank then resumes from the same point of the loop.
+    """
     from flightlog.collector import blobs as _blobs
     from flightlog.query import db
 
@@ -27,9 +32,20 @@ def last_checkpoint(store: str, run_id: str) -> tuple[str, dict] | None:
         for rid in reversed(chain):
             rows = db.sql_arrow(con, "SELECT * FROM checkpoints WHERE run_id = ? AND status = 'ok' "
                                      "ORDER BY iteration DESC", [rid]).to_pylist()
+            rows = [r for r in rows if _blobs.has_blob(store, r["content_hash"])]
+            by_rank: dict = {}
+            for r in rows:
+                by_rank.setdefault(r.get("rank"), {}).setdefault((r["iteration"], r.get("loop")), r)
+            if len(by_rank) > 1:
+                own = by_rank.get(rank if rank is not None else 0)
+                if own is None:
+                    continue
+                common = set.intersection(*(set(d) for d in by_rank.values()))
+                for key in sorted(common, key=lambda k: k[0], reverse=True):
+                    return rid, own[key]
+                continue
             for row in rows:
-                if _blobs.has_blob(store, row["content_hash"]):
-                    return rid, row
+                return rid, row
     finally:
         con.close()
     return None
@@ -74,7 +90,9 @@ def start_resumed_run(resume: str, project=None, name=None, store=None, params=N
         prow = db.sql_arrow(con, "SELECT * FROM runs WHERE run_id = ?", [parent]).to_pylist()[0]
     finally:
         con.close()
-    found = last_checkpoint(home, parent)
+    from flightlog import _ddp
+
+    found = last_checkpoint(home, parent, _ddp.rank_info()[0])
     if found is None:
         raise FlightlogError(f"run {parent} has no complete checkpoint to resume from")
     _src, row = found

@@ -39,10 +39,23 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
+_JOB_RUNS = 0  # runs this process started under a multi-process launcher (the ranks count alike)
+
+
 def new_run_id() -> str:
+    global _JOB_RUNS
     shared = os.environ.get("FLIGHTLOG_RUN_ID")  # the ranks of one multi-process job share one id (_ddp)
     if shared:
         return shared
+    from flightlog import _ddp
+
+    if _ddp.rank_info()[1] > 1:
+        # torchrun without an integration (a plain fl.loop script): no collective here (a run started by
+        # rank 0 alone would wait forever), but an id every rank derives alike from the launcher's
+        # environment; the k-th run of each rank gets the same suffix
+        _JOB_RUNS += 1
+        base = _ddp.job_run_id()
+        return base if _JOB_RUNS == 1 else f"{base}-{_JOB_RUNS}"
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
