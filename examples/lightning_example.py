@@ -10,9 +10,11 @@ Hindsight logging: add e.g. ``fl.log("val_err", 1 - acc)`` to ``validation_step`
 
 (a new statement in ``training_step`` replays at batch level instead).
 
-Several processes (DDP, gloo on CPU):
+Several processes (DDP, gloo on CPU): one run, a ``rank`` on every row; resume and replay
+(each segment as 2 rank processes) work the same way:
 
     DDP_DEVICES=2 torchrun --standalone --nproc_per_node=2 examples/lightning_example.py
+    DDP_DEVICES=2 flightlog replay examples/lightning_example.py --run latest
 
 Environment: KILL_AT_EPOCH=N kills the process (SIGKILL) when epoch N starts,
 after the previous checkpoint is durable -- a crash to resume from.

@@ -12,6 +12,10 @@ or a ``compute_loss`` override, then
 
     flightlog replay examples/transformers_example.py --run latest --workers 2   # batch level
 
+Several processes (gloo on CPU): one run, a ``rank`` on every row; resume and replay work the same way:
+
+    torchrun --standalone --nproc_per_node=2 examples/transformers_example.py
+
 Environment: KILL_AT_EPOCH=N kills the process (SIGKILL) when epoch N begins, after
 the previous epoch's checkpoint is durable; OUT_DIR sets the Trainer's output folder;
 SAVE_STRATEGY=epoch makes the Trainer save its own checkpoint at each epoch end
