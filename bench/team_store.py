@@ -78,6 +78,7 @@ def stop(p) -> None:
 
 
 _cpu: list[float] = []  # CPU seconds (user + sys) of the last timed() child
+_last: dict = {}  # the JSON line the last timed() child printed (train_digits.py: its own phase timings)
 
 
 def timed(cmd, env, cwd) -> float:
@@ -91,6 +92,11 @@ def timed(cmd, env, cwd) -> float:
     _cpu[:] = [(r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)]
     if r.returncode != 0:
         raise RuntimeError(f"{cmd} failed:\n{r.stderr[-3000:]}")
+    _last.clear()
+    try:
+        _last.update(json.loads(r.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError, TypeError):
+        pass
     return wall
 
 
@@ -104,12 +110,15 @@ def bench_record(base_env: dict, tmp: str, runs: int, epochs: int) -> dict:
     }
     walls: dict[str, list[float]] = {k: [] for k in variants}
     cpus: dict[str, list[float]] = {k: [] for k in variants}
+    finish: dict[str, list[float]] = {k: [] for k in variants}  # train_digits' own finish_s: fl.finish() alone
     order = list(variants)
     for i in range(runs):
         for k in order[i % 3:] + order[:i % 3]:
             cmd, extra = variants[k]
             walls[k].append(timed(cmd, dict(base_env, **extra), tmp))
             cpus[k].append(_cpu[0])
+            if "finish_s" in _last:
+                finish[k].append(_last["finish_s"])
     med = {k: statistics.median(v) for k, v in walls.items()}
     cmed = {k: statistics.median(v) for k, v in cpus.items()}
     over_local = med["local"] - med["plain"]
@@ -119,6 +128,7 @@ def bench_record(base_env: dict, tmp: str, runs: int, epochs: int) -> dict:
     return {"wall_s": walls, "median_s": med, "overhead_local_s": over_local, "overhead_s3_s": over_s3,
             "s3_over_local_overhead": over_s3 / over_local if over_local > 0 else None,
             "s3_over_local_wall": med["s3"] / med["local"],
+            "finish_s": finish, "finish_median_s": {k: statistics.median(v) for k, v in finish.items() if v},
             "cpu_s": cpus, "cpu_median_s": cmed, "cpu_overhead_local_s": cover_local, "cpu_overhead_s3_s": cover_s3,
             "s3_over_local_cpu_overhead": cover_s3 / cover_local if cover_local > 0 else None}
 
@@ -236,6 +246,9 @@ def main() -> int:
               f"s3 {r['median_s']['s3']:.2f}s  -> S3 overhead / local overhead = "
               f"{r['s3_over_local_overhead'] if r['s3_over_local_overhead'] is None else round(r['s3_over_local_overhead'], 2)}"
               f" (target <= 1.5); s3 / local wall {r['s3_over_local_wall']:.2f}")
+        f = r["finish_median_s"]
+        if "local" in f and "s3" in f:
+            print(f"  fl.finish() alone (train_digits' finish_s): local {f['local']:.3f}s  s3 {f['s3']:.3f}s")
         c = r["cpu_median_s"]
         print(f"  record CPU: plain {c['plain']:.2f}s  local {c['local']:.2f}s  s3 {c['s3']:.2f}s  -> "
               f"S3 CPU overhead / local CPU overhead = {r['s3_over_local_cpu_overhead']}")

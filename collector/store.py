@@ -191,16 +191,17 @@ class LocalSink:
             path = part_dir(self.root, table, run_id) / f"part-{seq:08d}-{self.writer}.parquet"
             merged = False
             if self.spool is not None:
-                # the run is ending: its last batches go straight into the partition's merged file
-                merged = self._finishing and self._write_merged(table, run_id, seq, sub)
+                # a small partition, or a run that is ending: the batch goes straight into the
+                # partition's merged file (one PUT, as a part would be, and no part left to merge)
+                merged = self._write_merged(table, run_id, seq, sub)
                 if not merged:
                     self.spool.write(path, sub, table)
             else:
                 write_parquet_atomic(path, sub, table, fsync=self.fsync)
             with self._lock:
                 self._written.setdefault((table, run_id), []).append(seq)
-            if self.spool is not None and not merged:
-                self._keep(table, run_id, seq, sub)
+            if self.spool is not None:
+                self._keep(table, run_id, seq, None if merged else sub)
 
     def finishing(self) -> None:
         """The run starts to finish (Sink's optional hook): on an object store, later batches are
@@ -213,17 +214,16 @@ class LocalSink:
     def _kept_state(self) -> dict[tuple[str, str], "_Kept"]:
         """The kept files of the current writer (a forked child gets a new writer id: start afresh)."""
         if self._kept_writer != self.writer:
-            with self._lock:
-                for k in self._kept.values():
-                    k.release()
-                self._kept = {}
-                self._kept_writer = self.writer
+            for k in self._kept.values():
+                k.forget()
+            self._kept = {}
+            self._kept_writer = self.writer
         return self._kept
 
-    def _keep(self, table: str, run_id: str, seq: int, data: pa.Table) -> None:
-        """Remember a stored part; merge the partition's parts when enough have gathered, and delete
-        files replaced long enough ago (on the flush thread, while training goes on). Never raises:
-        the part is stored already."""
+    def _keep(self, table: str, run_id: str, seq: int, data: pa.Table | None) -> None:
+        """Remember a stored part (``data``; None: it went into a merged file); merge the partition's
+        parts when enough have gathered, and delete files replaced long enough ago (on the flush
+        thread, while training goes on). Never raises: the batch is stored already."""
         try:
             kept = self._kept_state()
             with self._lock:
@@ -231,7 +231,8 @@ class LocalSink:
                 if k is None:
                     k = kept[(table, run_id)] = _Kept(part_dir(self.root, table, run_id), table, self.writer)
                 every = list(kept.values())
-            k.add(seq, data)
+            if data is not None:
+                k.add(seq, data)
             if self.spool.unreachable:  # no round trips while the store cannot be reached
                 return
             if k.should_merge():
@@ -245,7 +246,7 @@ class LocalSink:
         """Store batch ``seq`` inside a new merged file of its partition; False: write it as a part."""
         try:
             k = self._kept_state().get((table, run_id))
-            if k is None or not k.complete or self.spool.unreachable:
+            if k is None or not k.complete or not (self._finishing or k.small(data)) or self.spool.unreachable:
                 return False
             return k.merge(extra=(seq, data))
         except OSError as e:  # the store cannot be reached: straight to the spool, without a second try
@@ -344,9 +345,11 @@ def _partition_lock(d: Path, writer: str) -> threading.Lock:
 #
 # Merging a partition through the store costs a GET per part and a DELETE per part at the run's end,
 # one round trip each. A writer on an object store therefore keeps what it stored in memory (up to
-# KEEP_BYTES per process) and merges from there: every MERGE_PARTS parts during the run (on the flush
-# thread), and once more at the end, so the end only writes one file per table and deletes the few
-# files written since the last merge. Files a merge replaced stay DELETE_GRACE_SECONDS for readers
+# KEEP_BYTES per process) and merges from there: while a partition is small (_SMALL_BYTES) every
+# batch is written merged with it (one PUT, like a part); a bigger one is merged every MERGE_PARTS
+# parts during the run (on the flush thread); once the run finishes its last batches are written
+# merged too, so the end writes little more than its last batches and deletes the few files
+# replaced within the grace. Files a merge replaced stay DELETE_GRACE_SECONDS for readers
 # that listed them just before; the run's end deletes the rest. Readers never see a row twice or miss
 # one at any moment: a merged file is written before anything it replaces is deleted, and holds every
 # batch of the files it replaces (visible_files skips those).
@@ -355,8 +358,20 @@ KEEP_BYTES = 64 << 20
 MERGE_PARTS = 8
 DELETE_GRACE_SECONDS = 5.0
 _CHEAP_MERGE_BYTES = 4 << 20
+_SMALL_BYTES = 256 << 10  # a partition this small is rewritten whole at every write (no parts pile up)
 _kept_bytes = 0
 _kept_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # a lock held by another thread at the fork stays held forever in the child: start with fresh ones
+    global _kept_lock, _partition_locks
+    _kept_lock = threading.Lock()
+    _partition_locks = [threading.Lock() for _ in range(64)]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def kept_bytes() -> int:
@@ -397,6 +412,11 @@ class _Kept:
                 return
             self.parts[seq] = data
             self.parts_bytes += n
+
+    def small(self, data: pa.Table) -> bool:
+        """Whether rewriting the whole partition with ``data`` costs about as little as a part."""
+        with self.lock:
+            return self.merged_bytes + self.parts_bytes + data.nbytes <= _SMALL_BYTES
 
     def should_merge(self) -> bool:
         """Enough parts gathered, and the rewrite of what is merged already is cheap enough for them."""
@@ -481,11 +501,12 @@ class _Kept:
         with self.lock:
             self._drop()
 
-    def release(self) -> None:
-        """Forget everything, doomed files included (a forked child: they are its parent's to delete)."""
-        with self.lock:
-            self._drop()
-            self.doomed = []
+    def forget(self) -> None:
+        """Forget everything, doomed files included: in a forked child, whose writer id is new, these
+        are its parent's (to delete, too). No lock: one may have been held by a thread the fork left behind."""
+        self.lock = threading.Lock()
+        self._drop()
+        self.doomed = []
 
 
 def _encode_merged(table: str, members: list[tuple[int, int]], rows: list[pa.Table]) -> pa.Buffer:

@@ -178,10 +178,11 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert [r["status"] for r in db.read_runs(s3).to_pylist()] == ["crashed"]
 
 
-def test_compaction_on_s3_keeps_rows_once(s3):
+def test_compaction_on_s3_keeps_rows_once(s3, monkeypatch):
     """Compaction on an object store writes one merged object, deletes the parts, and rows stay exactly once."""
     import pyarrow as pa
 
+    monkeypatch.setattr(_store, "_SMALL_BYTES", 0)  # parts, not a small partition rewritten at each write
     sink = _store.LocalSink(s3)
     for k in range(3):
         sink.write("metrics", pa.table({"run_id": ["c"] * 5, "name": ["x"] * 5, "value": [float(k)] * 5,
@@ -360,6 +361,7 @@ def test_object_store_writer_merges_as_it_goes_and_ends_without_gets(s3, monkeyp
     """On S3 a writer merges every MERGE_PARTS parts from memory while rows stay exactly once at every
     step, replaced files wait out the grace, and the end merges from memory (no GET) into one object."""
     monkeypatch.setattr(_store, "DELETE_GRACE_SECONDS", 0.3)
+    monkeypatch.setattr(_store, "_SMALL_BYTES", 0)  # parts, not a small partition rewritten at each write
     sink = _store.LocalSink(s3)
     d = _store.part_dir(s3, "metrics", "g")
     for k in range(20):
@@ -384,6 +386,25 @@ def test_object_store_writer_merges_as_it_goes_and_ends_without_gets(s3, monkeyp
     assert len(files) == 1 and files[0].name.startswith("compact-")
     assert [k for k in _keys(s3) if "run_id=g/" in k] == [f"metrics/run_id=g/{files[0].name}"]
     _exact(s3, "g", 210)
+    sink.close()
+
+
+def test_small_partition_is_one_object_after_every_write(s3, monkeypatch):
+    """A small partition on S3 is rewritten whole at each write: one visible object at every step, rows exact,
+    and the replaced objects are deleted once the grace has passed."""
+    monkeypatch.setattr(_store, "DELETE_GRACE_SECONDS", 0.2)
+    sink = _store.LocalSink(s3)
+    d = _store.part_dir(s3, "metrics", "s")
+    for k in range(6):
+        sink.write("metrics", _metrics_batch("s", k * 10, 10))
+        assert len(_store.visible_files(d)) == 1
+        _exact(s3, "s", (k + 1) * 10)
+    time.sleep(0.3)
+    sink.write("metrics", _metrics_batch("s", 60, 10))
+    assert len([k for k in _keys(s3) if "run_id=s/" in k]) <= 2  # the newest, and the one it just replaced
+    sink.compact("s")
+    assert len([k for k in _keys(s3) if "run_id=s/" in k]) == 1
+    _exact(s3, "s", 70)
     sink.close()
 
 
