@@ -31,16 +31,11 @@ _GRACE_S = 5.0  # how long the other ranks may take to notice a failed peer befo
 def check_replayable(store: str, info, used: list[int]) -> None:
     """Refuse a multi-process run whose checkpoints cannot give every rank its own state.
 
-    The executor must start processes on this machine (a Ray task is one process), and a
-    checkpoint the plan restores must hold every rank's RNG states: rank 0's alone would be
-    wrong for a rank whose RNG differs (a seed offset by rank).
+    Every rank needs its own state: its own checkpoints (a plain ``fl.loop`` script, where each
+    rank writes them) or every rank's RNG states in rank 0's (the integrations); rank 0's alone
+    would be wrong for a rank whose RNG differs (a seed offset by rank).
     """
-    from flightlog.replay import ray_executor as _ray
-
     n = info.ranks
-    if _ray.active():
-        raise ReplayError(f"run {info.run_id} was recorded by {n} processes (torchrun/DDP ranks); --executor ray "
-                          "runs a segment as one task: replay it with local workers")
     ck = [i for i in used if i in info.checkpoints]
     if not ck:
         return  # from the script's start: nothing to restore
@@ -223,8 +218,9 @@ def merge_results(results: list[dict]) -> dict:
 
 
 def spawn_group(cmd: list[str], env: dict, cwd: str, logf, log_path: str, plan_path: str, store: str,
-                threads: int | None, world: int, tag: str) -> RankGroup:
-    """Start ``world`` rank processes of one segment (warm from the pool where it can, else cold)."""
+                threads: int | None, world: int, tag: str, fork_session: bool = True) -> RankGroup:
+    """Start ``world`` rank processes of one segment on this machine (warm from the pool where it can,
+    else cold); ``fork_session=False`` never forks this process (a Ray task's)."""
     from flightlog.replay import pool as _pool
 
     port = _free_port()
@@ -237,7 +233,8 @@ def spawn_group(cmd: list[str], env: dict, cwd: str, logf, log_path: str, plan_p
             lp = f"{log_path}.rank{r}"
             lf = open(lp, "w")
         kw = dict(env=e, cwd=cwd, stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        p = _pool.spawn(cmd, e, cwd, lf, store, kw, threads) or subprocess.Popen(_pool.cold_cmd(cmd), **kw)
+        p = (_pool.spawn(cmd, e, cwd, lf, store, kw, threads, fork_session=fork_session)
+             or subprocess.Popen(_pool.cold_cmd(cmd), **kw))
         if r:
             lf.close()  # the child has its own descriptor
         procs.append(p)

@@ -123,7 +123,8 @@ class RayWorker:
         payload = {"plan": plan, "recorded": recorded, "script": script, "script_text": text,
                    "args": self.cmd[2:], "cwd": self.cwd, "env": self.env, "store": self.store,
                    "cold": bool(_pool._OPTS.get("cold")) or os.environ.get("FLIGHTLOG_REPLAY_COLD") == "1"}
-        self.ref = _remote().remote(payload)
+        world = int(plan.get("world_size") or 1)  # a torchrun/DDP run: the task runs all its ranks on one node
+        self.ref = _remote().options(num_cpus=world).remote(payload) if world > 1 else _remote().remote(payload)
 
     def poll(self) -> int | None:
         if self.returncode is not None:
@@ -191,7 +192,8 @@ class RayWorker:
         self.kill()
 
 
-def _run_worker(script: str, args: list[str], env: dict, cwd: str, lf, store: str, cold: bool) -> int:
+def _run_worker(script: str, args: list[str], env: dict, cwd: str, lf, store: str, cold: bool,
+                group: tuple | None = None) -> int:
     """The worker process on this node: forked from this node's warm pool for the store, else cold.
 
     The same worker as a local replay's (``replay/pool.py``, ``replay/_worker.py``): a
@@ -212,7 +214,14 @@ def _run_worker(script: str, args: list[str], env: dict, cwd: str, lf, store: st
             if env.get(k):
                 os.environ[k] = env[k]
         with pool.options(cold=cold, out=notes, store=store):
-            w = pool.spawn(cmd, env, cwd, lf, store, kw, None, fork_session=False)
+            if group is not None:  # (log path, plan path, ranks, tag): the segment's rank processes
+                from flightlog.replay import _ranks
+
+                log_path, plan_path, world, tag = group
+                w = _ranks.spawn_group(cmd, env, cwd, lf, log_path, plan_path, store, None, world, tag,
+                                       fork_session=False)
+            else:
+                w = pool.spawn(cmd, env, cwd, lf, store, kw, None, fork_session=False)
         if w is None:
             w = subprocess.Popen(pool.cold_cmd(cmd), **kw)
         rc = w.wait()
@@ -262,8 +271,11 @@ def run_segment(payload: dict) -> dict:
         env["FLIGHTLOG_HOME"] = store
         env.pop("FLIGHTLOG_RESUME", None)
         log = os.path.join(tmp, "worker.log")
+        world = int(plan.get("world_size") or 1)
+        group = (log, plan_path, world, os.path.basename(tmp)) if world > 1 else None
         with open(log, "w") as lf:
-            rc = _run_worker(script, list(payload.get("args", [])), env, cwd, lf, store, bool(payload.get("cold")))
+            rc = _run_worker(script, list(payload.get("args", [])), env, cwd, lf, store, bool(payload.get("cold")),
+                             group)
 
         def read(p, mode="rb"):
             try:

@@ -144,3 +144,26 @@ def test_executor_errors_are_clear():
     with pytest.raises(ReplayError, match="--address"):
         with ray_executor.options("local", "127.0.0.1:1"):
             pass
+
+
+def test_ray_replays_a_torchrun_run_as_one_task_of_its_ranks(cluster, tmp_path, monkeypatch):
+    """A 2-rank torchrun run replays on Ray as one task (2 CPUs) running both rank processes: the same rows
+    and verdict as local rank groups."""
+    import test_ddp_plain as plain
+
+    store = tmp_path / "s"
+    p = plain._run(plain.TORCHRUN + [plain._script(tmp_path / "old")], store, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    script = plain._script(tmp_path / "bt", batch=True)
+    monkeypatch.setenv("FLIGHTLOG_REPLAY_POOL_DIR", str(tmp_path / "pools"))
+    monkeypatch.setenv("FLIGHTLOG_REPLAY_COLD", "1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    local = runner.run(script, run="latest", store=str(store), epochs="2:4")
+    assert local.ok and local.fidelity == "exact", [s.error for s in local.segments]
+    want = plain._rows(store, "gnorm", "source = 'replay'")
+    assert {r[0] for r in want} == {0, 1}
+    with ray_executor.options("ray", cluster):
+        res = runner.run(script, run="latest", store=str(store), epochs="2:4", force=True)
+    assert res.ok and res.fidelity == "exact", [s.error for s in res.segments]
+    assert res.compared == local.compared and plain._rows(store, "gnorm", "source = 'replay'") == want
