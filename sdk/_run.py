@@ -166,6 +166,7 @@ class Run:
         self.boundary_done = False  # this outer iteration's checkpoint boundary was handled (_loops, _modes)
         self.snapshot_refreshed = False  # the code snapshot was re-taken once the loop began (_loops)
         self.finish_hooks: list = []  # callables run at finish, each given the run
+        self.uploads: list = []  # threads uploading the code snapshot to an object store (_snapshot); joined at finish
         self.problems = _warn.counters  # this run's problem counts (fl.init starts a fresh counter per run)
         self.finished = False
         self.tags: list[str] = []  # fl.init(tags=...); `flightlog tag` adds later ones
@@ -239,6 +240,12 @@ class Run:
         except Exception as e:
             _warn.problem("snapshot_failed", f"code snapshot failed: {e!r}")
         self.write_row_now()
+        if getattr(self.sink, "spool", None) is not None:
+            # object storage: the first write also creates the S3 client and its connection (~0.05 s); the
+            # flush thread, started next, writes the run's row at once while the script goes on
+            self.rec.start()
+            self.rec.request_flush()
+            return
         self.rec.flush()
         self.rec.start()
 
@@ -252,6 +259,8 @@ class Run:
             except Exception as e:
                 _warn.problem("finish_hook_error", f"finish hook failed: {e!r}")
         self.rec.stop()
+        for t in self.uploads:
+            t.join(timeout=60.0)  # the code snapshot is on the store before the run says it finished
         if os.getpid() == self.owner_pid and self.kind != "replay":
             self.status = status
             if error:

@@ -54,6 +54,7 @@ def take(run) -> str | None:
         return None
     root = os.path.dirname(os.path.abspath(run.script))
     manifest = {}
+    blobs: list[tuple[str, bytes]] = []
     for f in files:
         try:
             if os.path.getsize(f) > MAX_FILE_BYTES:
@@ -63,13 +64,36 @@ def take(run) -> str | None:
         except OSError:
             continue
         d = _blobs.blob_digest(data)
-        _blobs.put_blob(run.store, d, data)
+        blobs.append((d, data))
         manifest[os.path.relpath(f, root)] = d
     body = json.dumps({"root": root, "script": os.path.relpath(run.script, root), "files": manifest},
                       sort_keys=True).encode()
     d = _blobs.blob_digest(body)
-    _blobs.put_blob(run.store, d, body)
+    blobs.append((d, body))
+    from flightlog.collector import fs as _fs
+
+    if _fs.is_remote(run.store):
+        # On object storage each blob is a HEAD and a PUT: upload them on a thread of their own while the
+        # script goes on (the digests, all the run row needs, are known now); the run's end waits for it.
+        import threading
+
+        t = threading.Thread(target=_upload, args=(run.store, blobs), name="flightlog-snapshot", daemon=True)
+        t.start()
+        run.uploads.append(t)
+    else:
+        for digest, data in blobs:
+            _blobs.put_blob(run.store, digest, data)
     return d
+
+
+def _upload(store: str, blobs: list) -> None:
+    from flightlog import _warn
+
+    try:
+        for digest, data in blobs:
+            _blobs.put_blob(store, digest, data)
+    except Exception as e:
+        _warn.problem("snapshot_failed", f"code snapshot not stored: {e!r}")
 
 
 def load(store: str, snapshot_id: str) -> dict:

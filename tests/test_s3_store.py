@@ -85,6 +85,10 @@ def test_record_query_and_layout_on_s3(s3, tmp_path):
     rid = runs[0]["run_id"]
     assert any(k.startswith(f"metrics/run_id={rid}/") and k.endswith(".parquet") for k in keys)
     assert any(k.startswith("blobs/") for k in keys)  # the code snapshot went to the same store
+    from flightlog import _snapshot
+
+    snap = _snapshot.load(s3, runs[0]["code_snapshot"])  # uploaded off the main thread, complete at the end
+    assert snap["script"].endswith(".py") and snap["files"][snap["script"]]
     assert not [k for k in keys if ".tmp" in k or k.rsplit("/", 1)[-1].startswith(".") and ".heartbeat-" not in k]
     cli = subprocess.run([sys.executable, "-m", "flightlog.cli", "sql", "--store", s3,
                           "SELECT count(*) AS n FROM metrics WHERE name = 'acc'"],
