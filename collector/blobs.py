@@ -54,16 +54,19 @@ def blob_digest(data) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def put_blob(root: str | os.PathLike, digest: str, data, fsync: bool = False) -> tuple[Path, bool]:
+def put_blob(root: str | os.PathLike, digest: str, data, fsync: bool = False,
+             likely_new: bool = False) -> tuple[Path, bool]:
     """Store ``data`` (bytes, or a list of buffers written one after another) under its content hash.
 
     Identical blobs are stored once. Returns the path and whether a new file was written.
+    ``likely_new`` (a checkpoint: its RNG states make it unique): on an object store, upload
+    without asking first whether it exists (a HEAD per blob); a PUT of the same bytes is harmless.
     """
     path = blob_path(root, digest)
     if _fs.is_remote(path):  # content-addressed: an existing object already holds these bytes
         sp = _fs.spool_for(os.fspath(root))
         try:
-            if not sp.unreachable and _fs.exists(path):
+            if not likely_new and not sp.unreachable and _fs.exists(path):
                 return path, False
         except OSError:
             pass

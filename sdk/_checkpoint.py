@@ -417,7 +417,7 @@ class Checkpointer:
         c0 = time.thread_time()
         parts = serialize_parts(payload)
         h = digest_parts(parts)
-        path, _new = _blobs.put_blob(self.run.store, h, parts)
+        path, _new = _blobs.put_blob(self.run.store, h, parts, likely_new=True)
         nbytes = sum(memoryview(p).nbytes for p in parts)
         write_ms = (time.perf_counter() - t0) * 1000.0
         self.last_write_ms = write_ms
