@@ -77,9 +77,9 @@ def lightning_fit(kind: str, epochs: int, tmp: str) -> float:
     t = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, callbacks=cbs,
                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                    log_every_n_steps=1)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     t.fit(M(), dl)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def transformers_train(kind: str, epochs: int, tmp: str) -> float:
@@ -106,36 +106,46 @@ def transformers_train(kind: str, epochs: int, tmp: str) -> float:
         if kind in ("flightlog", "fl-nockpt") else []
     tr = Trainer(model=BertForSequenceClassification(cfg), args=args, train_dataset=data, callbacks=cbs)
     tr.remove_callback(PrinterCallback)  # no log dicts on stdout
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tr.train()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def bench(name: str, fn, kinds: list[str], repeats: int, epochs: int) -> None:
-    times: dict[str, list[float]] = {k: [] for k in kinds}
+    """Wall and CPU time (the process's, flightlog's threads included) of each configuration, interleaved.
+
+    CPU time is the steadier measure on a shared machine: it does not count time spent waiting for a core.
+    """
+    from flightlog import _run
+
+    walls: dict[str, list[float]] = {k: [] for k in kinds}
+    cpus: dict[str, list[float]] = {k: [] for k in kinds}
     for k in kinds:  # warm-up: imports and first-call costs of every configuration
         fn(k, 1, tempfile.mkdtemp())
-        from flightlog import _run
-
         _run._ENDED_ONCE = False
     for _ in range(repeats):
         for k in kinds:
-            times[k].append(fn(k, epochs, tempfile.mkdtemp()))
-            from flightlog import _run
-
+            w, c = fn(k, epochs, tempfile.mkdtemp())
+            walls[k].append(w)
+            cpus[k].append(c)
             _run._ENDED_ONCE = False
-    base = statistics.median(times[kinds[0]])
-    print(f"\n{name}: median of {repeats} runs, {epochs} epochs")
-    print(f"  {'configuration':<14} {'median s':>9} {'overhead vs ' + kinds[0]:>22}   all runs (s)")
-    for k in kinds:
-        m = statistics.median(times[k])
-        print(f"  {k:<14} {m:9.3f} {100 * (m - base) / base:+21.1f}%   "
-              + " ".join(f"{t:.2f}" for t in times[k]))
-    fl_m = statistics.median(times["flightlog"])
-    for peer in [k for k in kinds[1:-1] if not k.startswith("fl-")]:
-        m = statistics.median(times[peer])
-        print(f"  flightlog vs {peer}: {100 * (fl_m - m) / m:+.1f}% of the training time "
-              f"(ratio {fl_m / m:.3f}; target: flightlog's overhead <= 2%)")
+    print(f"\n{name}: median of {repeats} runs, {epochs} epochs, torch threads {_threads()}")
+    for what, times in (("wall", walls), ("CPU", cpus)):
+        base = statistics.median(times[kinds[0]])
+        print(f"  {what:<5}{'configuration':<14} {'median s':>9} {'vs ' + kinds[0]:>10}   all runs (s)")
+        for k in kinds:
+            m = statistics.median(times[k])
+            print(f"       {k:<14} {m:9.3f} {100 * (m - base) / base:+9.1f}%   " + " ".join(f"{t:.2f}" for t in times[k]))
+        fl_m = statistics.median(times["flightlog"])
+        for peer in [k for k in kinds[1:-1] if not k.startswith("fl-")]:
+            m = statistics.median(times[peer])
+            print(f"       {what}: flightlog vs {peer}: {100 * (fl_m - m) / m:+.1f}% (target: <= +2%)")
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def main() -> int:
@@ -143,8 +153,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--only", choices=("lightning", "transformers"))
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier timings)")
     a = ap.parse_args()
     import importlib.util
+
+    import torch
+
+    torch.set_num_threads(a.threads)
 
     tb = importlib.util.find_spec("tensorboard") is not None
     if not tb:
