@@ -49,14 +49,20 @@ def _spawn(store, script, args, tmp_path, env_extra=None, name="w"):
     return w, rc, (tmp_path / f"{name}.log").read_text()
 
 
+
+def _store_and_script(tmp_path, pools, folder: str, text: str):
+    """A store whose pool the fixture stops, and ``text`` as ``<folder>/s.py``."""
+    store = str(tmp_path / "store")
+    pools.append(store)
+    script = tmp_path / folder / "s.py"
+    script.parent.mkdir()
+    script.write_text(text)
+    return store, script
+
 @pytest.mark.slow
 def test_worker_runs_the_script_like_python_would(tmp_path, pools):
     """A forked worker sees argv, cwd, env, sys.path[0] and __main__ as `python script` would; exit status kept."""
-    store = str(tmp_path / "store")
-    pools.append(store)
-    script = tmp_path / "plain" / "s.py"
-    script.parent.mkdir()
-    script.write_text(PLAIN)
+    store, script = _store_and_script(tmp_path, pools, "plain", PLAIN)
     out = io.StringIO()
     with pool.options(out=out):
         w, rc, log = _spawn(store, script, ["a b", "3"], tmp_path, {"POOL_TEST_X": "42"})
@@ -363,11 +369,7 @@ def _wait_for(cond, secs=30.0):
 @pytest.mark.slow
 def test_the_pool_learns_what_workers_import_lazily(tmp_path, pools):
     """A module the script imports inside a function is imported by the pool afterwards: the next fork has it."""
-    store = str(tmp_path / "store")
-    pools.append(store)
-    script = tmp_path / "lazy" / "s.py"
-    script.parent.mkdir()
-    script.write_text(LAZY)
+    store, script = _store_and_script(tmp_path, pools, "lazy", LAZY)
     d = pool.ensure(store, str(script))
     pid = pool.read_info(d)["pid"]
     w, rc, log = _spawn(store, script, [], tmp_path, name="w1")
