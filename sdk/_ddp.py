@@ -27,9 +27,10 @@ def rank_info() -> tuple[int | None, int, int | None]:
     def num(name):
         raw = os.environ.get(name)
         try:
-            return int(raw) if raw not in (None, "") else None
+            v = int(raw) if raw not in (None, "") else None
         except ValueError:
             return None
+        return v if v is None or v >= 0 else None  # a negative rank or size is no launcher's
 
     world = num("WORLD_SIZE") or 1
     return num("RANK"), world, num("LOCAL_RANK")

@@ -52,11 +52,9 @@ def _wait_for_plan(plan_path: str) -> None:
 
 def worker_rank() -> int | None:
     """This worker's rank in a multi-process segment (env ``RANK``); None for a one-process worker."""
-    raw = os.environ.get("RANK")
-    try:
-        return int(raw) if raw not in (None, "") else None
-    except ValueError:
-        return None
+    from flightlog import _ddp
+
+    return _ddp.rank_info()[0]
 
 
 def rank_plan(plan: dict, rank: int | None) -> dict:

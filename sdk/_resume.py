@@ -72,6 +72,14 @@ class ResumeState:
             _warn.problem("resume_nothing_registered",
                           "resuming without fl.checkpointing(...) objects: only RNG state is restored")
         missed = _checkpoint.restore(self.run, payload, objects, scopes)
+        from flightlog import _ddp
+
+        rank, world, _local = _ddp.rank_info()
+        written_by = self.row.get("rank")
+        if world > 1 and written_by is not None and written_by != rank:
+            # each rank of a plain script checkpoints its own state; this one found none of its own
+            _warn.problem("resume_rng", f"rank {rank} resumes from rank {written_by}'s checkpoint (none of its "
+                                        f"own): its RNG states are rank {written_by}'s, exact only if they were equal")
         if missed:
             _warn.problem("resume_vars_missed", f"loop variables not restored: {', '.join(sorted(missed))}")
         if ck is not None:

@@ -143,3 +143,36 @@ def test_ranks_of_a_plain_script_derive_one_run_id(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
     monkeypatch.setattr(_run, "_JOB_RUNS", 0)
     assert _run.new_run_id() != ids["0"][0]
+
+
+def test_a_rank_without_checkpoints_of_its_own_is_warned_not_silently_given_another_ranks_rng(tmp_path, monkeypatch):
+    """Resume of rank 1 when only rank 0's checkpoints reached the store restores rank 0's state with a
+    resume_rng warning (its RNG may differ), and a negative RANK counts as no rank."""
+    from flightlog import _ddp, _resume, _warn
+
+    for k in ("FLIGHTLOG_RUN_ID", "TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    store = str(tmp_path / "s")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-x")
+    fl.init(store=store)
+    state = {"w": 1.0}
+    with fl.checkpointing(state=state, every=1):
+        for _e in fl.loop("epoch", range(2)):
+            state["w"] *= 0.5
+    fl.finish()
+    rid = fl.query("SELECT run_id FROM runs", store=store).column(0)[0].as_py()
+    assert fl.query("SELECT DISTINCT rank FROM checkpoints", store=store).column(0).to_pylist() == [0]
+    monkeypatch.setenv("RANK", "1")
+    _src, row = _resume.last_checkpoint(store, rid, 1)
+    assert row["rank"] == 0
+    _warn.counters.clear()
+    fl.init(store=store)  # a run to restore into
+    try:
+        _resume.ResumeState(fl._run.ACTIVE, store, row).restore()
+    finally:
+        fl.finish()
+    assert _warn.counters.get("resume_rng") == 1
+    monkeypatch.setenv("RANK", "-1")
+    assert _ddp.rank_info()[0] is None

@@ -323,11 +323,10 @@ def own_rng(states: "dict | None", which: str) -> "dict | None":
     """This rank's (env ``RANK``) RNG states from a ``RankRNG`` state (None: not recorded for this rank)."""
     if not isinstance(states, dict):
         return None
+    from flightlog import _ddp
+
     got = states.get(which)
-    try:
-        rank = int(os.environ.get("RANK") or 0)
-    except ValueError:
-        return None
-    if not isinstance(got, list) or rank >= len(got):
+    rank = _ddp.rank_info()[0]
+    if not isinstance(got, list) or rank is None or rank >= len(got):
         return None
     return got[rank]
