@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # other worker idle at the end. Files not named follow, most slow tests first. Only the order changes.
 LONGEST_FILES = ("test_replay.py", "test_replay_state.py", "test_ray_replay.py", "test_replay_pool.py",
                  "test_remote_mode.py", "test_integrations_lightning.py", "test_integrations_transformers.py",
-                 "test_ddp.py", "test_record.py", "test_store_trust.py", "test_no_loss.py", "test_s3_store.py",
+                 "test_ddp.py", "test_ddp_plain.py", "test_record.py", "test_store_trust.py", "test_no_loss.py", "test_s3_store.py",
                  "test_collector_attacks.py", "test_cli.py")
 
 
