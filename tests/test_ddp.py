@@ -80,10 +80,23 @@ VAL_LINE = 'fl.log("val_top2", (logits.topk(2, 1).indices == y[:, None]).any(1).
 TRAIN_LINE = 'fl.log("w_probe", self.net[1].weight.abs().mean().item())'
 
 
+def _replay(script, run_id, store, cwd, *extra):
+    return _run([sys.executable, "-m", "flightlog.cli", "replay", script, "--run", run_id, "--store", store, *extra],
+                store, cwd)
+
+
+def _values(store: str, name: str, epochs=None) -> list[tuple]:
+    q = f"SELECT rank, epoch, batch, step, value FROM metrics WHERE name = '{name}' ORDER BY rank, step"
+    return [tuple(r.values()) for r in fl.query(q, store=store).to_pylist() if epochs is None or r["epoch"] in epochs]
+
+
 @pytest.mark.slow
-def test_ddp_two_gloo_ranks_one_run_and_exact_resume(tmp_path):
+def test_ddp_two_gloo_ranks_one_run_exact_resume_and_replay(tmp_path):
     """2 gloo ranks (a seed per rank): one run id, a rank on every row, rank 0's checkpoints, show per rank;
-    resume after SIGKILL is bit for bit, each rank continuing with its own RNG states."""
+    resume after SIGKILL is bit for bit, each rank continuing with its own RNG states. Over the resumed chain,
+    a new statement in validation_step (epoch level: training batches skipped) and one in training_step
+    (batch level, from the checkpoint of epoch 1 with each rank's own RNG) replay as 2 rank processes per
+    segment and give exactly what a full torchrun run of the new script logs, rank by rank."""
     script = _per_rank_script(tmp_path / "code")
     store, full = str(tmp_path / "s"), str(tmp_path / "full")
     p = _run(TORCHRUN + [script, "3"], store, tmp_path, env={"KILL_AT_EPOCH": "2"})
@@ -101,7 +114,9 @@ def test_ddp_two_gloo_ranks_one_run_and_exact_resume(tmp_path):
              store, tmp_path, env={"WEIGHTS_OUT": w_res})
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resume_rng" not in p.stderr  # every rank found its own RNG states in the checkpoint
-    p = _run(TORCHRUN + [script, "3"], full, tmp_path, env={"WEIGHTS_OUT": w_full})
+    # the full run is of the new script: its statements read values only, so training is the old script's
+    both = _per_rank_script(tmp_path / "full", {VAL_ANCHOR: VAL_LINE, TRAIN_ANCHOR: TRAIN_LINE})
+    p = _run(TORCHRUN + [both, "3"], full, tmp_path, env={"WEIGHTS_OUT": w_full})
     assert p.returncode == 0, p.stderr[-3000:]
     import torch
 
@@ -109,54 +124,31 @@ def test_ddp_two_gloo_ranks_one_run_and_exact_resume(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b)
     res = fl.query("SELECT run_id FROM runs WHERE kind = 'resume'", store=store).column(0).to_pylist()
     assert len(set(res)) == 1  # both resumed ranks share one run too
-    q = "SELECT rank, name, epoch, batch, step, value FROM metrics WHERE RUN ORDER BY rank, name, step"
+    q = ("SELECT rank, name, epoch, batch, step, value FROM metrics WHERE RUN AND name NOT IN ('val_top2', 'w_probe') "
+         "ORDER BY rank, name, step")
     got = fl.query(q.replace("RUN", f"run_id = '{res[0]}'"), store=store).to_pylist()
     want = [r for r in fl.query(q.replace("RUN", "true"), store=full).to_pylist() if r["epoch"] >= 2]
     assert got and got == want
     assert fl.query("SELECT count(*) FROM checkpoints", store=full).column(0)[0].as_py() == 4  # rank 0's only
 
-
-def _replay(script, run_id, store, cwd, *extra):
-    return _run([sys.executable, "-m", "flightlog.cli", "replay", script, "--run", run_id, "--store", store, *extra],
-                store, cwd)
-
-
-def _values(store: str, name: str, epochs=None) -> list[tuple]:
-    q = f"SELECT rank, epoch, batch, step, value FROM metrics WHERE name = '{name}' ORDER BY rank, step"
-    return [tuple(r.values()) for r in fl.query(q, store=store).to_pylist() if epochs is None or r["epoch"] in epochs]
-
-
-@pytest.mark.slow
-def test_ddp_replay_epoch_and_batch_level_equal_a_full_rerun(tmp_path):
-    """A 2-rank gloo run replays as 2 rank processes per segment: a new statement in validation_step
-    (epoch level: training batches skipped) and one in training_step (batch level, from the checkpoint
-    of epoch 1 with each rank's own RNG) give exactly what a full torchrun re-run of that script logs."""
-    store = str(tmp_path / "s")
-    p = _run(TORCHRUN + [_per_rank_script(tmp_path / "code"), "3"], store, tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rid = fl.query("SELECT run_id FROM runs", store=store).column(0)[0].as_py()
-    both = _per_rank_script(tmp_path / "full", {VAL_ANCHOR: VAL_LINE, TRAIN_ANCHOR: TRAIN_LINE})
-    p = _run(TORCHRUN + [both, "3"], str(tmp_path / "full-s"), tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-
     ep = _per_rank_script(tmp_path / "ep", {VAL_ANCHOR: VAL_LINE})
-    p = _replay(ep, rid, store, tmp_path)
+    p = _replay(ep, res[0], store, tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     assert "epoch-level replay" in p.stdout and "fidelity: exact" in p.stdout, p.stdout
     got = _values(store, "val_top2")
     assert {r[0] for r in got} == {0, 1} and len(got) == 6
     # the same values at the same steps; the full run also logged it in Lightning's sanity validation
     # (epoch NULL), which replay counts for the steps but does not re-create
-    assert got == _values(str(tmp_path / "full-s"), "val_top2", epochs={0, 1, 2})
+    assert got == _values(full, "val_top2", epochs={0, 1, 2})
 
     bt = _per_rank_script(tmp_path / "bt", {TRAIN_ANCHOR: TRAIN_LINE})
-    p = _replay(bt, rid, store, tmp_path, "--epochs", "2")
+    p = _replay(bt, res[0], store, tmp_path, "--epochs", "2")
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     assert "batch-level replay" in p.stdout and "fidelity: exact" in p.stdout, p.stdout
     assert "compared 16" in p.stdout  # both ranks' recorded values of epoch 2, each against its own record
     got = _values(store, "w_probe")
     assert {r[0] for r in got} == {0, 1} and len(got) == 10
-    assert got == _values(str(tmp_path / "full-s"), "w_probe", epochs={2})
+    assert got == _values(full, "w_probe", epochs={2})
 
 
 def test_multi_process_run_without_every_ranks_rng_is_refused(tmp_path, monkeypatch):
