@@ -111,6 +111,7 @@ def bench_record(base_env: dict, tmp: str, runs: int, epochs: int) -> dict:
     walls: dict[str, list[float]] = {k: [] for k in variants}
     cpus: dict[str, list[float]] = {k: [] for k in variants}
     finish: dict[str, list[float]] = {k: [] for k in variants}  # train_digits' own finish_s: fl.finish() alone
+    phases: dict[str, dict[str, list[float]]] = {k: {"startup_s": [], "loop_s": []} for k in variants}
     order = list(variants)
     for i in range(runs):
         for k in order[i % 3:] + order[:i % 3]:
@@ -119,13 +120,22 @@ def bench_record(base_env: dict, tmp: str, runs: int, epochs: int) -> dict:
             cpus[k].append(_cpu[0])
             if "finish_s" in _last:
                 finish[k].append(_last["finish_s"])
+            for ph in phases[k]:
+                if ph in _last:
+                    phases[k][ph].append(_last[ph])
     med = {k: statistics.median(v) for k, v in walls.items()}
     cmed = {k: statistics.median(v) for k, v in cpus.items()}
     over_local = med["local"] - med["plain"]
     over_s3 = med["s3"] - med["plain"]
     cover_local, cover_s3 = cmed["local"] - cmed["plain"], cmed["s3"] - cmed["plain"]
+    # paired: each round runs the three back to back, so a slow stretch of the machine hits all three
+    paired_local = statistics.median(b - a for a, b in zip(walls["plain"], walls["local"]))
+    paired_s3 = statistics.median(b - a for a, b in zip(walls["plain"], walls["s3"]))
     # CPU time of the training process is far less sensitive to other load on a shared machine than wall time
-    return {"wall_s": walls, "median_s": med, "overhead_local_s": over_local, "overhead_s3_s": over_s3,
+    return {"paired_overhead_local_s": paired_local, "paired_overhead_s3_s": paired_s3,
+            "paired_s3_over_local": paired_s3 / paired_local if paired_local > 0 else None,
+            "phase_median_s": {k: {ph: statistics.median(v) for ph, v in d.items() if v} for k, d in phases.items()},
+            "wall_s": walls, "median_s": med, "overhead_local_s": over_local, "overhead_s3_s": over_s3,
             "s3_over_local_overhead": over_s3 / over_local if over_local > 0 else None,
             "s3_over_local_wall": med["s3"] / med["local"],
             "finish_s": finish, "finish_median_s": {k: statistics.median(v) for k, v in finish.items() if v},
@@ -246,6 +256,13 @@ def main() -> int:
               f"s3 {r['median_s']['s3']:.2f}s  -> S3 overhead / local overhead = "
               f"{r['s3_over_local_overhead'] if r['s3_over_local_overhead'] is None else round(r['s3_over_local_overhead'], 2)}"
               f" (target <= 1.5); s3 / local wall {r['s3_over_local_wall']:.2f}")
+        pr = r["paired_s3_over_local"]
+        print(f"  paired (median over rounds of recorded - plain): local +{r['paired_overhead_local_s']:.2f}s  "
+              f"s3 +{r['paired_overhead_s3_s']:.2f}s  -> ratio {pr if pr is None else round(pr, 2)}")
+        ph = r["phase_median_s"]
+        if all(ph.get(k) for k in ("plain", "local", "s3")):
+            print("  phases (startup / loop): " + "  ".join(
+                f"{k} {ph[k].get('startup_s', 0):.2f}/{ph[k].get('loop_s', 0):.2f}s" for k in ("plain", "local", "s3")))
         f = r["finish_median_s"]
         if "local" in f and "s3" in f:
             print(f"  fl.finish() alone (train_digits' finish_s): local {f['local']:.3f}s  s3 {f['s3']:.3f}s")

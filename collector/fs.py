@@ -14,7 +14,8 @@ URI's query string (``?endpoint_override=...``) work as well.
 
 Atomicity: object stores have no rename, so a file is serialised in memory and written once
 under its final name (:func:`put`). An S3 object becomes visible only when its upload completes
-(on close), so a writer killed mid-write leaves nothing behind.
+(on close), so a writer killed mid-write leaves nothing behind. Objects under one upload part go
+as a single PutObject, larger ones (checkpoint blobs) as a multipart upload completed at close.
 """
 from __future__ import annotations
 
@@ -49,14 +50,24 @@ def _filesystem(scheme: str, bucket: str, query: str):
         return hit
     import pyarrow.fs as pafs
 
-    if scheme == "s3" and endpoint and not query:
-        # pyarrow does not read AWS_ENDPOINT_URL itself; without it from_uri would also ask AWS for the region
-        scheme_, _, host = endpoint.partition("://")
-        if not host:
-            scheme_, host = "https", endpoint
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        fs = pafs.S3FileSystem(endpoint_override=host.rstrip("/"), scheme=scheme_, region=region,
-                               connect_timeout=5, request_timeout=30)
+    if scheme == "s3" and not query:
+        # allow_delayed_open: an object smaller than one upload part is sent as a single PutObject at
+        # close (still all or nothing) instead of a three-request multipart upload
+        opts: dict[str, Any] = {"allow_delayed_open": True, "connect_timeout": 5, "request_timeout": 30}
+        env_region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if endpoint:  # pyarrow does not read AWS_ENDPOINT_URL itself
+            scheme_, _, host = endpoint.partition("://")
+            if not host:
+                scheme_, host = "https", endpoint
+            opts.update(endpoint_override=host.rstrip("/"), scheme=scheme_, region=env_region or "us-east-1")
+        else:  # the bucket's own region, as from_uri would ask AWS for it
+            try:
+                opts["region"] = pafs.resolve_s3_region(bucket)
+            except OSError:
+                if not env_region:
+                    raise
+                opts["region"] = env_region
+        fs = pafs.S3FileSystem(**opts)
     else:
         fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))
     with _fs_lock:

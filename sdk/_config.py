@@ -25,6 +25,8 @@ ENV_SUMMARY = "FLIGHTLOG_SUMMARY"  # "1": print the end-of-run summary even when
 DEFAULT_HOME = ".flightlog"
 DEFAULT_FLUSH_INTERVAL = 1.0
 HEARTBEAT_SECONDS = 2.0
+# Object stores: the least time between two flushes asked for early (a checkpoint's index row).
+FORCE_GAP_REMOTE = 1.0
 # A running run whose heartbeat is older than this reads as crashed.
 STALE_SECONDS = 30.0
 # Metric rows buffered before the flush thread writes early (bounds memory).

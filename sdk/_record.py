@@ -285,6 +285,12 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._last_flush = time.monotonic()
         self._last_beat = 0.0
+        self._last_forced = float("-inf")
+        # Object stores: every flush is a PUT per table and, for a small partition, the DELETE of the
+        # file it replaces (three round trips through pyarrow). Asked-for flushes (a checkpoint's index
+        # row, every epoch) therefore come at most once per FORCE_GAP_REMOTE seconds there.
+        remote = getattr(sink, "spool", None) is not None
+        self._force_gap = min(self.interval, _config.FORCE_GAP_REMOTE) if remote else 0.0
         self._force = False
         self._sink_ok = True
         self.on_flush: list = []  # callables run on the flush thread after each flush
@@ -333,8 +339,10 @@ class Recorder:
                 break
             try:
                 now = time.monotonic()
-                if self._force or len(self.run.buf) >= _config.FLUSH_ROWS or now - self._last_flush >= self.interval:
+                forced = self._force and now - self._last_forced >= self._force_gap
+                if forced or len(self.run.buf) >= _config.FLUSH_ROWS or now - self._last_flush >= self.interval:
                     self._force = False
+                    self._last_forced = now
                     self.flush()
                 if now - self._last_beat >= getattr(self.sink, "heartbeat_seconds", _config.HEARTBEAT_SECONDS):
                     self._last_beat = now

@@ -503,3 +503,47 @@ def test_last_batches_go_straight_into_the_merged_file_or_the_spool(s3):
     _store.LocalSink(s3).close()  # the next writer of this store uploads it
     _exact(s3, "f", 50)
     sink.close()
+
+
+def test_checkpoints_every_tenth_of_a_second_write_at_most_once_a_second_on_s3(s3, monkeypatch):
+    """A checkpoint asks for its index row at once; on an object store such early writes come at most once per
+    FORCE_GAP_REMOTE s (each is a PUT and a replaced object per table), and every row still arrives."""
+    import numpy as np
+
+    puts: list[str] = []
+    real_put = _fs.put
+    monkeypatch.setattr(_fs, "put", lambda p, data: (puts.append(str(p)), real_put(p, data))[1])
+    run_id = fl.init(project="gap").run_id
+    state = {"w": np.zeros(4)}
+    t0 = time.monotonic()
+    with fl.checkpointing(state=state, every=1):
+        for e in fl.loop("epoch", range(25)):
+            state["w"] += 1
+            fl.log("loss", float(e))
+            time.sleep(0.1)
+    loop_s = time.monotonic() - t0
+    fl.finish()
+    ckpt_puts = [p for p in puts if "/checkpoints/" in p]
+    # 25 checkpoints over ~2.5 s: one early write per second, the interval's own, and the end's
+    assert len(ckpt_puts) <= loop_s + 4, (loop_s, ckpt_puts)
+    rows = fl.query(f"SELECT count(*) AS n FROM checkpoints WHERE run_id = '{run_id}'")
+    assert rows.column("n")[0].as_py() == 26  # one per epoch, and the loop's end
+    assert fl.query(f"SELECT count(*) AS n FROM metrics WHERE run_id = '{run_id}' AND name = 'loss'"
+                    ).column("n")[0].as_py() == 25
+
+
+def test_local_store_still_writes_a_checkpoints_row_at_once(tmp_path):
+    """On a local disk the early write is not held back: the index row is stored within the flush thread's poll."""
+    import numpy as np
+
+    store = str(tmp_path / "store")
+    fl.init(project="gap-local", store=store, flush_interval=30)
+    state = {"w": np.zeros(4)}
+    with fl.checkpointing(state=state, every=1):
+        for _ in fl.loop("epoch", range(1)):
+            state["w"] += 1
+        deadline = time.monotonic() + 10
+        while not list((tmp_path / "store" / "checkpoints").rglob("*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list((tmp_path / "store" / "checkpoints").rglob("*.parquet")), "the index row waited for the interval"
+    fl.finish()
