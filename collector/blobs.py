@@ -84,6 +84,38 @@ def put_blob(root: str | os.PathLike, digest: str, data, fsync: bool = False,
     return path, True
 
 
+def verify_blob(root: str | os.PathLike, digest: str, chunk: int = 8 << 20) -> bool:
+    """Whether blob ``digest`` is stored, inside the store, and hashes to its name; read in chunks.
+
+    For checking many (large) checkpoints before a replay plans with them: memory stays at one
+    chunk per call, where :func:`read_blob` holds the whole blob. False for a bad id, a missing or
+    unreadable blob, one outside the store, and tampered content.
+    """
+    import xxhash
+
+    try:
+        path = blob_path(root, digest)
+        if _fs.is_remote(path):
+            local = _fs.spool_for(os.fspath(root)).local_copy(path)
+            fh = open(local, "rb") if local is not None else _fs.open_stream(path)
+        else:
+            base = os.path.realpath(os.path.join(os.fspath(root), "blobs"))
+            real = os.path.realpath(path)
+            if os.path.commonpath([base, real]) != base:
+                return False
+            fh = open(real, "rb")
+        h = xxhash.xxh3_128()
+        with fh:
+            while True:
+                b = fh.read(chunk)
+                if not b:
+                    break
+                h.update(b)
+        return h.hexdigest() == digest
+    except (OSError, BlobError, ValueError):
+        return False
+
+
 def read_blob(root: str | os.PathLike, digest: str, what: str = "blob") -> bytes:
     """The bytes of blob ``digest``, verified: the store is a trust boundary.
 

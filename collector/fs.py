@@ -149,6 +149,12 @@ def open_input(p: Any):
     return fs.open_input_file(path)
 
 
+def open_stream(p: Any):
+    """A sequential reader of an object (one GET, no HEAD): for reading it in chunks."""
+    fs, path = split(p)
+    return fs.open_input_stream(path)
+
+
 def read_bytes(p: Any) -> bytes:
     """The whole object in one GET (a stream needs no HEAD for the size first)."""
     fs, path = split(p)

@@ -142,21 +142,45 @@ def _current_code(script_path: str, snapshot: dict) -> dict[str, str]:
     return out
 
 
-def _drop_corrupt(store: str, info: RunInfo, chosen: list[int]) -> None:
-    """Verify the checkpoints a plan may use; corrupt ones are treated as missing (and said so)."""
-    from flightlog.collector import blobs as _blobs
+def _drop_corrupt(store: str, info: RunInfo, chosen: list[int], level: str = "epoch", workers: int = 1) -> None:
+    """Verify the checkpoints a plan may restore; corrupt ones are treated as missing (and said so).
 
-    wanted = set(chosen) | {e - 1 for e in chosen}
-    for it in sorted(wanted & set(info.checkpoints)):
-        c = info.checkpoints[it]
-        try:
-            _blobs.read_blob(store, c["content_hash"])  # reads and checks the digest: the one hash here
-            ok = True
-        except (OSError, _blobs.BlobError):  # missing, tampered or not a blob id: unusable
-            ok = False
-        if not ok:
-            info.checkpoints.pop(it)
-            info.bad_checkpoints.append(it)
+    A batch-level plan restores one checkpoint per segment (and per gap in ``chosen``), so only those
+    are read, not every epoch's (on object storage that is the difference between a GET of a few
+    blobs and of all of them before the first worker starts). Where one is corrupt, the one a plan
+    would fall back to is verified in its turn. Blobs are checked a few at a time, in chunks.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flightlog.collector import blobs as _blobs
+    from flightlog.replay import planner
+
+    def before(e: int, ck: set[int]) -> int | None:
+        return max((i for i in ck if i < e), default=None)
+
+    def wanted() -> set[int]:
+        ck = set(info.checkpoints)
+        if level == "batch":
+            starts = [e for seg in planner.split_segments(chosen, workers) for k, e in enumerate(seg)
+                      if k == 0 or e != seg[k - 1] + 1]
+            return {c for c in (before(a, ck) for a in starts) if c is not None}
+        out = (set(chosen) | {e - 1 for e in chosen}) & ck
+        return out | {c for c in (before(e, ck) for e in chosen) if c is not None}
+
+    verified: set[int] = set()
+    while True:
+        need = sorted(wanted() - verified)
+        if not need:
+            return
+        hashes = [info.checkpoints[it]["content_hash"] for it in need]
+        with ThreadPoolExecutor(max_workers=min(4, len(need))) as ex:
+            ok = list(ex.map(lambda h: _blobs.verify_blob(store, h), hashes))
+        verified.update(need)
+        for it, good in zip(need, ok):
+            if not good:  # missing, tampered or not a blob id: unusable
+                info.checkpoints.pop(it)
+                info.bad_checkpoints.append(it)
+        info.bad_checkpoints.sort()
 
 
 def _extract_recorded(con, info: RunInfo, executed: list[int], path: str) -> None:

@@ -166,7 +166,7 @@ def plan_run(store: str, info: RunInfo, script_path: str, script_args: list[str]
     if not info.epochs:
         raise ReplayError(f"run {info.run_id} recorded no fl.loop iterations to replay")
     chosen = planner.parse_epochs(epochs_spec, info.epochs)
-    _drop_corrupt(store, info, chosen)
+    _drop_corrupt(store, info, chosen, diff.level, workers)
     level = diff.level
     if level == "run":
         chosen = [info.epochs[-1]]

@@ -166,6 +166,34 @@ def test_corrupt_checkpoint_is_named_and_avoided(recorded, tmp_path):
     assert got == want and len(want) == 5
 
 
+def test_batch_level_plan_reads_only_the_checkpoints_it_restores(recorded, tmp_path, monkeypatch):
+    """A batch-level plan verifies the checkpoint each segment starts from, not every epoch's; where that one
+    is corrupt, the earlier one it falls back to is verified in its turn, and the replay stays exact."""
+    from flightlog.collector import blobs as _blobs
+
+    store = str(tmp_path / "s")
+    shutil.copytree(recorded["pristine"], store)
+    hashes = {r["iteration"]: r["content_hash"] for r in
+              db.run_sql("SELECT iteration, content_hash FROM checkpoints", store=store).to_pylist()}
+    blob = glob.glob(f"{store}/blobs/*/{hashes[2]}")[0]  # segment 2 of 2 (epochs 3, 4) starts from epoch 2's
+    with open(blob, "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"garbage!")
+    seen: list[str] = []
+    real = _blobs.verify_blob
+    monkeypatch.setattr(_blobs, "verify_blob", lambda root, h, *a: (seen.append(h), real(root, h, *a))[1])
+    mod = tmp_path / "g.py"
+    mod.write_text(script(batch=GRAD))
+    res = runner.run(str(mod), run="latest", store=store, workers=2)
+    assert "corrupt or unreadable checkpoint(s) of iteration 2" in res.plan_text
+    by_hash = {h: it for it, h in hashes.items()}
+    assert sorted(by_hash[h] for h in seen) == sorted({-1, 1, 2} & set(hashes)), seen
+    assert res.ok and res.fidelity == "exact"
+    want = recorded["truth"].dropna(subset=["grad_norm"])["grad_norm"].tolist()
+    got = fl.dataframe("grad_norm", store=store).dropna(subset=["grad_norm"])["grad_norm"].tolist()
+    assert got == want and len(want) > 0
+
+
 def test_missing_checkpoints_without_snapshot_fail_clearly(tmp_path):
     """A run with no checkpoints or no code snapshot gets a clear ReplayError, and nothing is stored."""
     store = str(tmp_path / "s")
