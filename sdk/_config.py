@@ -25,8 +25,10 @@ ENV_SUMMARY = "FLIGHTLOG_SUMMARY"  # "1": print the end-of-run summary even when
 DEFAULT_HOME = ".flightlog"
 DEFAULT_FLUSH_INTERVAL = 1.0
 HEARTBEAT_SECONDS = 2.0
-# Object stores: the least time between two flushes asked for early (a checkpoint's index row).
+# The least time between two flushes asked for early (a checkpoint's index row): on object stores each
+# is a PUT per table; on a local disk each is a part file per table, read again by the run-end merge.
 FORCE_GAP_REMOTE = 1.0
+FORCE_GAP_LOCAL = 0.25
 # A running run whose heartbeat is older than this reads as crashed.
 STALE_SECONDS = 30.0
 # Metric rows buffered before the flush thread writes early (bounds memory).

@@ -290,7 +290,7 @@ class Recorder:
         # file it replaces (three round trips through pyarrow). Asked-for flushes (a checkpoint's index
         # row, every epoch) therefore come at most once per FORCE_GAP_REMOTE seconds there.
         remote = getattr(sink, "spool", None) is not None
-        self._force_gap = min(self.interval, _config.FORCE_GAP_REMOTE) if remote else 0.0
+        self._force_gap = min(self.interval, _config.FORCE_GAP_REMOTE if remote else _config.FORCE_GAP_LOCAL)
         self._force = False
         self._sink_ok = True
         self.on_flush: list = []  # callables run on the flush thread after each flush
