@@ -292,6 +292,7 @@ class Recorder:
         remote = getattr(sink, "spool", None) is not None
         self._force_gap = min(self.interval, _config.FORCE_GAP_REMOTE if remote else _config.FORCE_GAP_LOCAL)
         self._force = False
+        self._urgent = False
         self._sink_ok = True
         self.on_flush: list = []  # callables run on the flush thread after each flush
 
@@ -312,8 +313,11 @@ class Recorder:
             else:
                 inbox.append([table, [row], "rows"])
 
-    def request_flush(self) -> None:
-        """Ask the flush thread to write soon (e.g. a checkpoint index row)."""
+    def request_flush(self, urgent: bool = False) -> None:
+        """Ask the flush thread to write soon (a checkpoint index row: at most once per force gap);
+        ``urgent``: at once (encoded batches waiting, memory to free)."""
+        if urgent:
+            self._urgent = True
         self._force = True
         self._wake.set()
 
@@ -339,9 +343,9 @@ class Recorder:
                 break
             try:
                 now = time.monotonic()
-                forced = self._force and now - self._last_forced >= self._force_gap
+                forced = self._urgent or (self._force and now - self._last_forced >= self._force_gap)
                 if forced or len(self.run.buf) >= _config.FLUSH_ROWS or now - self._last_flush >= self.interval:
-                    self._force = False
+                    self._force = self._urgent = False
                     self._last_forced = now
                     self.flush()
                 if now - self._last_beat >= getattr(self.sink, "heartbeat_seconds", _config.HEARTBEAT_SECONDS):
@@ -436,7 +440,7 @@ class Recorder:
         self._fill(slot, rows)
         del rows
         self._release_old()
-        self.request_flush()
+        self.request_flush(urgent=True)
         # Encoded batches waiting for a healthy writer: yield the GIL briefly so it can
         # write them (memory stays bounded); never wait for a failing sink.
         deadline = time.monotonic() + 0.05

@@ -377,3 +377,33 @@ def test_checkpoint_index_rows_are_written_early_but_at_most_four_times_a_second
     assert len(ckpt_parts) <= loop_s / 0.25 + 4, (loop_s, len(ckpt_parts))  # 61 without the gap
     n = fl.query(f"SELECT count(*) AS n FROM checkpoints WHERE run_id = '{run_id}'").column("n")[0].as_py()
     assert n == 61  # one per epoch, and the loop's end
+
+
+def test_urgent_flush_is_not_held_back_by_the_force_gap(store, monkeypatch):
+    """Early writes asked for within the force gap wait for it; an urgent one (a logging thread over the
+    buffer's hard cap, memory to free) is written at once."""
+    from flightlog import _config
+
+    monkeypatch.setattr(_config, "FORCE_GAP_LOCAL", 60.0)
+    r = fl.init(project="urgent", flush_interval=60)
+
+    def parts() -> int:
+        return len(glob.glob(os.path.join(store, "metrics", "*", "*.parquet")))
+
+    def wait_for(n: int) -> bool:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and parts() < n:
+            time.sleep(0.02)
+        return parts() >= n
+
+    fl.log("x", 1.0)
+    r.rec.request_flush()  # the first early write: nothing before it, so at once
+    assert wait_for(1)
+    fl.log("x", 2.0)
+    r.rec.request_flush()  # within the gap: held back
+    time.sleep(1.0)
+    assert parts() == 1
+    r.rec.request_flush(urgent=True)
+    assert wait_for(2), "an urgent write waited for the force gap"
+    fl.finish()
+    assert fl.query("SELECT count(*) AS n FROM metrics WHERE name = 'x'").column("n")[0].as_py() == 2
