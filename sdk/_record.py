@@ -286,10 +286,10 @@ class Recorder:
         self._last_flush = time.monotonic()
         self._last_beat = 0.0
         self._last_forced = float("-inf")
-        # Asked-for flushes (a checkpoint's index row, every epoch) come at most once per force gap: on
-        # object stores every flush is a PUT per table and, for a small partition, the DELETE of the file
-        # it replaces (three round trips through pyarrow); on a local disk a part file per table that
-        # the run's end merges again. Urgent requests (memory to free) are never held back.
+        # Asked-for flushes (a checkpoint's index row, every epoch) come at most once per force gap
+        # (_config: 1 s on object stores, where every flush is a PUT per table and, for a small
+        # partition, the DELETE of the file it replaces; none on a local disk). Urgent requests
+        # (memory to free) are never held back.
         remote = getattr(sink, "spool", None) is not None
         self._force_gap = min(self.interval, _config.FORCE_GAP_REMOTE if remote else _config.FORCE_GAP_LOCAL)
         self._force = False

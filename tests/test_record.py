@@ -354,31 +354,6 @@ def test_ctrl_c_caught_by_the_script_is_killed(tmp_path):
     assert row == {"status": "killed", "error_type": "KeyboardInterrupt"}
 
 
-def test_checkpoint_index_rows_are_written_early_but_at_most_four_times_a_second(store, monkeypatch):
-    """Each checkpoint asks for its index row to be written early; on a local disk those writes come at most
-    every FORCE_GAP_LOCAL s (each is a part file per table that the run's end merges again), rows all kept."""
-    from flightlog.collector import store as _store
-
-    parts: list[str] = []
-    real = _store.write_parquet_atomic
-    monkeypatch.setattr(_store, "write_parquet_atomic",
-                        lambda path, *a, **k: (parts.append(str(path)), real(path, *a, **k))[1])
-    run_id = fl.init(project="gap-local").run_id
-    state = {"w": np.zeros(4)}
-    t0 = time.monotonic()
-    with fl.checkpointing(state=state, every=1):
-        for e in fl.loop("epoch", range(60)):
-            state["w"] += 1
-            fl.log("loss", float(e))
-            time.sleep(0.02)
-    loop_s = time.monotonic() - t0
-    fl.finish()
-    ckpt_parts = [p for p in parts if os.sep + "checkpoints" + os.sep in p]
-    assert len(ckpt_parts) <= loop_s / 0.25 + 4, (loop_s, len(ckpt_parts))  # 61 without the gap
-    n = fl.query(f"SELECT count(*) AS n FROM checkpoints WHERE run_id = '{run_id}'").column("n")[0].as_py()
-    assert n == 61  # one per epoch, and the loop's end
-
-
 def test_urgent_flush_is_not_held_back_by_the_force_gap(store, monkeypatch):
     """Early writes asked for within the force gap wait for it; an urgent one (a logging thread over the
     buffer's hard cap, memory to free) is written at once."""
