@@ -84,6 +84,20 @@ def put_blob(root: str | os.PathLike, digest: str, data, fsync: bool = False,
     return path, True
 
 
+def _open_blob(root: str | os.PathLike, digest: str, what: str):
+    """``(path, binary reader)`` of blob ``digest``; BlobError for a bad id or a file that resolves
+    outside ``<root>/blobs`` (a planted symlink), FileNotFoundError/OSError when it cannot be read."""
+    path = blob_path(root, digest)
+    if _fs.is_remote(path):  # object stores have no links: the key is the only name
+        local = _fs.spool_for(os.fspath(root)).local_copy(path)  # written here, not uploaded yet
+        return path, (open(local, "rb") if local is not None else _fs.open_stream(path))
+    base = os.path.realpath(os.path.join(os.fspath(root), "blobs"))
+    real = os.path.realpath(path)
+    if os.path.commonpath([base, real]) != base:
+        raise BlobError(f"{what} {digest} resolves outside the store ({real}); refusing to read it")
+    return path, open(real, "rb")
+
+
 def verify_blob(root: str | os.PathLike, digest: str, chunk: int = 8 << 20) -> bool:
     """Whether blob ``digest`` is stored, inside the store, and hashes to its name; read in chunks.
 
@@ -94,22 +108,10 @@ def verify_blob(root: str | os.PathLike, digest: str, chunk: int = 8 << 20) -> b
     import xxhash
 
     try:
-        path = blob_path(root, digest)
-        if _fs.is_remote(path):
-            local = _fs.spool_for(os.fspath(root)).local_copy(path)
-            fh = open(local, "rb") if local is not None else _fs.open_stream(path)
-        else:
-            base = os.path.realpath(os.path.join(os.fspath(root), "blobs"))
-            real = os.path.realpath(path)
-            if os.path.commonpath([base, real]) != base:
-                return False
-            fh = open(real, "rb")
+        _, fh = _open_blob(root, digest, "blob")
         h = xxhash.xxh3_128()
         with fh:
-            while True:
-                b = fh.read(chunk)
-                if not b:
-                    break
+            while b := fh.read(chunk):
                 h.update(b)
         return h.hexdigest() == digest
     except (OSError, BlobError, ValueError):
@@ -124,21 +126,9 @@ def read_blob(root: str | os.PathLike, digest: str, what: str = "blob") -> bytes
     ``digest`` (tampered or damaged) -- before any caller unpickles it. A missing
     blob is FileNotFoundError.
     """
-    path = blob_path(root, digest)
-    if _fs.is_remote(path):  # object stores have no links: the key is the only name
-        local = _fs.spool_for(os.fspath(root)).local_copy(path)  # written here, not uploaded yet
-        if local is not None:
-            with open(local, "rb") as fh:
-                data = fh.read()
-        else:
-            data = _fs.read_bytes(path)
-    else:
-        base = os.path.realpath(os.path.join(os.fspath(root), "blobs"))
-        real = os.path.realpath(path)
-        if os.path.commonpath([base, real]) != base:
-            raise BlobError(f"{what} {digest} resolves outside the store ({real}); refusing to read it")
-        with open(real, "rb") as fh:
-            data = fh.read()
+    path, fh = _open_blob(root, digest, what)
+    with fh:
+        data = fh.read()
     got = blob_digest(data)
     if got != digest:
         raise BlobError(f"{what} {digest} is corrupt or was tampered with: its content hashes to {got}; "

@@ -330,7 +330,13 @@ def connect(store: str | os.PathLike | None = None, *, sandbox: bool = True,
     """A DuckDB connection with a view per table of ``store`` (sandboxed: see the module docstring)."""
     root = _config.store_home(os.fspath(store) if store is not None else None)
     remote = _fs.is_remote(root)
-    if must_exist and not (_fs.isdir(root) if remote else os.path.isdir(root)):
+    try:
+        exists = not must_exist or (_fs.isdir(root) if remote else os.path.isdir(root))
+    except OSError as e:  # an object store that cannot be reached (no network, no region, refused)
+        msg = " ".join(str(e).split())[:300]
+        raise StoreError(f"cannot reach the store {root}: {msg} (S3: check AWS_ENDPOINT_URL, AWS_REGION and "
+                         "the credentials)") from None
+    if not exists:
         raise StoreError(f"no flightlog store at {root} (set FLIGHTLOG_HOME or pass --store)")
     con = duckdb.connect(":memory:")
     try:

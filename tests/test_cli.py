@@ -135,3 +135,18 @@ def test_compact_merges_parts_of_crashed_runs(tmp_path, store):
     after = fl.query("SELECT count(*) AS n FROM metrics", store=store).column("n")[0].as_py()
     assert before == after > 0
     assert len(glob.glob(f"{store}/metrics/*/*.parquet")) == 1
+
+
+def test_unreachable_object_store_is_a_one_line_error(monkeypatch, capsys):
+    """An object store that cannot be reached (no network to resolve the bucket's region, a refused
+    endpoint) is a one-line `flightlog: error:` with exit 2, not a traceback."""
+    from flightlog import cli as fl_cli
+    from flightlog.collector import fs as _fs
+
+    def unreachable(d):
+        raise OSError("When resolving region for bucket 'b': AWS Error NETWORK_CONNECTION\nCould not resolve host")
+
+    monkeypatch.setattr(_fs, "isdir", unreachable)
+    rc = fl_cli.main(["runs", "--store", "s3://b/prefix"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("flightlog: error: cannot reach the store s3://b/prefix") and "\n" not in err
